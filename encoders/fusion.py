@@ -1,0 +1,75 @@
+"""Fusion of image and text features into one item embedding (and an optional item-id embedding).
+
+Following fMRLRec, each modality's features are L2-normalised, concatenated and mapped into one space by a
+linear layer. A missing modality is replaced by a learned placeholder vector (per modality), never by dropping
+the item. The content part (what the memory bank caches) and the id part (cheap, always fresh) are separate.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ItemEncoder(nn.Module):
+    def __init__(
+        self,
+        *,
+        image_encoder: nn.Module | None,
+        text_encoder: nn.Module | None,
+        dim: int,
+        num_items: int,
+        use_id_embedding: bool,
+        projection: nn.Module | None = None,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.dim = dim
+        feature_dim = (image_encoder.out_dim if image_encoder is not None else 0) + (
+            text_encoder.out_dim if text_encoder is not None else 0
+        )
+        self.has_content = feature_dim > 0
+        if self.has_content:
+            if image_encoder is not None:
+                self.missing_image = nn.Parameter(torch.zeros(image_encoder.out_dim))
+            if text_encoder is not None:
+                self.missing_text = nn.Parameter(torch.zeros(text_encoder.out_dim))
+            self.projection = projection if projection is not None else nn.Linear(feature_dim, dim)
+            self.dropout = nn.Dropout(dropout)
+        self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
+        if self.id_embedding is not None:
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.id_embedding.weight[0].zero_()
+
+    @staticmethod
+    def _with_placeholder(features: torch.Tensor, mask: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
+        features = F.normalize(features, dim=-1)
+        return torch.where(mask[:, None], features, placeholder.expand_as(features))
+
+    def encode_content(
+        self,
+        image: torch.Tensor,
+        image_mask: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """image [B,3,S,S] uint8, masks [B] bool, tokens [B,T] -> content vectors [B, D] (zeros if no content)."""
+        batch = image.shape[0]
+        if not self.has_content:
+            return torch.zeros(batch, self.dim, device=image.device)
+        parts = []
+        if self.image_encoder is not None:
+            parts.append(self._with_placeholder(self.image_encoder(image), image_mask.bool(), self.missing_image))
+        if self.text_encoder is not None:
+            parts.append(self._with_placeholder(self.text_encoder(input_ids, attention_mask), text_mask.bool(), self.missing_text))
+        return self.projection(self.dropout(torch.cat(parts, dim=-1)))
+
+    def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """[...] item ids -> [..., D] id embeddings (zeros when ids are not used)."""
+        if self.id_embedding is None:
+            return torch.zeros(*ids.shape, self.dim, device=ids.device)
+        return self.id_embedding(ids)

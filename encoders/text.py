@@ -1,0 +1,128 @@
+"""Text encoders and their tokenizer: token ids [B, T] + attention mask [B, T] -> [B, out_dim].
+
+This module owns tokenizer loading (one cached transformers tokenizer per process), turning
+strings into fixed-width id/mask tensors, and the text backbones. Both encoders mean-pool
+token states over the attention mask (as sentence-transformers does); neither L2-normalises,
+so the fusion layer decides the scale. `unfreeze_top` follows
+`encoders.config.apply_unfreeze_top`.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from encoders.config import (
+    PartiallyTrainableEncoder,
+    apply_unfreeze_top,
+    find_block_list,
+    modules_after,
+    resolve_text_model_path,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(path_or_alias: str) -> PreTrainedTokenizerBase:
+    """The transformers tokenizer at a directory, hub id or alias ("minilm"); loaded once per process."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_text_model_path(path_or_alias))
+
+
+def tokenize_texts(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, torch.Tensor]:
+    """list of B strings -> {"input_ids": int64 [B, max_length], "attention_mask": int64 [B, max_length]}.
+
+    Pads to exactly `max_length` so every batch has the same width (Ray Data tensor columns
+    need a fixed shape). Empty strings give [CLS] [SEP] and are still encoded.
+    """
+    encoded = tokenizer(
+        list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {
+        "input_ids": encoded["input_ids"].to(torch.int64),
+        "attention_mask": encoded["attention_mask"].to(torch.int64),
+    }
+
+
+def masked_mean(token_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, D] states, [B, T] 0/1 mask -> [B, D] mean over unmasked tokens (zeros if none)."""
+    weights = attention_mask.unsqueeze(-1).to(token_states.dtype)  # [B, T, 1]
+    total = (token_states * weights).sum(dim=1)  # [B, D]
+    return total / weights.sum(dim=1).clamp(min=1.0)
+
+
+class _ResidualMLP(nn.Module):
+    """[B, D] -> [B, D]: x + Linear(GELU(Linear(LayerNorm(x))))."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features + self.down(nn.functional.gelu(self.up(self.norm(features))))
+
+
+class TinyTextEncoder(PartiallyTrainableEncoder):
+    """From-scratch bag-of-tokens encoder: embedding -> masked mean -> residual MLPs -> LayerNorm.
+
+    Blocks for `unfreeze_top` are the residual MLPs; the head is the final LayerNorm; the token
+    embedding trains only with unfreeze_top == -1.
+    """
+
+    def __init__(self, *, vocab_size: int, dim: int = 64, num_layers: int = 2, unfreeze_top: int = -1) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.blocks = nn.ModuleList(_ResidualMLP(dim) for _ in range(num_layers))
+        self.final_norm = nn.LayerNorm(dim)
+        self.out_dim: int = dim
+        apply_unfreeze_top(self, self.blocks, [self.final_norm], unfreeze_top)
+        self.train()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T], attention_mask [B, T] -> [B, dim]."""
+        features = masked_mean(self.token_embedding(input_ids), attention_mask)  # [B, D]
+        for block in self.blocks:
+            features = block(features)
+        return self.final_norm(features)
+
+
+class HFTextEncoder(PartiallyTrainableEncoder):
+    """Any transformers text encoder (BERT, MiniLM, MPNet, RoBERTa, ...), mean-pooled.
+
+    Blocks for `unfreeze_top` are the transformer layers; the head is any final norm after
+    them. The model's own pooler (a [CLS] dense+tanh) is unused by mean pooling, so it is
+    always frozen: trainable parameters that never get a gradient break DDP.
+    """
+
+    def __init__(self, *, path: str, unfreeze_top: int = -1) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.model = AutoModel.from_pretrained(resolve_text_model_path(path))
+        self.out_dim: int = int(self.model.config.hidden_size)
+        block_name, blocks = find_block_list(self.model)
+        head = [module for name, module in modules_after(self.model, block_name) if name.split(".")[-1] != "pooler"]
+        apply_unfreeze_top(self, blocks, head, unfreeze_top)
+        pooler = getattr(self.model, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
+        self.train()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T], attention_mask [B, T] -> [B, hidden_size]."""
+        token_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        return masked_mean(token_states, attention_mask)

@@ -1,0 +1,36 @@
+"""Train the multimodal sequential recommender on Ray and track it in MLflow.
+
+    python -m jobs.train --preset tiny
+    ray job submit --working-dir . -- python -m jobs.train --preset movielens
+Reusing --set train.run_name=NAME resumes that run from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from jobs.cli import add_config_arguments, config_from_args, run_main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    args = parser.parse_args()
+    job = config_from_args(args)
+    if args.print_config:
+        print(json.dumps(job.to_dict(), indent=2))
+        return 0
+    from training.driver import format_results, run_training
+
+    outcome = run_training(job)
+    print(f"\nTest metrics ({job.data.split}, full ranking over the catalogue, "
+          f"history {'masked' if job.train.eval_mask_history else 'not masked'}):")
+    print(format_results(outcome, job.train.eval_ks))
+    print(f"\nMLflow run: {outcome.mlflow_run_id} ({outcome.tracking_uri}); checkpoint: {outcome.checkpoint_path}")
+    print(f"Browse: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

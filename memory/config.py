@@ -1,0 +1,43 @@
+"""Typed configuration of the memory bank: how history embeddings are obtained and kept fresh."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MEMORY_MODES = ("bank", "recompute")
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    """How training obtains embeddings of history items.
+
+    mode: "bank" reads history items from the memory bank (LEMUR write-on-encode);
+        "recompute" re-encodes every history item each step (the exact, costly reference).
+    num_shards: number of bank actors; item id i lives on shard i % num_shards.
+    encode_fraction: share of a step's items that are re-encoded (and written back) in "bank" mode.
+    max_inflight_updates: unfinished asynchronous update calls a client may have before it waits.
+    refresh_every_steps: every N steps re-encode stale entries; 0 = never.
+    staleness_sample: re-encoded items per step compared against their cached vector (0 = off).
+    """
+
+    mode: str = "bank"
+    num_shards: int = 1
+    encode_fraction: float = 1.0
+    max_inflight_updates: int = 4
+    refresh_every_steps: int = 0
+    staleness_sample: int = 64
+
+    def __post_init__(self) -> None:
+        if self.mode not in MEMORY_MODES:
+            raise ValueError(f"memory.mode={self.mode!r} is not one of {list(MEMORY_MODES)}")
+        if self.num_shards < 1:
+            raise ValueError(f"memory.num_shards must be >= 1, got {self.num_shards}")
+        if not 0.0 < self.encode_fraction <= 1.0:
+            raise ValueError(f"memory.encode_fraction must be in (0, 1], got {self.encode_fraction}")
+        if self.max_inflight_updates < 1:
+            raise ValueError(f"memory.max_inflight_updates must be >= 1, got {self.max_inflight_updates}")
+        if self.refresh_every_steps < 0:
+            raise ValueError(
+                f"memory.refresh_every_steps must be >= 0 (0 = never), got {self.refresh_every_steps}"
+            )
+        if self.staleness_sample < 0:
+            raise ValueError(f"memory.staleness_sample must be >= 0 (0 = off), got {self.staleness_sample}")

@@ -1,0 +1,71 @@
+"""Retrieval losses behind one small interface: (user, positive, candidates) -> scalar.
+
+`SampledSoftmaxLoss`: softmax over in-batch positives of the other rows (plus optional uniformly sampled
+negatives), with duplicate-item collisions masked and the logQ popularity correction available.
+`FullSoftmaxLoss`: cross-entropy over the whole catalogue (fMRLRec's choice; feasible when the catalogue fits).
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class RetrievalLoss(Protocol):
+    def __call__(
+        self,
+        user: torch.Tensor,
+        positive: torch.Tensor,
+        positive_ids: torch.Tensor,
+        negatives: torch.Tensor | None = None,
+        negative_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class SampledSoftmaxLoss:
+    """user [B, D], positive [B, D], positive_ids [B], negatives [K, D], negative_ids [K] -> scalar.
+
+    Vectors are expected L2-normalised; logits are cosine / temperature.
+    """
+
+    def __init__(self, temperature: float, item_log_prob: torch.Tensor | None = None, num_items: int | None = None) -> None:
+        self.temperature = temperature
+        self.item_log_prob = item_log_prob  # [N+1] log sampling probability of each item as an in-batch negative
+        self.num_items = num_items
+
+    def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
+        batch = user.shape[0]
+        logits = user @ positive.T / self.temperature  # [B, B]
+        if self.item_log_prob is not None:
+            log_q = self.item_log_prob.to(user.device)[positive_ids] + math.log(batch)
+            logits = logits - log_q[None, :]
+        # Another row with the same target item is not a negative.
+        same = positive_ids[:, None] == positive_ids[None, :]
+        off_diagonal = ~torch.eye(batch, dtype=torch.bool, device=user.device)
+        logits = logits.masked_fill(same & off_diagonal, float("-inf"))
+        if negatives is not None and negatives.shape[0] > 0:
+            extra = user @ negatives.T / self.temperature  # [B, K]
+            if self.item_log_prob is not None and self.num_items:
+                extra = extra - math.log(negatives.shape[0] / self.num_items)
+            extra = extra.masked_fill(negative_ids[None, :] == positive_ids[:, None], float("-inf"))
+            logits = torch.cat([logits, extra], dim=1)
+        labels = torch.arange(batch, device=user.device)
+        return F.cross_entropy(logits, labels)
+
+
+class FullSoftmaxLoss:
+    """Cross-entropy over every catalogue item: `negatives` is the full item table [N+1, D] (row 0 = padding)."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+
+    def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
+        if negatives is None:
+            raise ValueError("FullSoftmaxLoss needs the full item table as `negatives`")
+        logits = user @ negatives.T / self.temperature  # [B, N+1]
+        # the fresh (gradient-carrying) positive replaces the table's row for the target
+        logits = logits.scatter(1, positive_ids[:, None], (user * positive).sum(-1, keepdim=True) / self.temperature)
+        logits[:, 0] = float("-inf")
+        return F.cross_entropy(logits, positive_ids)

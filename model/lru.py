@@ -1,0 +1,208 @@
+"""The Linear Recurrent Unit sequence model (Orvieto et al. 2023; LRURec, Yue et al. 2024).
+
+This module owns the LRU recurrence, its two scans and the LRU sequence model:
+
+    h_t = lambda * h_{t-1} + gamma * (B x_t)         (diagonal, complex, per state channel)
+    y_t = Re(C h_t) + D * x_t
+
+with ``lambda = exp(-exp(nu_log) + i * exp(theta_log))`` ring-initialised so that
+``|lambda|`` lies in ``[r_min, r_max]`` (< 1: stable) and ``gamma`` starts at the
+normalisation ``sqrt(1 - |lambda|^2)`` that keeps the state's scale independent of
+``|lambda|``.
+
+``lru_scan_reference`` is the plain loop over time; ``lru_scan_parallel`` is a log-depth
+associative scan (what makes the LRU train like a transformer); tests compare them.
+
+``LRUSequenceModel`` implements the shared sequence-model interface:
+``forward(item_vectors [B, L, D], padding_mask [B, L] bool, True = real) -> [B, L, D]``,
+causal by construction. Histories are left-padded; padded inputs are zeroed before every
+recurrence so the state stays exactly zero until the first real item.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "lru_scan_reference",
+    "lru_scan_parallel",
+    "LRU",
+    "GatedFeedForward",
+    "LRUBlock",
+    "LRUSequenceModel",
+]
+
+
+def lru_scan_reference(lambdas: Tensor, inputs: Tensor) -> Tensor:
+    """[H] complex, [B, L, H] complex -> [B, L, H]: h_t = lambdas * h_{t-1} + inputs_t, h_{-1} = 0."""
+    state = torch.zeros_like(inputs[:, 0])
+    states = []
+    for t in range(inputs.shape[1]):
+        state = lambdas * state + inputs[:, t]
+        states.append(state)
+    return torch.stack(states, dim=1)
+
+
+def lru_scan_parallel(lambdas: Tensor, inputs: Tensor) -> Tensor:
+    """[H] complex, [B, L, H] complex -> [B, L, H]: same as ``lru_scan_reference``, log-depth.
+
+    Hillis-Steele inclusive scan over pairs (a, b) with (a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2).
+    Because every step's ``a`` is the same ``lambdas``, after the round with offset d every
+    position t >= d has composite ``a = lambdas ** d``, so only one power per round is kept
+    ([H], squared each round) instead of an [L, H] tensor. Positions t < d are already final.
+    Any L works (no padding to a power of two); work is O(L log L), depth O(log L).
+    """
+    states = inputs
+    power = lambdas  # lambdas ** offset
+    offset = 1
+    length = inputs.shape[1]
+    while offset < length:
+        # Out-of-place so autograd sees each round as its own node.
+        states = torch.cat(
+            [states[:, :offset], power * states[:, :-offset] + states[:, offset:]], dim=1
+        )
+        power = power * power
+        offset *= 2
+    return states
+
+
+class LRU(nn.Module):
+    """One LRU layer: [B, L, D] real -> [B, L, D] real, with a state of ``state_dim`` complex channels."""
+
+    def __init__(
+        self,
+        dim: int,
+        state_dim: int | None = None,
+        r_min: float = 0.8,
+        r_max: float = 0.99,
+        max_phase: float = 2 * math.pi,
+        use_parallel_scan: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= r_min < r_max < 1.0:
+            raise ValueError(f"need 0 <= r_min < r_max < 1 for a stable ring, got r_min={r_min}, r_max={r_max}")
+        state_dim = state_dim or dim
+        self.dim = dim
+        self.state_dim = state_dim
+        self.use_parallel_scan = use_parallel_scan
+
+        # Ring initialisation: |lambda|^2 uniform in [r_min^2, r_max^2], so radii are uniform
+        # over the ring's area; phase uniform in [0, max_phase]. Parametrised through logs of
+        # -log|lambda| and the phase so |lambda| = exp(-exp(nu_log)) < 1 for any nu_log.
+        u1 = torch.rand(state_dim)
+        u2 = torch.rand(state_dim).clamp_min(1e-4)  # log(0) would make theta_log -inf
+        radius_sq = u1 * (r_max**2 - r_min**2) + r_min**2
+        nu = -0.5 * torch.log(radius_sq)
+        self.nu_log = nn.Parameter(torch.log(nu))
+        self.theta_log = nn.Parameter(torch.log(max_phase * u2))
+        self.gamma_log = nn.Parameter(0.5 * torch.log(1.0 - radius_sq))  # log sqrt(1 - |lambda|^2)
+
+        # Complex B [H, D] and C [D, H] kept as real/imag pairs (optimisers, weight decay and
+        # checkpoints all handle real tensors); scaled like the paper's Glorot-style init.
+        self.B_re = nn.Parameter(torch.randn(state_dim, dim) / math.sqrt(2 * dim))
+        self.B_im = nn.Parameter(torch.randn(state_dim, dim) / math.sqrt(2 * dim))
+        self.C_re = nn.Parameter(torch.randn(dim, state_dim) / math.sqrt(state_dim))
+        self.C_im = nn.Parameter(torch.randn(dim, state_dim) / math.sqrt(state_dim))
+        self.D = nn.Parameter(torch.randn(dim))
+
+    def lambdas(self) -> Tensor:
+        """[H] complex diagonal of the recurrence; |lambda| < 1 always."""
+        return torch.exp(torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, L, D] real -> [B, L, D] real. Zero inputs leave a zero state zero."""
+        B = torch.complex(self.B_re, self.B_im) * torch.exp(self.gamma_log)[:, None]  # [H, D]
+        C = torch.complex(self.C_re, self.C_im)  # [D, H]
+        drive = x.to(B.dtype) @ B.T  # [B, L, H] complex
+        scan = lru_scan_parallel if self.use_parallel_scan else lru_scan_reference
+        states = scan(self.lambdas(), drive)  # [B, L, H]
+        return (states @ C.T).real + self.D * x
+
+
+class GatedFeedForward(nn.Module):
+    """GELU-gated feed-forward (GEGLU): [*, D] -> [*, D]."""
+
+    def __init__(self, dim: int, hidden_dim: int | None = None, dropout: float = 0.1) -> None:
+        super().__init__()
+        hidden_dim = hidden_dim or 4 * dim
+        self.gate_and_value = nn.Linear(dim, 2 * hidden_dim)
+        self.out = nn.Linear(hidden_dim, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.gate_and_value(x).chunk(2, dim=-1)
+        return self.out(self.dropout(F.gelu(gate) * value))
+
+
+class LRUBlock(nn.Module):
+    """Pre-norm residual block: x + Dropout(LRU(LN(x))), then x + Dropout(FFN(LN(x))). [B, L, D] -> [B, L, D]."""
+
+    def __init__(
+        self,
+        dim: int,
+        dropout: float = 0.1,
+        r_min: float = 0.8,
+        r_max: float = 0.99,
+        max_phase: float = 2 * math.pi,
+        use_parallel_scan: bool = True,
+    ) -> None:
+        super().__init__()
+        self.lru_norm = nn.LayerNorm(dim)
+        self.lru = LRU(dim, r_min=r_min, r_max=r_max, max_phase=max_phase, use_parallel_scan=use_parallel_scan)
+        self.ffn_norm = nn.LayerNorm(dim)
+        self.ffn = GatedFeedForward(dim, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        """[B, L, D], [B, L] bool (True = real) -> [B, L, D]."""
+        real = padding_mask.unsqueeze(-1).to(x.dtype)
+        # LayerNorm maps a zero padded vector to its bias, not zero: re-zero padded
+        # positions so the recurrence state is still exactly zero at the first real item.
+        x = x + self.dropout(self.lru(self.lru_norm(x) * real))
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        return x * real
+
+
+class LRUSequenceModel(nn.Module):
+    """Stack of LRU blocks behind the sequence-model interface.
+
+    ``forward(item_vectors [B, L, D], padding_mask [B, L] bool) -> [B, L, D]``; output t
+    depends only on inputs <= t, padded outputs are zero, user state is ``output[:, -1]``.
+    ``max_len`` is accepted for the shared interface; a recurrence needs no position table,
+    so longer sequences still run.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        max_len: int,
+        num_layers: int = 1,
+        dropout: float = 0.1,
+        r_min: float = 0.8,
+        r_max: float = 0.99,
+        max_phase: float = 6.283,
+        use_parallel_scan: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_len = max_len
+        self.input_norm = nn.LayerNorm(dim)
+        self.input_dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            LRUBlock(dim, dropout, r_min, r_max, max_phase, use_parallel_scan) for _ in range(num_layers)
+        )
+
+    def forward(self, item_vectors: Tensor, padding_mask: Tensor) -> Tensor:
+        """[B, L, D], [B, L] bool (True = real item) -> [B, L, D]."""
+        if item_vectors.shape[:2] != padding_mask.shape:
+            raise ValueError(
+                f"item_vectors {tuple(item_vectors.shape)} and padding_mask {tuple(padding_mask.shape)} disagree on [B, L]"
+            )
+        real = padding_mask.unsqueeze(-1).to(item_vectors.dtype)
+        x = self.input_dropout(self.input_norm(item_vectors)) * real
+        for block in self.blocks:
+            x = block(x, padding_mask)
+        return x

@@ -1,0 +1,57 @@
+"""Configuration of the data side: where raw data lives, its column names, and how examples are built."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPLITS = ("leave_one_out", "time")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """Layout of a raw dataset directory like ../shared/data/ml100k_mm (column names are configurable)."""
+
+    interactions_file: str = "interactions.csv"
+    items_file: str = "items.csv"
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    timestamp_column: str = "timestamp"
+    rating_column: str = "rating"  # "" when the data has none
+    image_column: str = "image"  # relative path of the image file under the raw dir; "" for none
+    text_fields: tuple[str, ...] = ("title", "genres", "description")
+    list_separator: str = "|"  # genres-like fields are joined with ", " instead
+
+    def __post_init__(self) -> None:
+        if not self.text_fields:
+            raise ValueError("data.source.text_fields must name at least one column")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    raw_dir: str = "../shared/data/ml100k_mm"
+    prepared_dir: str = "prepared/ml100k_mm"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    max_users: int = 0  # 0 = all users; > 0 keeps the first N users by id (a real slice, for tiny runs)
+    max_history: int = 50  # L: history items before each target
+    split: str = "leave_one_out"
+    time_split_at: str = ""  # ISO date T for split="time": train before T, evaluate at/after T
+    max_image_pixels: int = 40_000_000  # larger images are refused as decompression bombs
+    positive_rating: float = 4.0  # CTR label: rating >= this is a click
+    max_bad_fraction: float = 0.2  # fail the job when more of the catalogue than this is unusable
+    decode_actors: int = 1
+    decode_cpus: float = 0.25  # fractional, so Ray Data's listing task still finds a whole CPU on 2 cores
+    shuffle_buffer: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"data.split={self.split!r}; valid choices: {', '.join(SPLITS)}")
+        if self.split == "time" and not self.time_split_at:
+            raise ValueError("data.time_split_at must be an ISO date when data.split=time")
+        for key in ("max_history", "decode_actors"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_users < 0:
+            raise ValueError("data.max_users must be >= 0 (0 = all)")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError("data.max_bad_fraction must be in [0, 1]")
+        if self.decode_cpus <= 0:
+            raise ValueError("data.decode_cpus must be > 0")

@@ -1,0 +1,144 @@
+"""Time-ordered user histories and the train/validation/test examples built from them.
+
+An example is (user, history of the previous <= L items, target item). Histories are LEFT-padded with 0 so
+the most recent item sits at position L-1. Order within a user is (timestamp, raw row order), stably:
+half of MovieLens ratings tie on timestamp, and the raw order is the only honest tie-breaker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+PAD = 0
+
+
+@dataclass
+class Examples:
+    user: np.ndarray  # [M] int64 user_index
+    history: np.ndarray  # [M, L] int64 item_index, left-padded with 0
+    target: np.ndarray  # [M] int64
+    timestamp: np.ndarray  # [M] int64 (of the target)
+    rating: np.ndarray  # [M] float32 (nan when unknown)
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "user": self.user,
+                "history": list(self.history),
+                "target": self.target,
+                "timestamp": self.timestamp,
+                "rating": self.rating,
+            }
+        )
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> "Examples":
+        history = np.stack(frame.history.to_numpy()) if len(frame) else np.zeros((0, 1), np.int64)
+        return cls(
+            user=frame.user.to_numpy(np.int64),
+            history=history.astype(np.int64),
+            target=frame.target.to_numpy(np.int64),
+            timestamp=frame.timestamp.to_numpy(np.int64),
+            rating=frame.rating.to_numpy(np.float32),
+        )
+
+    def subset(self, mask: np.ndarray) -> "Examples":
+        return Examples(self.user[mask], self.history[mask], self.target[mask], self.timestamp[mask], self.rating[mask])
+
+
+@dataclass
+class Splits:
+    train: Examples
+    validation: Examples
+    test: Examples
+
+
+def order_interactions(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Sort by (user, timestamp, raw row order); the sort is stable so equal keys keep file order."""
+    return interactions.sort_values(["user_index", "timestamp", "row_order"], kind="stable").reset_index(drop=True)
+
+
+def _histories(items: np.ndarray, user_start: np.ndarray, positions: np.ndarray, max_history: int) -> np.ndarray:
+    """For flat positions g (into the ordered item array), the previous <= L items of the same user.
+
+    items [T], user_start [T] (flat index where each row's user begins), positions [M] -> [M, L] left-padded.
+    """
+    offsets = np.arange(-max_history, 0, dtype=np.int64)  # [L]
+    idx = positions[:, None] + offsets[None, :]  # [M, L]
+    valid = idx >= user_start[positions][:, None]
+    return np.where(valid, items[np.clip(idx, 0, None)], PAD).astype(np.int64)
+
+
+def _flat(ordered: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    users = ordered.user_index.to_numpy(np.int64)
+    change = np.r_[True, users[1:] != users[:-1]]
+    starts = np.flatnonzero(change)
+    counts = np.diff(np.r_[starts, len(users)])
+    user_start = np.repeat(starts, counts)
+    position_in_user = np.arange(len(users)) - user_start
+    return user_start, position_in_user, np.repeat(counts, counts)
+
+
+def _examples(ordered: pd.DataFrame, positions: np.ndarray, user_start: np.ndarray, max_history: int) -> Examples:
+    items = ordered.item_index.to_numpy(np.int64)
+    rating = ordered.rating.to_numpy(np.float32) if "rating" in ordered else np.full(len(items), np.nan, np.float32)
+    return Examples(
+        user=ordered.user_index.to_numpy(np.int64)[positions],
+        history=_histories(items, user_start, positions, max_history),
+        target=items[positions],
+        timestamp=ordered.timestamp.to_numpy(np.int64)[positions],
+        rating=rating[positions],
+    )
+
+
+def leave_one_out(interactions: pd.DataFrame, max_history: int) -> Splits:
+    """Last interaction of each user = test, second to last = validation, earlier ones (after the first) = train.
+
+    Users with fewer than 3 interactions contribute only training examples.
+    """
+    ordered = order_interactions(interactions)
+    user_start, pos, count = _flat(ordered)
+    has_eval = count >= 3
+    is_test = has_eval & (pos == count - 1)
+    is_val = has_eval & (pos == count - 2)
+    is_train = (pos >= 1) & ~is_test & ~is_val
+    return Splits(
+        train=_examples(ordered, np.flatnonzero(is_train), user_start, max_history),
+        validation=_examples(ordered, np.flatnonzero(is_val), user_start, max_history),
+        test=_examples(ordered, np.flatnonzero(is_test), user_start, max_history),
+    )
+
+
+def time_split(interactions: pd.DataFrame, max_history: int, split_at: int) -> Splits:
+    """Train on targets before `split_at` (unix s), except each user's last one there (validation);
+    test on every interaction at or after it, each with its full preceding history."""
+    ordered = order_interactions(interactions)
+    user_start, pos, _ = _flat(ordered)
+    ts = ordered.timestamp.to_numpy(np.int64)
+    before = ts < split_at
+    users = ordered.user_index.to_numpy(np.int64)
+    # the last "before" position of each user is its validation target
+    before_pos = np.flatnonzero(before)
+    last_before = np.zeros(len(ts), dtype=bool)
+    if len(before_pos):
+        u = users[before_pos]
+        is_last = np.r_[u[1:] != u[:-1], True]
+        last_before[before_pos[is_last]] = True
+    is_val = last_before & (pos >= 1)
+    is_train = before & ~last_before & (pos >= 1)
+    is_test = ~before & (pos >= 1)
+    return Splits(
+        train=_examples(ordered, np.flatnonzero(is_train), user_start, max_history),
+        validation=_examples(ordered, np.flatnonzero(is_val), user_start, max_history),
+        test=_examples(ordered, np.flatnonzero(is_test), user_start, max_history),
+    )
+
+
+def item_popularity(train: Examples, num_items: int) -> np.ndarray:
+    """Target counts per item index [N+1] (index 0 = padding, always 0): the popularity baseline and logQ."""
+    return np.bincount(train.target, minlength=num_items + 1).astype(np.float64)

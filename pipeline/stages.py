@@ -1,0 +1,171 @@
+"""The Ray Data wiring: example ids -> (shuffle) -> decode + tokenize item content -> train workers.
+
+Only item ids travel through the shuffle; pixels and tokens are produced in `ItemContentDecoder` actors,
+batch by batch, and streamed into `ray.train.get_dataset_shard(...).iter_torch_batches()`. Decoded pixels are
+never materialised for the whole dataset.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+import ray.data
+
+from pipeline.config import DataConfig
+from pipeline.decode import IMAGE_OK, decode_image
+from pipeline.sequences import Examples
+
+log = logging.getLogger(__name__)
+
+# Cheap reads: Ray Data's listing/read tasks default to 1 CPU each, which starves a 2-core machine.
+READ_ARGS = {"num_cpus": 0.25}
+
+
+def write_examples(examples: Examples, path: Path) -> Path:
+    """Examples -> one parquet file with a fixed-length list column `history` (ids only, no content)."""
+    import pyarrow as pa
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    length = examples.history.shape[1]
+    table = pa.table(
+        {
+            "user": pa.array(examples.user, pa.int64()),
+            "history": pa.FixedSizeListArray.from_arrays(pa.array(examples.history.reshape(-1), pa.int64()), length),
+            "target": pa.array(examples.target, pa.int64()),
+            "timestamp": pa.array(examples.timestamp, pa.int64()),
+            "rating": pa.array(examples.rating, pa.float32()),
+        }
+    )
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_examples(path: Path) -> Examples:
+    table = pq.read_table(path)
+    history = table.column("history").combine_chunks()
+    length = history.type.list_size
+    return Examples(
+        user=table.column("user").to_numpy(),
+        history=history.flatten().to_numpy().reshape(-1, length).astype(np.int64),
+        target=table.column("target").to_numpy(),
+        timestamp=table.column("timestamp").to_numpy(),
+        rating=table.column("rating").to_numpy(zero_copy_only=False).astype(np.float32),
+    )
+
+
+class ItemContentDecoder:
+    """Callable class for `map_batches`: adds decoded pixels and token ids of the item in `id_column`.
+
+    Loads the item table and the tokenizer once per actor. Output columns (B rows):
+      image [B, 3, S, S] uint8, image_mask [B] bool, input_ids [B, T] int64, attention_mask [B, T] int64,
+      text_mask [B] bool. A missing or undecodable image is a mask, never a dropped row.
+    """
+
+    def __init__(self, items_path: str, id_column: str, image_size: int, tokenizer_path: str, max_length: int,
+                 max_image_pixels: int = 40_000_000) -> None:
+        from encoders.text import load_tokenizer
+
+        table = pq.read_table(items_path, columns=["item_index", "text", "image"])
+        index = table.column("item_index").to_numpy()
+        size = int(index.max()) + 1
+        self.images: list[bytes | None] = [None] * size
+        self.texts: list[str] = [""] * size
+        for i, text, image in zip(index, table.column("text").to_pylist(), table.column("image").to_pylist()):
+            self.images[i] = image
+            self.texts[i] = text or ""
+        self.id_column = id_column
+        self.image_size = image_size
+        self.max_length = max_length
+        self.max_image_pixels = max_image_pixels
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.decode_failures = 0
+
+    def _lookup(self, ids: np.ndarray) -> tuple[list[bytes | None], list[str]]:
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self.images)):
+            bad = ids[(ids < 0) | (ids >= len(self.images))]
+            raise ValueError(f"{len(bad)} item ids unknown to the catalogue (e.g. {bad[:3].tolist()})")
+        return [self.images[i] for i in ids], [self.texts[i] for i in ids]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch[self.id_column], dtype=np.int64)
+        images, texts = self._lookup(ids)
+        pixels = np.zeros((len(ids), 3, self.image_size, self.image_size), dtype=np.uint8)
+        image_mask = np.zeros(len(ids), dtype=bool)
+        for row, data in enumerate(images):
+            if data is None:
+                continue
+            decoded = decode_image(data, self.image_size, self.max_image_pixels)
+            if decoded.status == IMAGE_OK:
+                pixels[row] = decoded.pixels
+                image_mask[row] = True
+            else:
+                self.decode_failures += 1
+                log.warning("item %d: image %s, using the text only", ids[row], decoded.status)
+        text_mask = np.array([bool(t.strip()) for t in texts])
+        tokens = self.tokenizer(
+            [t if t.strip() else "" for t in texts],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="np",
+        )
+        out = dict(batch)
+        if "history" in out:
+            out["history"] = np.stack(out["history"]).astype(np.int64) if out["history"].dtype == object else out["history"]
+        out.update(
+            image=pixels,
+            image_mask=image_mask,
+            input_ids=tokens["input_ids"].astype(np.int64),
+            attention_mask=tokens["attention_mask"].astype(np.int64),
+            text_mask=text_mask,
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class ContentSpec:
+    """What the decode stage produces: square image side, tokens per text, and the tokenizer to use."""
+
+    image_size: int
+    max_length: int
+    tokenizer_path: str
+
+
+def _decode(ds: ray.data.Dataset, items_path: Path, id_column: str, cfg: DataConfig, spec: ContentSpec,
+            batch_size: int) -> ray.data.Dataset:
+    return ds.map_batches(
+        ItemContentDecoder,
+        fn_constructor_kwargs={
+            "items_path": str(items_path),
+            "id_column": id_column,
+            "image_size": spec.image_size,
+            "tokenizer_path": spec.tokenizer_path,
+            "max_length": spec.max_length,
+            "max_image_pixels": cfg.max_image_pixels,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors),
+        num_cpus=cfg.decode_cpus,
+    )
+
+
+def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: ContentSpec,
+                  batch_size: int, shuffle: bool = True) -> ray.data.Dataset:
+    """Training examples with their target item's content; a new random order each epoch."""
+    ds = ray.data.read_parquet(str(examples_path), ray_remote_args=READ_ARGS)
+    if shuffle:
+        ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
+    return _decode(ds, items_path, "target", cfg, spec, batch_size)
+
+
+def catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec, batch_size: int = 256) -> ray.data.Dataset:
+    """Every catalogue item with its content, in item_index order chunks (for bank fills and evaluation)."""
+    ds = ray.data.read_parquet(str(items_path), columns=["item_index"], ray_remote_args=READ_ARGS)
+    return _decode(ds, items_path, "item_index", cfg, spec, batch_size)

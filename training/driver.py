@@ -1,0 +1,169 @@
+"""The driver side of a training run: data -> examples -> MLflow run -> memory bank -> TorchTrainer -> results.
+
+Runs locally (starts a local Ray sized for this machine) or inside `ray job submit` (joins the cluster through
+RAY_ADDRESS), with no code change.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from encoders.config import resolve_text_model_path
+from jobs.config import JobConfig
+from jobs.overrides import flatten
+from memory.client import create_memory_bank
+from pipeline.sequences import Splits, item_popularity, leave_one_out, time_split
+from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, read_interactions
+from pipeline.stages import ContentSpec, catalog_dataset, train_dataset, write_examples
+from training.evaluate import popularity_metrics
+from training.loop import train_loop_per_worker
+from training.tracking import Tracker, resolve_tracking_uri
+
+MEMORY_NAMESPACE = "mmrec"
+
+
+@dataclass
+class TrainingOutcome:
+    run_name: str
+    run_dir: Path
+    mlflow_run_id: str
+    tracking_uri: str
+    metrics: dict
+    baseline: dict
+    checkpoint_path: str | None
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join a cluster when RAY_ADDRESS is set (ray job submit), else start a local Ray for this machine."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", logging_level="WARNING")
+    else:
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 2, 2), include_dashboard=False, logging_level="WARNING")
+
+
+def build_splits(job: JobConfig, prepared: Path) -> Splits:
+    interactions = read_interactions(prepared)
+    if job.data.max_users:
+        interactions = interactions[interactions.user_index < job.data.max_users]
+    if job.data.split == "time":
+        import pandas as pd
+
+        split_at = int(pd.Timestamp(job.data.time_split_at, tz="UTC").timestamp())
+        return time_split(interactions, job.data.max_history, split_at)
+    return leave_one_out(interactions, job.data.max_history)
+
+
+def content_spec(job: JobConfig) -> ContentSpec:
+    return ContentSpec(job.image.image_size, job.text.max_length, resolve_text_model_path(job.text.path))
+
+
+def _use_gpu(job: JobConfig) -> bool:
+    if job.train.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return job.train.use_gpu == "true"
+
+
+def run_training(job: JobConfig, log=print) -> TrainingOutcome:
+    prepared = Path(job.data.prepared_dir).resolve()
+    manifest = load_manifest(prepared)
+    num_items = manifest["num_items"]
+    run_name = job.train.run_name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = Path(job.train.storage_path).resolve()
+    run_dir = storage / run_name
+    work = run_dir / "data"
+    work.mkdir(parents=True, exist_ok=True)
+
+    splits = build_splits(job, prepared)
+    log(f"[train] examples: train={len(splits.train)} validation={len(splits.validation)} test={len(splits.test)} "
+        f"items={num_items}")
+    if len(splits.train) == 0 or len(splits.test) == 0:
+        raise ValueError("no training or test examples: check data.max_users / data.split")
+    paths = {
+        "validation": str(write_examples(splits.validation, work / "validation.parquet")),
+        "test": str(write_examples(splits.test, work / "test.parquet")),
+    }
+    train_path = write_examples(splits.train, work / "train.parquet")
+    popularity = item_popularity(splits.train, num_items)
+    np.save(work / "popularity.npy", popularity)
+    paths["popularity"] = str(work / "popularity.npy")
+
+    tracker = Tracker.start(job.tracking, run_name, tags={"preset": job.preset, "config_hash": job.config_hash()})
+    tracker.log_params(flatten(job.to_dict()))
+    tracker.log_dict(job.to_dict(), "config.json")
+    if (prepared / REPORT_FILE).exists():
+        tracker.log_dict(json.loads((prepared / REPORT_FILE).read_text()), "data_report.json")
+    log(f"[train] MLflow run {tracker.run_id} at {tracker.tracking_uri}")
+
+    init_ray()
+    status = "FAILED"
+    bank = None
+    try:
+        bank = create_memory_bank(
+            name=f"bank-{run_name}", capacity=num_items + 1, dim=job.model.dim, num_shards=job.memory.num_shards,
+            namespace=MEMORY_NAMESPACE,
+        )
+        spec = content_spec(job)
+        items_path = prepared / ITEMS_FILE
+        datasets = {
+            "train": train_dataset(train_path, items_path, job.data, spec, job.train.batch_size),
+            "catalog": catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size),
+        }
+        use_gpu = _use_gpu(job)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "job": job.to_dict(),
+                "paths": paths,
+                "num_items": num_items,
+                "num_train_examples": len(splits.train),
+                "bank": bank,
+                "tracking_uri": tracker.tracking_uri,
+                "mlflow_run_id": tracker.run_id,
+                "watermark": manifest["watermark"],
+                "fault_marker": str(run_dir / "fault_injected"),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=job.train.num_workers,
+                use_gpu=use_gpu,
+                resources_per_worker={"CPU": job.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            ),
+            run_config=RunConfig(
+                name=run_name,
+                storage_path=str(storage),
+                checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=job.train.max_failures),
+            ),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+        )
+        result: Result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        baseline = popularity_metrics(popularity, splits.test, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history)
+        tracker.log_metrics({f"baseline_popularity_test_{k}": v for k, v in baseline.items()})
+        checkpoint_path = result.checkpoint.path if result.checkpoint else None
+        tracker.set_tags({"checkpoint_path": str(checkpoint_path), "watermark": str(manifest["watermark"])})
+        status = "FINISHED"
+        return TrainingOutcome(run_name, run_dir, tracker.run_id, tracker.tracking_uri, metrics, baseline, checkpoint_path)
+    finally:
+        tracker.finish(status)
+        if bank is not None:
+            bank.destroy()
+
+
+def format_results(outcome: TrainingOutcome, ks: tuple[int, ...]) -> str:
+    names = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
+    lines = [f"{'metric':<12} {'model':>10} {'popularity':>11}"]
+    for name in names:
+        model_value = outcome.metrics.get(f"test_{name}", float("nan"))
+        lines.append(f"{name:<12} {model_value:>10.4f} {outcome.baseline.get(name, float('nan')):>11.4f}")
+    return "\n".join(lines)

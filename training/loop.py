@@ -1,0 +1,310 @@
+"""`train_loop_per_worker`: what every Ray Train worker runs.
+
+Per step: the batch's target items (decoded content from Ray Data) are encoded once each with gradients;
+history items are read from the memory bank; fresh vectors replace stale ones within the step and are written
+back after it. After each epoch rank 0 runs one catalogue pass (fresh vectors for every item), which both
+evaluates and refreshes the bank, and reports a checkpoint (model, optimizer, config, watermark, bank snapshot).
+Every rank calls `ray.train.report` (a barrier); only rank 0 writes checkpoints and MLflow records.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from jobs.config import JobConfig
+from model.build import build_recommender, encoder_parameters
+from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
+from model.recommender import Recommender
+from pipeline.stages import read_examples
+from training.evaluate import encode_catalog, evaluate_ranking
+from training.tracking import Tracker
+
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+BANK_DIR = "bank"
+
+
+@dataclass
+class WorkerPaths:
+    validation: Path
+    test: Path
+    popularity: Path
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _unwrap(model: torch.nn.Module) -> Recommender:
+    return model.module if hasattr(model, "module") else model
+
+
+def _set_threads(job: JobConfig, world_size: int) -> None:
+    threads = job.train.torch_threads or max(1, (os.cpu_count() or 1) // max(world_size, 1))
+    torch.set_num_threads(threads)
+
+
+def _make_loss(job: JobConfig, popularity: np.ndarray):
+    if job.model.loss == "full_softmax":
+        return FullSoftmaxLoss(job.model.temperature)
+    log_prob = None
+    if job.model.logq_correction:
+        smoothed = popularity + 1.0
+        log_prob = torch.as_tensor(np.log(smoothed / smoothed.sum()), dtype=torch.float32)
+    return SampledSoftmaxLoss(job.model.temperature, item_log_prob=log_prob, num_items=len(popularity) - 1)
+
+
+def save_checkpoint(directory: Path, model: Recommender, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def load_state(directory: Path) -> dict:
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    job = JobConfig.from_dict(loop_config["job"])
+    paths = WorkerPaths(**{k: Path(v) for k, v in loop_config["paths"].items()})
+    num_items: int = loop_config["num_items"]
+    bank = loop_config["bank"]  # a picklable memory-bank client; reconnects to the actors by name
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _set_threads(job, world)
+    torch.manual_seed(job.train.seed)
+    np.random.seed(job.train.seed + rank)
+    device = ray.train.torch.get_device()
+
+    model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
+    backbone, rest = encoder_parameters(model)
+    optimizer = torch.optim.AdamW(
+        [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}],
+        weight_decay=job.train.weight_decay,
+    )
+    popularity = np.load(paths.popularity)
+    loss_fn = _make_loss(job, popularity)
+
+    start_epoch, global_step, bank_filled = 0, 0, False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            ckpt_dir = Path(ckpt_dir)
+            model.load_state_dict(torch.load(ckpt_dir / MODEL_FILE, map_location="cpu"))
+            optimizer.load_state_dict(torch.load(ckpt_dir / OPTIMIZER_FILE, map_location="cpu"))
+            state = load_state(ckpt_dir)
+            start_epoch, global_step = state["epoch"] + 1, state["global_step"]
+            if rank == 0 and (ckpt_dir / BANK_DIR).exists():
+                bank.load(ckpt_dir / BANK_DIR)
+                bank_filled = True
+        if rank == 0:
+            print(f"[train] resumed from checkpoint: epoch {start_epoch}, step {global_step}, bank restored={bank_filled}",
+                  flush=True)
+    ddp_model = ray.train.torch.prepare_model(model)
+    model = _unwrap(ddp_model)
+
+    tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    validation = read_examples(paths.validation)
+    train_shard = ray.train.get_dataset_shard("train")
+    catalog_shard = ray.train.get_dataset_shard("catalog")
+    steps_per_epoch = math.ceil(loop_config["num_train_examples"] / world / job.train.batch_size)
+    if job.train.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, job.train.max_steps_per_epoch)
+
+    def catalogue_pass() -> torch.Tensor:
+        batches = catalog_shard.iter_torch_batches(batch_size=job.train.eval_batch_size, device=device)
+        return encode_catalog(model, batches, num_items, device)
+
+    if not bank_filled:
+        if rank == 0:
+            started = time.perf_counter()
+            content = catalogue_pass()
+            bank.update(np.arange(1, num_items + 1), content[1:].cpu().numpy(), step=global_step, wait=True)
+            print(f"[train] memory bank filled with {num_items} items in {time.perf_counter() - started:.1f}s", flush=True)
+        _barrier()
+
+    for epoch in range(start_epoch, job.train.epochs):
+        ddp_model.train()
+        stats = EpochStats()
+        epoch_started = time.perf_counter()
+        waited_since = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=job.train.batch_size, device=device, local_shuffle_buffer_size=None, drop_last=False
+        )
+        for step, batch in enumerate(batches):
+            if step >= steps_per_epoch:
+                break
+            stats.data_wait += time.perf_counter() - waited_since
+            if job.train.fail_at_step >= 0 and global_step == job.train.fail_at_step and rank == 0 \
+                    and not os.environ.get("MMREC_FAULT_DONE") and _first_attempt(loop_config):
+                _mark_fault_injected(loop_config)
+                print(f"[train] fault injection: killing rank 0 at step {global_step}", flush=True)
+                os._exit(1)
+            loss, step_info = train_step(ddp_model, model, batch, bank, loss_fn, job, num_items, device, global_step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if job.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), job.train.grad_clip)
+            optimizer.step()
+            bank.update(step_info["unique_ids"], step_info["unique_content"], step=global_step)
+            global_step += 1
+            stats.add(loss.item(), len(batch["target"]), step_info)
+            if rank == 0 and (step + 1) % job.train.log_every == 0:
+                print(f"[train] epoch {epoch + 1}/{job.train.epochs} step {step + 1}/{steps_per_epoch} "
+                      f"loss {stats.mean_loss():.4f} {stats.samples / (time.perf_counter() - epoch_started):.1f} samples/s "
+                      f"data-wait {stats.wait_fraction(time.perf_counter() - epoch_started):.0%}", flush=True)
+            waited_since = time.perf_counter()
+        bank.flush()
+        _barrier()
+        epoch_seconds = time.perf_counter() - epoch_started
+        metrics = {
+            "epoch": epoch + 1,
+            "global_step": global_step,
+            "train_loss": stats.mean_loss(),
+            "samples_per_s": stats.samples * world / max(epoch_seconds, 1e-9),
+            "data_wait_fraction": stats.wait_fraction(epoch_seconds),
+            "epoch_seconds": epoch_seconds,
+            **stats.bank_metrics(),
+        }
+        is_last = epoch == job.train.epochs - 1
+        if rank == 0:
+            content = catalogue_pass()
+            # the same pass refreshes every bank entry, bounding staleness to one epoch
+            bank.update(np.arange(1, num_items + 1), content[1:].cpu().numpy(), step=global_step, wait=True)
+            metrics.update({f"val_{k}": v for k, v in _evaluate(model, content, validation, job).items()})
+            if is_last:
+                test = read_examples(paths.test)
+                metrics.update({f"test_{k}": v for k, v in _evaluate(model, content, test, job).items()})
+            metrics["bank_fill_ratio"] = bank.stats()["fill_ratio"]
+            tracker.log_metrics(metrics, step=epoch + 1)
+            print("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
+                  flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp_path = Path(tmp)
+                save_checkpoint(tmp_path, model, optimizer, {
+                    "epoch": epoch, "global_step": global_step, "config": job.to_dict(),
+                    "watermark": loop_config["watermark"], "num_items": num_items,
+                    "mlflow_run_id": loop_config["mlflow_run_id"],
+                })
+                bank.save(tmp_path / BANK_DIR)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+
+
+def train_step(ddp_model, model: Recommender, batch: dict, bank, loss_fn, job: JobConfig, num_items: int,
+               device: torch.device, step: int) -> tuple[torch.Tensor, dict]:
+    """One forward pass + loss. History content comes from the bank (no gradient)."""
+    history = batch["history"].long()
+    targets = batch["target"].long()
+    # One bank round-trip per step: history ids plus a sample of this step's targets (for staleness).
+    probe_ids = np.unique(targets.cpu().numpy())[: job.memory.staleness_sample]
+    flat_history = history.reshape(-1).cpu().numpy()
+    lookup = bank.lookup(np.concatenate([flat_history, probe_ids]))
+    history_vectors = np.asarray(lookup.vectors)[: flat_history.size]
+    history_content = torch.from_numpy(np.array(history_vectors, copy=True)).to(device).view(*history.shape, -1)
+    out = ddp_model(
+        target_ids=batch["target"].long(),
+        image=batch["image"],
+        image_mask=batch["image_mask"].bool(),
+        input_ids=batch["input_ids"].long(),
+        attention_mask=batch["attention_mask"].long(),
+        text_mask=batch["text_mask"].bool(),
+        history_ids=history,
+        history_content=history_content,
+    )
+    negatives = negative_ids = None
+    if job.model.loss == "full_softmax":
+        all_ids = np.arange(num_items + 1)
+        table = torch.from_numpy(np.array(bank.lookup(all_ids).vectors, copy=True)).to(device)
+        negatives = model.item_vectors(table, torch.arange(num_items + 1, device=device))
+    elif job.model.extra_negatives:
+        negative_ids_np = np.random.randint(1, num_items + 1, size=job.model.extra_negatives)
+        cached = torch.from_numpy(np.array(bank.lookup(negative_ids_np).vectors, copy=True)).to(device)
+        negative_ids = torch.as_tensor(negative_ids_np, device=device)
+        negatives = model.item_vectors(cached, negative_ids)
+    loss = loss_fn(out.user, out.positive, targets, negatives, negative_ids)
+    found = np.asarray(lookup.found)[: flat_history.size].reshape(history.shape)
+    written = np.asarray(lookup.written_step)[: flat_history.size].reshape(history.shape)
+    real = history.cpu().numpy() > 0
+    unique_ids = out.unique_ids.cpu().numpy()
+    unique_content = out.unique_content.detach()
+    info = {
+        "unique_ids": unique_ids,
+        "unique_content": unique_content.cpu().numpy(),
+        "coverage": float(found[real].mean()) if real.any() else 1.0,
+        "mean_age": float((step - written[real & found]).mean()) if (real & found).any() else 0.0,
+        "bank_seconds": bank.last_lookup_seconds,
+    }
+    # staleness: cosine between the cached and the fresh vector of items re-encoded this step
+    probe_found = np.asarray(lookup.found)[flat_history.size :]
+    if probe_ids.size and probe_found.any():
+        cached = torch.from_numpy(np.array(lookup.vectors[flat_history.size :][probe_found], copy=True)).to(device)
+        fresh = unique_content[np.searchsorted(unique_ids, probe_ids[probe_found])]
+        info["staleness_cosine"] = float(F.cosine_similarity(cached, fresh, dim=-1).mean())
+    return loss, info
+
+
+def _evaluate(model: Recommender, content: torch.Tensor, examples, job: JobConfig) -> dict[str, float]:
+    return evaluate_ranking(model, content, examples, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history,
+                            batch_size=job.train.eval_batch_size)
+
+
+class EpochStats:
+    def __init__(self) -> None:
+        self.loss_sum = 0.0
+        self.steps = 0
+        self.samples = 0
+        self.data_wait = 0.0
+        self.coverage_sum = 0.0
+        self.bank_seconds = 0.0
+        self.age_sum = 0.0
+        self.staleness_sum = 0.0
+        self.staleness_steps = 0
+
+    def add(self, loss: float, samples: int, info: dict) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.samples += samples
+        self.coverage_sum += info["coverage"]
+        self.bank_seconds += info["bank_seconds"]
+        self.age_sum += info["mean_age"]
+        if "staleness_cosine" in info:
+            self.staleness_sum += info["staleness_cosine"]
+            self.staleness_steps += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    def wait_fraction(self, seconds: float) -> float:
+        return self.data_wait / max(seconds, 1e-9)
+
+    def bank_metrics(self) -> dict[str, float]:
+        return {
+            "bank_coverage": self.coverage_sum / max(self.steps, 1),
+            "bank_lookup_ms_per_step": 1000 * self.bank_seconds / max(self.steps, 1),
+            "bank_mean_age_steps": self.age_sum / max(self.steps, 1),
+            "bank_cosine_cached_fresh": self.staleness_sum / max(self.staleness_steps, 1) if self.staleness_steps else float("nan"),
+        }
+
+
+def _first_attempt(loop_config: dict) -> bool:
+    marker = loop_config.get("fault_marker")
+    return bool(marker) and not Path(marker).exists()
+
+
+def _mark_fault_injected(loop_config: dict) -> None:
+    Path(loop_config["fault_marker"]).write_text("fault injected\n")
