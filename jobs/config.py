@@ -44,7 +44,7 @@ class JobConfig:
 def tiny() -> JobConfig:
     """A real slice of ml100k_mm with small built-in encoders: ~1 minute on 2 CPU cores. Tests and CI run this."""
     c = JobConfig(preset="tiny")
-    c.data.max_users = 150
+    c.data.max_users = 120
     c.data.max_history = 20
     c.image.kind, c.image.image_size, c.image.channels = "tiny_cnn", 32, 16
     c.text.kind, c.text.max_length, c.text.dim = "tiny", 24, 32

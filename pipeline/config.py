@@ -38,6 +38,8 @@ class DataConfig:
     positive_rating: float = 4.0  # CTR label: rating >= this is a click
     max_bad_fraction: float = 0.2  # fail the job when more of the catalogue than this is unusable
     decode_actors: int = 1
+    decode_cache_items: int = 4096  # decoded images kept per decode actor (bounded; 0 = decode every time)
+    materialize_catalog: bool = True  # keep the decoded catalogue in the object store (set false for huge ones)
     decode_cpus: float = 0.25  # fractional, so Ray Data's listing task still finds a whole CPU on 2 cores
     shuffle_buffer: int = 2048
 

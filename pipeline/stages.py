@@ -22,7 +22,7 @@ from pipeline.sequences import Examples
 log = logging.getLogger(__name__)
 
 # Cheap reads: Ray Data's listing/read tasks default to 1 CPU each, which starves a 2-core machine.
-READ_ARGS = {"num_cpus": 0.25}
+READ_CPUS = 0.25
 
 
 def write_examples(examples: Examples, path: Path) -> Path:
@@ -68,7 +68,7 @@ class ItemContentDecoder:
     """
 
     def __init__(self, items_path: str, id_column: str, image_size: int, tokenizer_path: str, max_length: int,
-                 max_image_pixels: int = 40_000_000) -> None:
+                 max_image_pixels: int = 40_000_000, cache_items: int = 0) -> None:
         from encoders.text import load_tokenizer
 
         table = pq.read_table(items_path, columns=["item_index", "text", "image"])
@@ -85,6 +85,25 @@ class ItemContentDecoder:
         self.max_image_pixels = max_image_pixels
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.decode_failures = 0
+        # Bounded per-actor cache of decoded pixels: popular targets repeat many times per epoch.
+        self.cache_items = cache_items
+        self.cache: dict[int, tuple[np.ndarray, bool]] = {}
+
+    def _decode_one(self, item: int, data: bytes | None) -> tuple[np.ndarray | None, bool]:
+        cached = self.cache.get(item)
+        if cached is not None:
+            return cached
+        if data is None:
+            result: tuple[np.ndarray | None, bool] = (None, False)
+        else:
+            decoded = decode_image(data, self.image_size, self.max_image_pixels)
+            result = (decoded.pixels, decoded.status == IMAGE_OK)
+            if decoded.status != IMAGE_OK:
+                self.decode_failures += 1
+                log.warning("item %d: image %s, using the text only", item, decoded.status)
+        if len(self.cache) < self.cache_items:
+            self.cache[item] = result
+        return result
 
     def _lookup(self, ids: np.ndarray) -> tuple[list[bytes | None], list[str]]:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self.images)):
@@ -97,16 +116,11 @@ class ItemContentDecoder:
         images, texts = self._lookup(ids)
         pixels = np.zeros((len(ids), 3, self.image_size, self.image_size), dtype=np.uint8)
         image_mask = np.zeros(len(ids), dtype=bool)
-        for row, data in enumerate(images):
-            if data is None:
-                continue
-            decoded = decode_image(data, self.image_size, self.max_image_pixels)
-            if decoded.status == IMAGE_OK:
-                pixels[row] = decoded.pixels
+        for row, (item, data) in enumerate(zip(ids.tolist(), images)):
+            decoded, ok = self._decode_one(item, data)
+            if ok:
+                pixels[row] = decoded
                 image_mask[row] = True
-            else:
-                self.decode_failures += 1
-                log.warning("item %d: image %s, using the text only", ids[row], decoded.status)
         text_mask = np.array([bool(t.strip()) for t in texts])
         tokens = self.tokenizer(
             [t if t.strip() else "" for t in texts],
@@ -148,6 +162,7 @@ def _decode(ds: ray.data.Dataset, items_path: Path, id_column: str, cfg: DataCon
             "tokenizer_path": spec.tokenizer_path,
             "max_length": spec.max_length,
             "max_image_pixels": cfg.max_image_pixels,
+            "cache_items": cfg.decode_cache_items,
         },
         batch_size=batch_size,
         batch_format="numpy",
@@ -159,7 +174,7 @@ def _decode(ds: ray.data.Dataset, items_path: Path, id_column: str, cfg: DataCon
 def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: ContentSpec,
                   batch_size: int, shuffle: bool = True) -> ray.data.Dataset:
     """Training examples with their target item's content; a new random order each epoch."""
-    ds = ray.data.read_parquet(str(examples_path), ray_remote_args=READ_ARGS)
+    ds = ray.data.read_parquet(str(examples_path), num_cpus=READ_CPUS)
     if shuffle:
         ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
     return _decode(ds, items_path, "target", cfg, spec, batch_size)
@@ -167,5 +182,5 @@ def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: 
 
 def catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec, batch_size: int = 256) -> ray.data.Dataset:
     """Every catalogue item with its content, in item_index order chunks (for bank fills and evaluation)."""
-    ds = ray.data.read_parquet(str(items_path), columns=["item_index"], ray_remote_args=READ_ARGS)
+    ds = ray.data.read_parquet(str(items_path), columns=["item_index"], num_cpus=READ_CPUS)
     return _decode(ds, items_path, "item_index", cfg, spec, batch_size)

@@ -26,6 +26,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     storage_path: str = "runs"
     run_name: str = ""  # "" = <preset>-<timestamp>; reusing a name resumes that run from its last checkpoint
+    init_checkpoint: str = ""  # warm start: a checkpoint directory whose model (and bank) start this run
     keep_checkpoints: int = 2
     max_failures: int = 1
     fail_at_step: int = -1  # fault injection for tests: kill rank 0 at this global step of the first attempt

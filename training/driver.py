@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -51,6 +52,13 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus or max(os.cpu_count() or 2, 2), include_dashboard=False, logging_level="WARNING")
 
 
+def quiet_ray_data() -> None:
+    """Our own progress lines replace Ray Data's per-operator bars, which flood logs of non-interactive jobs."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+
+
 def build_splits(job: JobConfig, prepared: Path) -> Splits:
     interactions = read_interactions(prepared)
     if job.data.max_users:
@@ -73,7 +81,8 @@ def _use_gpu(job: JobConfig) -> bool:
     return job.train.use_gpu == "true"
 
 
-def run_training(job: JobConfig, log=print) -> TrainingOutcome:
+def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> TrainingOutcome:
+    """Train one run. `splits` overrides the examples built from the prepared data (incremental retraining)."""
     prepared = Path(job.data.prepared_dir).resolve()
     manifest = load_manifest(prepared)
     num_items = manifest["num_items"]
@@ -83,7 +92,7 @@ def run_training(job: JobConfig, log=print) -> TrainingOutcome:
     work = run_dir / "data"
     work.mkdir(parents=True, exist_ok=True)
 
-    splits = build_splits(job, prepared)
+    splits = splits if splits is not None else build_splits(job, prepared)
     log(f"[train] examples: train={len(splits.train)} validation={len(splits.validation)} test={len(splits.test)} "
         f"items={num_items}")
     if len(splits.train) == 0 or len(splits.test) == 0:
@@ -105,6 +114,7 @@ def run_training(job: JobConfig, log=print) -> TrainingOutcome:
     log(f"[train] MLflow run {tracker.run_id} at {tracker.tracking_uri}")
 
     init_ray()
+    quiet_ray_data()
     status = "FAILED"
     bank = None
     try:
@@ -114,9 +124,15 @@ def run_training(job: JobConfig, log=print) -> TrainingOutcome:
         )
         spec = content_spec(job)
         items_path = prepared / ITEMS_FILE
+        catalog = catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
+        if job.data.materialize_catalog:
+            # Decoded catalogue content never changes: decode it once, re-encode it every pass.
+            started = time.perf_counter()
+            catalog = catalog.materialize()
+            log(f"[train] catalogue decoded once ({num_items} items) in {time.perf_counter() - started:.1f}s")
         datasets = {
             "train": train_dataset(train_path, items_path, job.data, spec, job.train.batch_size),
-            "catalog": catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size),
+            "catalog": catalog,
         }
         use_gpu = _use_gpu(job)
         trainer = TorchTrainer(

@@ -100,6 +100,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     start_epoch, global_step, bank_filled = 0, 0, False
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and job.train.init_checkpoint:
+        # Warm start (incremental retraining): weights and bank from another run, a fresh optimizer and epochs.
+        init_dir = Path(job.train.init_checkpoint)
+        model.load_state_dict(torch.load(init_dir / MODEL_FILE, map_location="cpu"))
+        if rank == 0 and (init_dir / BANK_DIR).exists():
+            bank.load(init_dir / BANK_DIR)
+        if rank == 0:
+            print(f"[train] warm start from {init_dir}", flush=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             ckpt_dir = Path(ckpt_dir)
