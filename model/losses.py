@@ -69,3 +69,39 @@ class FullSoftmaxLoss:
         logits = logits.scatter(1, positive_ids[:, None], (user * positive).sum(-1, keepdim=True) / self.temperature)
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, positive_ids)
+
+
+class CTRLoss:
+    """LEMUR's click objective: BCE on (user, candidate) + a grouped in-batch contrastive term.
+
+    user [B, D], item [B, D] (L2-normalised), labels [B] in {0, 1}, groups [B] (user or query id) -> scalar.
+    The click logit is cosine / temperature. The contrastive term treats each clicked row as an anchor whose
+    positive is its own item; negatives are the other rows' items, except rows of the same group (the same
+    user/query may have clicked them too) and rows carrying the same item.
+    """
+
+    def __init__(self, temperature: float, contrastive_weight: float = 1.0) -> None:
+        self.temperature = temperature
+        self.contrastive_weight = contrastive_weight
+
+    def logits(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+        """[B, D], [B, D] -> click logits [B]"""
+        return (user * item).sum(-1) / self.temperature
+
+    def __call__(self, user, item, labels, groups, item_ids=None):
+        labels = labels.float()
+        bce = F.binary_cross_entropy_with_logits(self.logits(user, item), labels)
+        if self.contrastive_weight == 0:
+            return bce
+        anchors = labels > 0.5
+        if not anchors.any():
+            return bce
+        sims = user[anchors] @ item.T / self.temperature  # [P, B]
+        rows = torch.nonzero(anchors).squeeze(1)
+        same_group = groups[anchors][:, None] == groups[None, :]
+        if item_ids is not None:
+            same_group = same_group | (item_ids[anchors][:, None] == item_ids[None, :])
+        own = rows[:, None] == torch.arange(len(labels), device=user.device)[None, :]
+        sims = sims.masked_fill(same_group & ~own, float("-inf"))
+        contrastive = F.cross_entropy(sims, rows)
+        return bce + self.contrastive_weight * contrastive

@@ -68,7 +68,7 @@ class ItemContentDecoder:
     """
 
     def __init__(self, items_path: str, id_column: str, image_size: int, tokenizer_path: str, max_length: int,
-                 max_image_pixels: int = 40_000_000, cache_items: int = 0) -> None:
+                 max_image_pixels: int = 40_000_000, cache_items: int = 0, with_history_content: bool = False) -> None:
         from encoders.text import load_tokenizer
 
         table = pq.read_table(items_path, columns=["item_index", "text", "image"])
@@ -88,6 +88,7 @@ class ItemContentDecoder:
         # Bounded per-actor cache of decoded pixels: popular targets repeat many times per epoch.
         self.cache_items = cache_items
         self.cache: dict[int, tuple[np.ndarray, bool]] = {}
+        self.with_history_content = with_history_content
 
     def _decode_one(self, item: int, data: bytes | None) -> tuple[np.ndarray | None, bool]:
         cached = self.cache.get(item)
@@ -111,17 +112,23 @@ class ItemContentDecoder:
             raise ValueError(f"{len(bad)} item ids unknown to the catalogue (e.g. {bad[:3].tolist()})")
         return [self.images[i] for i in ids], [self.texts[i] for i in ids]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ids = np.asarray(batch[self.id_column], dtype=np.int64)
+    def content(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """[n] item ids -> image [n,3,S,S] uint8, image_mask [n], input_ids/attention_mask [n,T], text_mask [n].
+
+        Id 0 (history padding) gets empty content with both masks off.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
         images, texts = self._lookup(ids)
         pixels = np.zeros((len(ids), 3, self.image_size, self.image_size), dtype=np.uint8)
         image_mask = np.zeros(len(ids), dtype=bool)
         for row, (item, data) in enumerate(zip(ids.tolist(), images)):
+            if item == 0:
+                continue
             decoded, ok = self._decode_one(item, data)
             if ok:
                 pixels[row] = decoded
                 image_mask[row] = True
-        text_mask = np.array([bool(t.strip()) for t in texts])
+        text_mask = np.array([bool(t.strip()) for t in texts], dtype=bool) & (ids > 0)
         tokens = self.tokenizer(
             [t if t.strip() else "" for t in texts],
             padding="max_length",
@@ -129,16 +136,24 @@ class ItemContentDecoder:
             max_length=self.max_length,
             return_tensors="np",
         )
+        return {
+            "image": pixels,
+            "image_mask": image_mask,
+            "input_ids": tokens["input_ids"].astype(np.int64),
+            "attention_mask": tokens["attention_mask"].astype(np.int64),
+            "text_mask": text_mask,
+        }
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(batch)
-        if "history" in out:
-            out["history"] = np.stack(out["history"]).astype(np.int64) if out["history"].dtype == object else out["history"]
-        out.update(
-            image=pixels,
-            image_mask=image_mask,
-            input_ids=tokens["input_ids"].astype(np.int64),
-            attention_mask=tokens["attention_mask"].astype(np.int64),
-            text_mask=text_mask,
-        )
+        if "history" in out and out["history"].dtype == object:
+            out["history"] = np.stack(out["history"]).astype(np.int64)
+        out.update(self.content(batch[self.id_column]))
+        if self.with_history_content:
+            # memory.mode=recompute: every history item's content too (the costly baseline LEMUR replaces)
+            history = np.asarray(out["history"], dtype=np.int64)
+            flat = self.content(history.reshape(-1))
+            out.update({f"history_{k}": v.reshape(*history.shape, *v.shape[1:]) for k, v in flat.items()})
         return out
 
 
@@ -152,7 +167,7 @@ class ContentSpec:
 
 
 def _decode(ds: ray.data.Dataset, items_path: Path, id_column: str, cfg: DataConfig, spec: ContentSpec,
-            batch_size: int) -> ray.data.Dataset:
+            batch_size: int, with_history_content: bool = False) -> ray.data.Dataset:
     return ds.map_batches(
         ItemContentDecoder,
         fn_constructor_kwargs={
@@ -163,6 +178,7 @@ def _decode(ds: ray.data.Dataset, items_path: Path, id_column: str, cfg: DataCon
             "max_length": spec.max_length,
             "max_image_pixels": cfg.max_image_pixels,
             "cache_items": cfg.decode_cache_items,
+            "with_history_content": with_history_content,
         },
         batch_size=batch_size,
         batch_format="numpy",
@@ -172,12 +188,13 @@ def _decode(ds: ray.data.Dataset, items_path: Path, id_column: str, cfg: DataCon
 
 
 def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: ContentSpec,
-                  batch_size: int, shuffle: bool = True) -> ray.data.Dataset:
-    """Training examples with their target item's content; a new random order each epoch."""
+                  batch_size: int, shuffle: bool = True, with_history_content: bool = False) -> ray.data.Dataset:
+    """Training examples with their target item's content (and, for memory.mode=recompute, every history
+    item's content); a new random order each epoch."""
     ds = ray.data.read_parquet(str(examples_path), num_cpus=READ_CPUS)
     if shuffle:
         ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
-    return _decode(ds, items_path, "target", cfg, spec, batch_size)
+    return _decode(ds, items_path, "target", cfg, spec, batch_size, with_history_content)
 
 
 def catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec, batch_size: int = 256) -> ray.data.Dataset:

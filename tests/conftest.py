@@ -32,3 +32,14 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(raw_data_dir, tmp_path_factory) -> Path:
+    """The real ml100k_mm, prepared once per test session (about 3 s)."""
+    from pipeline.config import DataConfig
+    from pipeline.sources import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "ml100k_mm"
+    prepare_dataset(DataConfig(), raw_data_dir, out)
+    return out

@@ -1,0 +1,117 @@
+"""Model shapes, the dedup/fresh-vector logic, the loss, and gradients reaching the content encoders."""
+import numpy as np
+import pytest
+import torch
+
+from encoders.config import ImageEncoderConfig, TextEncoderConfig, resolve_text_model_path
+from model.build import build_recommender, encoder_parameters
+from model.config import ModelConfig
+from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
+from model.recommender import replace_with_fresh, unique_first
+from model.sequence import SASRec
+from pipeline.stages import ItemContentDecoder
+
+
+def test_sasrec_is_causal_and_ignores_left_padding():
+    torch.manual_seed(0)
+    model = SASRec(dim=16, max_len=6, num_layers=2, num_heads=2, dropout=0.0).eval()
+    x = torch.randn(1, 6, 16)
+    mask = torch.tensor([[False, False, True, True, True, True]])
+    out = model(x, mask)
+    assert out.shape == (1, 6, 16)
+    changed = x.clone()
+    changed[0, 5] += 1.0  # the future must not change the past
+    assert torch.allclose(model(changed, mask)[0, :5], out[0, :5], atol=1e-6)
+    junk = x.clone()
+    junk[0, :2] = 100.0  # padding content is invisible to real positions
+    assert torch.allclose(model(junk, mask)[0, 2:], out[0, 2:], atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_unique_first_and_fresh_replacement():
+    ids = torch.tensor([7, 3, 7, 9, 3])
+    unique, first, inverse = unique_first(ids)
+    assert unique.tolist() == [3, 7, 9] and first.tolist() == [1, 0, 3]
+    assert torch.equal(unique[inverse], ids)
+    history = torch.tensor([[0, 3, 4], [9, 9, 1]])
+    cached = torch.zeros(2, 3, 2)
+    fresh = torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    out = replace_with_fresh(history, cached, unique, fresh)
+    assert out[0, 1].tolist() == [1.0, 1.0] and out[1, 0].tolist() == [3.0, 3.0] and out[1, 1].tolist() == [3.0, 3.0]
+    assert out[0, 0].tolist() == [0.0, 0.0] and out[0, 2].tolist() == [0.0, 0.0] and out[1, 2].tolist() == [0.0, 0.0]
+
+
+def test_sampled_softmax_masks_duplicate_targets():
+    user = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    pos = user.clone()
+    ids = torch.tensor([5, 5, 6])
+    loss = SampledSoftmaxLoss(temperature=1.0)(user, pos, ids)
+    # reference: row 0 and row 1 share item 5, so each excludes the other from its negatives
+    logits = user @ pos.T
+    expected = []
+    for i in range(3):
+        keep = [j for j in range(3) if j == i or ids[j] != ids[i]]
+        expected.append(-(logits[i, i] - torch.logsumexp(logits[i, keep], 0)))
+    assert torch.allclose(loss, torch.stack(expected).mean(), atol=1e-6)
+
+
+def test_full_softmax_uses_fresh_positive():
+    table = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    user = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+    positive = table[[2, 4]].clone().requires_grad_(True)
+    loss = FullSoftmaxLoss(temperature=0.5)(user, positive, torch.tensor([2, 4]), table)
+    logits = user @ table.T / 0.5
+    logits[:, 0] = float("-inf")
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, torch.tensor([2, 4])), atol=1e-6)
+    loss.backward()
+    assert positive.grad.abs().sum() > 0
+
+
+def _real_batch(raw_data_dir, tmp_path, image_size, max_length):
+    from pipeline.config import DataConfig
+    from pipeline.sources import prepare_dataset
+
+    prepared = tmp_path / "prep"
+    prepare_dataset(DataConfig(), raw_data_dir, prepared)
+    decoder = ItemContentDecoder(str(prepared / "items.parquet"), "target", image_size, resolve_text_model_path("minilm"), max_length)
+    batch = decoder({"target": np.array([1, 2, 50, 2, 181, 300]), "history": np.array([[0, 0, 5, 6]] * 3 + [[7, 8, 2, 1]] * 3)})
+    return {k: torch.as_tensor(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize(
+    "image, text",
+    [
+        (ImageEncoderConfig(kind="tiny_cnn", image_size=32, channels=8), TextEncoderConfig(kind="tiny", dim=16, max_length=16)),
+        (ImageEncoderConfig(kind="efficientnet_lite0", image_size=32, unfreeze_top=1),
+         TextEncoderConfig(kind="hf", path="minilm", max_length=12, unfreeze_top=1)),
+    ],
+    ids=["builtin", "pretrained-partially-unfrozen"],
+)
+def test_gradient_reaches_image_and_text_encoders(raw_data_dir, tmp_path, image, text):
+    torch.manual_seed(0)
+    model = build_recommender(ModelConfig(dim=16, num_layers=1, dropout=0.0), image, text, num_items=1682, max_history=4)
+    batch = _real_batch(raw_data_dir, tmp_path, image.image_size, text.max_length)
+    backbone, rest = encoder_parameters(model)
+    assert backbone, "the content encoders must have trainable weights"
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable_image = {n: p.detach().clone() for n, p in model.item_encoder.image_encoder.named_parameters() if p.requires_grad}
+    trainable_text = {n: p.detach().clone() for n, p in model.item_encoder.text_encoder.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(backbone + rest, lr=0.5)
+    out = model(
+        target_ids=batch["target"], image=batch["image"], image_mask=batch["image_mask"], input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"], text_mask=batch["text_mask"], history_ids=batch["history"],
+        history_content=torch.zeros(6, 4, 16),
+    )
+    assert out.user.shape == (6, 16) and out.positive.shape == (6, 16)
+    assert out.unique_ids.tolist() == [1, 2, 50, 181, 300] and out.unique_content.shape == (5, 16)
+    loss = SampledSoftmaxLoss(temperature=0.1)(out.user, out.positive, batch["target"])
+    loss.backward()
+    optimizer.step()
+    image_changed = [n for n, p in model.item_encoder.image_encoder.named_parameters() if p.requires_grad
+                     and not torch.equal(p, trainable_image[n])]
+    text_changed = [n for n, p in model.item_encoder.text_encoder.named_parameters() if p.requires_grad
+                    and not torch.equal(p, trainable_text[n])]
+    assert image_changed and text_changed
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), f"frozen weight {name} changed"

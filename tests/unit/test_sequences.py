@@ -1,0 +1,55 @@
+import numpy as np
+import pandas as pd
+
+from pipeline.sequences import item_popularity, leave_one_out, order_interactions, time_split
+
+
+def frame(rows):
+    df = pd.DataFrame(rows, columns=["user_index", "item_index", "timestamp"])
+    df["row_order"] = np.arange(len(df))
+    df["rating"] = 4.0
+    return df
+
+
+def test_timestamp_ties_keep_file_order():
+    df = frame([(0, 5, 100), (0, 3, 100), (0, 9, 50), (0, 7, 100)])
+    assert order_interactions(df).item_index.tolist() == [9, 5, 3, 7]
+
+
+def test_leave_one_out_targets_and_left_padded_histories():
+    df = frame([(0, i, t) for i, t in zip([1, 2, 3, 4, 5], [10, 20, 20, 30, 40])] + [(1, 7, 5), (1, 8, 6)])
+    splits = leave_one_out(df, max_history=3)
+    assert splits.test.target.tolist() == [5] and splits.validation.target.tolist() == [4]
+    assert splits.test.history.tolist() == [[2, 3, 4]]
+    assert splits.validation.history.tolist() == [[1, 2, 3]]
+    # train targets: positions 1..n-3 of user 0; user 1 (2 items) only trains
+    assert splits.train.target.tolist() == [2, 3, 8]
+    assert splits.train.history.tolist() == [[0, 0, 1], [0, 1, 2], [0, 0, 7]]
+    assert splits.train.user.tolist() == [0, 0, 1]
+
+
+def test_leave_one_out_on_real_data_counts(prepared_dir):
+    from pipeline.sources import read_interactions
+
+    interactions = read_interactions(prepared_dir)
+    splits = leave_one_out(interactions, max_history=50)
+    users = interactions.user_index.nunique()
+    assert len(splits.test) == len(splits.validation) == users == 943
+    assert len(splits.train) == len(interactions) - 3 * users  # each user's first item is never a target
+    # no history ever contains the user's own target position or later
+    assert (splits.test.history[:, -1] > 0).all()
+
+
+def test_time_split_partitions_by_time():
+    df = frame([(0, 1, 10), (0, 2, 20), (0, 3, 30), (0, 4, 40), (0, 5, 50)])
+    splits = time_split(df, max_history=4, split_at=35)
+    assert splits.train.target.tolist() == [2]
+    assert splits.validation.target.tolist() == [3]
+    assert splits.test.target.tolist() == [4, 5]
+    assert splits.test.history.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]]
+
+
+def test_popularity_counts_train_targets():
+    df = frame([(0, 1, 1), (0, 2, 2), (0, 2, 3), (0, 3, 4), (0, 1, 5), (0, 1, 6)])
+    pop = item_popularity(leave_one_out(df, 3).train, num_items=4)
+    assert pop.tolist() == [0, 0, 2, 1, 0]
