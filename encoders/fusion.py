@@ -3,12 +3,18 @@
 Following fMRLRec, each modality's features are L2-normalised, concatenated and mapped into one space by a
 linear layer. A missing modality is replaced by a learned placeholder vector (per modality), never by dropping
 the item. The content part (what the memory bank caches) and the id part (cheap, always fresh) are separate.
+
+With `matryoshka_sizes` the projection is fMRLRec's block-lower-triangular `MatryoshkaLinear`, so the first s
+dims of a content vector are exactly what a size-s projection would produce; the id table needs no change (its
+first s columns are a size-s table).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.matryoshka import MatryoshkaLinear
 
 
 class ItemEncoder(nn.Module):
@@ -22,6 +28,7 @@ class ItemEncoder(nn.Module):
         use_id_embedding: bool,
         projection: nn.Module | None = None,
         dropout: float = 0.1,
+        matryoshka_sizes: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -36,7 +43,11 @@ class ItemEncoder(nn.Module):
                 self.missing_image = nn.Parameter(torch.zeros(image_encoder.out_dim))
             if text_encoder is not None:
                 self.missing_text = nn.Parameter(torch.zeros(text_encoder.out_dim))
-            self.projection = projection if projection is not None else nn.Linear(feature_dim, dim)
+            if projection is None:
+                # The concatenated features are a plain vector (in_sizes=None): every output block reads all of it.
+                projection = (MatryoshkaLinear(feature_dim, dim, matryoshka_sizes) if matryoshka_sizes
+                              else nn.Linear(feature_dim, dim))
+            self.projection = projection
             self.dropout = nn.Dropout(dropout)
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
         if self.id_embedding is not None:
@@ -56,17 +67,27 @@ class ItemEncoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         text_mask: torch.Tensor,
+        size: int | None = None,
     ) -> torch.Tensor:
-        """image [B,3,S,S] uint8, masks [B] bool, tokens [B,T] -> content vectors [B, D] (zeros if no content)."""
+        """image [B,3,S,S] uint8, masks [B] bool, tokens [B,T] -> content vectors [B, D] (zeros if no content).
+
+        `size` (a Matryoshka size) runs only the size-s sub-projection -> [B, size], equal to the first `size`
+        dims of the full vectors.
+        """
         batch = image.shape[0]
         if not self.has_content:
-            return torch.zeros(batch, self.dim, device=image.device)
+            return torch.zeros(batch, size or self.dim, device=image.device)
         parts = []
         if self.image_encoder is not None:
             parts.append(self._with_placeholder(self.image_encoder(image), image_mask.bool(), self.missing_image))
         if self.text_encoder is not None:
             parts.append(self._with_placeholder(self.text_encoder(input_ids, attention_mask), text_mask.bool(), self.missing_text))
-        return self.projection(self.dropout(torch.cat(parts, dim=-1)))
+        features = self.dropout(torch.cat(parts, dim=-1))
+        if size is None or size == self.dim:
+            return self.projection(features)
+        if not isinstance(self.projection, MatryoshkaLinear):
+            raise ValueError(f"content vectors of size {size} need a Matryoshka projection; this one is {self.dim}-only")
+        return self.projection.forward_prefix(features, size)
 
     def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """[...] item ids -> [..., D] id embeddings (zeros when ids are not used)."""

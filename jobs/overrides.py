@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -56,9 +57,12 @@ def parse_value(raw: str, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an int, got {raw!r}") from None
     if annotation is float:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ConfigError(f"{key}: expected a float, got {raw!r}") from None
+        if not math.isfinite(value):  # float() accepts "nan" and "inf", and NaN slips past every `<= 0` check
+            raise ConfigError(f"{key}: expected a finite float, got {raw!r}")
+        return value
     if annotation is str:
         return raw
     raise ConfigError(f"{key}: cannot parse values of type {annotation!r}")
@@ -101,22 +105,52 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a nested dataclass from `to_dict` output; unknown keys are refused."""
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    """`value` as an instance of `annotation` (ints widen to float, lists to tuples); ConfigError otherwise."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for candidate in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(value, candidate, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {annotation}, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        checked = [_check_type(v, args[0], key) for v in value] if args else list(value)
+        return tuple(checked) if origin is tuple else checked
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+        return float(value)
+    if annotation in (int, float, bool, str):
+        is_bool_mismatch = isinstance(value, bool) != (annotation is bool)  # bool is a subclass of int
+        if is_bool_mismatch or not isinstance(value, annotation):
+            raise ConfigError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Rebuild a nested dataclass from `to_dict` output (a saved config); unknown keys and wrong types are refused."""
     types_by_name = _field_types(cls)
     unknown = set(data) - set(types_by_name)
     if unknown:
-        raise ConfigError(f"unknown keys for {cls.__name__}: {sorted(unknown)}; valid: {sorted(types_by_name)}")
+        keys = sorted(f"{prefix}{k}" for k in unknown)
+        raise ConfigError(f"unknown config keys {keys}; valid: {', '.join(sorted(types_by_name))}")
     kwargs = {}
     for name, value in data.items():
         annotation = types_by_name[name]
         if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
-            kwargs[name] = from_dict(annotation, value)
-        elif typing.get_origin(annotation) is tuple and isinstance(value, list):
-            kwargs[name] = tuple(value)
+            kwargs[name] = from_dict(annotation, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = value
-    return cls(**kwargs)
+            kwargs[name] = _check_type(value, annotation, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from None
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

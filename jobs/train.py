@@ -29,6 +29,12 @@ def main() -> int:
     print(format_results(outcome, job.train.eval_ks))
     print(f"\nMLflow run: {outcome.mlflow_run_id} ({outcome.tracking_uri}); checkpoint: {outcome.checkpoint_path}")
     print(f"Browse: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    if job.tracking.registered_model and outcome.checkpoint_path:
+        from training.registry import register_training_run
+
+        version, champion = register_training_run(job, run_id=outcome.mlflow_run_id,
+                                                   checkpoint_path=outcome.checkpoint_path, metrics=outcome.metrics)
+        print(f"Registered models:/{version.name}/{version.version}" + (" as @champion (the first)" if champion else ""))
     return 0
 
 

@@ -10,6 +10,7 @@ from encoders.config import ImageEncoderConfig, TextEncoderConfig
 from encoders.fusion import ItemEncoder
 from model.config import ModelConfig
 from model.lru import LRUSequenceModel
+from model.matryoshka import MatryoshkaLinear
 from model.recommender import Recommender
 from model.sequence import SASRec
 
@@ -31,8 +32,13 @@ def build_recommender(
         num_items=num_items,
         use_id_embedding=model.use_id_embedding,
         dropout=model.dropout,
+        matryoshka_sizes=model.matryoshka_sizes,
     )
-    return Recommender(item_encoder=item_encoder, sequence_model=SEQUENCE_MODELS[model.sequence_model](model, max_history))
+    sizes = model.matryoshka_sizes
+    # Matryoshka user vectors: block i of the head reads the whole state, so every prefix is a trained vector.
+    user_head = MatryoshkaLinear(model.dim, model.dim, sizes) if sizes else None
+    return Recommender(item_encoder=item_encoder, sequence_model=SEQUENCE_MODELS[model.sequence_model](model, max_history),
+                       user_head=user_head, matryoshka_sizes=sizes)
 
 
 def encoder_parameters(recommender: Recommender) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.matryoshka import validate_sizes
+
 MODALITIES = ("image", "text")
 SEQUENCE_MODELS = ("sasrec", "lru")
 LOSSES = ("sampled_softmax", "full_softmax")
@@ -21,6 +23,10 @@ class ModelConfig:
     temperature: float = 0.05  # scores are cosine similarities divided by this
     extra_negatives: int = 0  # uniformly sampled negatives per batch, on top of the in-batch ones
     logq_correction: bool = True  # subtract log sampling probability from in-batch negatives
+    # fMRLRec: nested sizes at which item and user vectors are trained and served (() = off). When set, the
+    # last size must be `dim`; vectors at size s are the first s dims of the full ones, renormalised.
+    matryoshka_sizes: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()  # one loss weight per size; () = all 1.0
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modalities if m not in MODALITIES]
@@ -42,3 +48,32 @@ class ModelConfig:
             raise ValueError("model.temperature must be > 0")
         if self.extra_negatives < 0:
             raise ValueError("model.extra_negatives must be >= 0")
+        self._check_matryoshka()
+
+    def _check_matryoshka(self) -> None:
+        sizes, weights = self.matryoshka_sizes, self.matryoshka_weights
+        if not sizes:
+            if weights:
+                raise ValueError("model.matryoshka_weights is set but model.matryoshka_sizes is empty")
+            return
+        try:
+            validate_sizes(sizes, self.dim, require_full=True)
+        except ValueError as err:
+            # Overrides apply one at a time: when changing both, set model.dim first.
+            raise ValueError(f"model.matryoshka_sizes={list(sizes)} does not fit model.dim={self.dim}: {err} "
+                             "(sizes must increase and end at model.dim)") from None
+        if weights and len(weights) != len(sizes):
+            raise ValueError(f"model.matryoshka_weights has {len(weights)} entries for {len(sizes)} "
+                             f"model.matryoshka_sizes={list(sizes)}")
+        if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
+            raise ValueError(f"model.matryoshka_weights={list(weights)} must be >= 0 and not all zero")
+
+    @property
+    def supported_sizes(self) -> tuple[int, ...]:
+        """The vector sizes this model serves: the Matryoshka sizes, or just `dim`."""
+        return tuple(self.matryoshka_sizes) or (self.dim,)
+
+    @property
+    def loss_weights(self) -> tuple[float, ...]:
+        """One weight per supported size (1.0 each unless configured)."""
+        return tuple(self.matryoshka_weights) or tuple(1.0 for _ in self.supported_sizes)

@@ -3,9 +3,17 @@
 One training forward pass (`forward`) encodes each distinct target item of the batch once (with gradients),
 puts those fresh vectors in place of the cached (bank) vectors wherever the same item occurs in a history, and
 returns user states and target item vectors. Scores are cosine similarities (vectors are L2-normalised).
+
+Matryoshka (fMRLRec): with nested `matryoshka_sizes`, the item projection is a `MatryoshkaLinear` (see
+`encoders/fusion.py`) and a `MatryoshkaLinear` head maps the sequence model's last state to the user vector,
+so an item or user vector at size s is exactly the first s dims of the full one *before* normalisation.
+Normalising happens after truncation (`at_size`): a size-s vector is `normalize(raw[..., :s])`, which equals
+`normalize(normalize(raw)[..., :s])`, so full normalised vectors can be truncated and renormalised later.
+`NestedSizesLoss` trains every size at once on those truncated-then-renormalised vectors.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.fusion import ItemEncoder
+from model.matryoshka import MatryoshkaLinear, matryoshka_loss, truncate, validate_sizes
+
+
+def at_size(vectors: torch.Tensor, size: int | None) -> torch.Tensor:
+    """[*, D] -> [*, size]: the Matryoshka prefix, L2-normalised (size None = the whole vector)."""
+    return F.normalize(vectors if size is None else truncate(vectors, size), dim=-1)
 
 
 @dataclass
@@ -24,20 +38,58 @@ class StepOutput:
 
 
 class Recommender(nn.Module):
-    def __init__(self, *, item_encoder: ItemEncoder, sequence_model: nn.Module) -> None:
+    def __init__(self, *, item_encoder: ItemEncoder, sequence_model: nn.Module,
+                 user_head: nn.Module | None = None, matryoshka_sizes: Sequence[int] = ()) -> None:
         super().__init__()
         self.item_encoder = item_encoder
         self.sequence_model = sequence_model
+        self.user_head = user_head  # [B, D] last state -> [B, D] user vector; None = the state itself
+        self.matryoshka_sizes = validate_sizes(matryoshka_sizes, item_encoder.dim, require_full=True) \
+            if matryoshka_sizes else ()
+        if self.matryoshka_sizes and not isinstance(user_head, MatryoshkaLinear):
+            raise ValueError("a Matryoshka recommender needs a MatryoshkaLinear user_head, so user vectors nest")
 
-    def item_vectors(self, content: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """content [*, D] + id embedding of ids [*] -> normalised item vectors [*, D]"""
-        return F.normalize(content + self.item_encoder.id_vectors(ids), dim=-1)
+    @property
+    def supported_sizes(self) -> tuple[int, ...]:
+        """Vector sizes this model serves: its Matryoshka sizes, or only the full dim."""
+        return self.matryoshka_sizes or (self.item_encoder.dim,)
 
-    def user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor) -> torch.Tensor:
-        """history_ids [B, L] (0 = padding), history_content [B, L, D] -> user states [B, D]"""
+    def _check_size(self, size: int | None) -> None:
+        if size is not None and size not in self.supported_sizes:
+            raise ValueError(f"size {size} is not supported; this model serves sizes {list(self.supported_sizes)}")
+
+    def raw_item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """content [*, >=size] + id embedding of ids [*] -> unnormalised item vectors [*, size or D]"""
+        self._check_size(size)
+        id_part = self.item_encoder.id_vectors(ids)
+        if size is None:
+            return content + id_part
+        return truncate(content, size) + truncate(id_part, size)
+
+    def item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """content [*, >=size] + id embedding of ids [*] -> normalised item vectors [*, size or D]"""
+        return F.normalize(self.raw_item_vectors(content, ids, size), dim=-1)
+
+    def raw_user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
+                         size: int | None = None) -> torch.Tensor:
+        """history_ids [B, L] (0 = padding), history_content [B, L, D] -> unnormalised user vectors [B, size or D].
+
+        The sequence model always runs at full width; `size` runs only the size-s block rows of the head.
+        """
+        self._check_size(size)
         vectors = self.item_vectors(history_content, history_ids) * (history_ids > 0)[..., None]
-        states = self.sequence_model(vectors, history_ids > 0)
-        return F.normalize(states[:, -1], dim=-1)
+        state = self.sequence_model(vectors, history_ids > 0)[:, -1]  # [B, D]
+        if self.user_head is None:
+            return state if size is None else truncate(state, size)
+        if size is None or not isinstance(self.user_head, MatryoshkaLinear):
+            user = self.user_head(state)
+            return user if size is None else truncate(user, size)
+        return self.user_head.forward_prefix(state, size)
+
+    def user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
+                     size: int | None = None) -> torch.Tensor:
+        """history_ids [B, L] (0 = padding), history_content [B, L, D] -> normalised user vectors [B, size or D]"""
+        return F.normalize(self.raw_user_vectors(history_ids, history_content, size), dim=-1)
 
     def forward(
         self,
@@ -83,3 +135,27 @@ def replace_with_fresh(
     pos = torch.searchsorted(fresh_ids, history_ids).clamp(max=fresh_ids.shape[0] - 1)
     hit = (fresh_ids[pos] == history_ids) & (history_ids > 0)
     return torch.where(hit[..., None], fresh_content[pos], history_content)
+
+
+class NestedSizesLoss:
+    """A retrieval loss summed over Matryoshka sizes: same call as the base loss, per-size values kept.
+
+    user [B, D], positive [B, D], positive_ids [B], negatives [K, D] | None, negative_ids [K] | None -> scalar.
+    At each size s every vector is truncated to s and renormalised (`at_size`), so the loss at s is exactly the
+    base loss of the size-s model; the total is sum_s weight_s * loss_s (fMRLRec uses equal weights).
+    """
+
+    def __init__(self, base_loss, sizes: Sequence[int], weights: Sequence[float] | None = None) -> None:
+        self.base_loss = base_loss
+        self.sizes = validate_sizes(sizes, max(sizes) if sizes else 0, require_full=True)
+        self.weights = tuple(weights) if weights else None
+        self.last_per_size: dict[int, float] = {}  # detached per-size losses of the latest call (for logging)
+
+    def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
+        def loss_at_size(size: int) -> torch.Tensor:
+            extra = None if negatives is None else at_size(negatives, size)
+            return self.base_loss(at_size(user, size), at_size(positive, size), positive_ids, extra, negative_ids)
+
+        total, per_size = matryoshka_loss(loss_at_size, self.sizes, self.weights)
+        self.last_per_size = {size: float(value.detach()) for size, value in per_size.items()}
+        return total

@@ -36,12 +36,17 @@ class DataConfig:
     time_split_at: str = ""  # ISO date T for split="time": train before T, evaluate at/after T
     max_image_pixels: int = 40_000_000  # larger images are refused as decompression bombs
     positive_rating: float = 4.0  # CTR label: rating >= this is a click
-    max_bad_fraction: float = 0.2  # fail the job when more of the catalogue than this is unusable
+    max_bad_fraction: float = 0.2  # fail when more catalogue items than this have a content problem
+    max_dropped_fraction: float = 0.2  # fail when more interaction rows than this are unusable and dropped
     decode_actors: int = 1
     decode_cache_items: int = 4096  # decoded images kept per decode actor (bounded; 0 = decode every time)
     materialize_catalog: bool = True  # keep the decoded catalogue in the object store (set false for huge ones)
     decode_cpus: float = 0.25  # fractional, so Ray Data's listing task still finds a whole CPU on 2 cores
     shuffle_buffer: int = 2048
+    # Cold-start evaluation: this seeded random fraction of catalogue items is held out of training entirely
+    # (0 = off); test metrics are then also reported on warm and on cold test targets.
+    cold_item_fraction: float = 0.0
+    cold_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -53,7 +58,10 @@ class DataConfig:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_users < 0:
             raise ValueError("data.max_users must be >= 0 (0 = all)")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ValueError("data.max_bad_fraction must be in [0, 1]")
+        for key in ("max_bad_fraction", "max_dropped_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.decode_cpus <= 0:
             raise ValueError("data.decode_cpus must be > 0")
+        if not 0.0 <= self.cold_item_fraction < 1.0:
+            raise ValueError(f"data.cold_item_fraction must be in [0, 1), got {self.cold_item_fraction}")

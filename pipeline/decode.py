@@ -25,16 +25,24 @@ class DecodedImage:
 
 
 def check_image_bytes(data: bytes | None, max_pixels: int) -> str:
-    """Classify raw image bytes without decoding all pixels: ok / missing / corrupt / too_large."""
+    """Classify raw image bytes: ok / missing / corrupt / too_large.
+
+    The size is checked from the header before any pixel is decoded (decompression bombs); then the image is
+    decoded at a reduced JPEG draft scale (~1 ms a thumbnail), because `verify()` does not read JPEG scan data
+    and passes truncated files.
+    """
     if not data:
         return IMAGE_MISSING
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                return IMAGE_TOO_LARGE
-            img.verify()
-    except Image.DecompressionBombError:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    return IMAGE_TOO_LARGE
+                img.draft("RGB", (64, 64))
+                img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return IMAGE_TOO_LARGE
     except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, ...)
         return IMAGE_CORRUPT

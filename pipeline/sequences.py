@@ -142,3 +142,60 @@ def time_split(interactions: pd.DataFrame, max_history: int, split_at: int) -> S
 def item_popularity(train: Examples, num_items: int) -> np.ndarray:
     """Target counts per item index [N+1] (index 0 = padding, always 0): the popularity baseline and logQ."""
     return np.bincount(train.target, minlength=num_items + 1).astype(np.float64)
+
+
+@dataclass
+class ColdStartSplits(Splits):
+    """Splits whose training side never sees `cold_items`; evaluation keeps full histories.
+
+    `test` is every test example; `test_warm` / `test_cold` partition it by whether the target is cold.
+    """
+
+    cold_items: np.ndarray  # [C] sorted item_index values held out of training
+    test_warm: Examples
+    test_cold: Examples
+
+
+def sample_cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
+    """A seeded random `fraction` of the catalogue item indices 1..num_items -> [round(fraction * N)] sorted."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"cold item fraction must be in [0, 1), got {fraction}")
+    count = int(round(fraction * num_items))
+    chosen = np.random.default_rng(seed).choice(np.arange(1, num_items + 1), size=count, replace=False)
+    return np.sort(chosen).astype(np.int64)
+
+
+def cold_start_split(interactions: pd.DataFrame, max_history: int, cold_items: np.ndarray,
+                     split_at: int | None = None) -> ColdStartSplits:
+    """Leave-one-out (or, with `split_at`, the time split) with `cold_items` held out of training entirely.
+
+    Validation and test are exactly those of the plain split (full histories: they are only evaluated).
+    Training uses each user's training region (the rows before their validation target) with every
+    interaction on a cold item removed, so no cold item is ever a training target or in a training history;
+    every remaining position after the first is a training example, as in the plain split. With no cold
+    items the training examples equal the plain split's.
+    """
+    ordered = order_interactions(interactions)
+    if split_at is None:
+        full = leave_one_out(ordered, max_history)
+        _, pos, count = _flat(ordered)
+        region = ~((count >= 3) & (pos >= count - 2))  # everything but the validation and test rows
+    else:
+        full = time_split(ordered, max_history, split_at)
+        users = ordered.user_index.to_numpy(np.int64)
+        before = ordered.timestamp.to_numpy(np.int64) < split_at
+        # the last "before" row of a user is its validation target; rows after split_at are test
+        next_user_differs = np.r_[users[1:] != users[:-1], True]
+        next_before = np.r_[before[1:], False]
+        last_before = before & (next_user_differs | ~next_before)
+        region = before & ~last_before
+    cold_items = np.unique(np.asarray(cold_items, dtype=np.int64))
+    keep = region & ~np.isin(ordered.item_index.to_numpy(np.int64), cold_items)
+    training_rows = ordered[keep].reset_index(drop=True)
+    user_start, pos_in_region, _ = _flat(training_rows)
+    train = _examples(training_rows, np.flatnonzero(pos_in_region >= 1), user_start, max_history)
+    is_cold = np.isin(full.test.target, cold_items)
+    return ColdStartSplits(
+        train=train, validation=full.validation, test=full.test, cold_items=cold_items,
+        test_warm=full.test.subset(~is_cold), test_cold=full.test.subset(is_cold),
+    )

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
-from pipeline.decode import IMAGE_OK, IMAGE_MISSING, build_item_text, check_image_bytes
+from pipeline.decode import IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE, build_item_text, check_image_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,24 @@ class DataError(ValueError):
 
 @dataclass
 class DataReport:
+    """Counts of everything skipped, replaced or flagged by `prepare_dataset`, and the two error budgets.
+
+    Item content problems (the item stays, the bad part becomes a mask): an image that is corrupt, too large or
+    whose file is missing, and text that is empty or not UTF-8. An item without an image path at all is not a
+    problem (`items_without_image`: catalogues have those by design). Interactions dropped: unknown item, bad
+    timestamp, empty user. Exact duplicates are dropped too but lose nothing, so they are not charged to a budget.
+    """
+
     items_total: int = 0
-    items_without_image: int = 0
+    items_without_image: int = 0  # no image named in the catalogue row
+    images_file_missing: int = 0  # an image named but no such file
     images_corrupt: int = 0
     images_too_large: int = 0
     items_empty_text: int = 0
     items_text_not_utf8: int = 0
     items_duplicate_id: int = 0
+    items_with_problem: int = 0  # at least one content problem above; charged to data.max_bad_fraction
+    items_without_any_content: int = 0  # neither a usable image nor text
     interactions_total: int = 0
     interactions_unknown_item: int = 0
     interactions_duplicate: int = 0
@@ -60,11 +71,23 @@ class DataReport:
     examples: dict = field(default_factory=dict)  # a few offending ids per category, for debugging
 
     def bad_item_fraction(self) -> float:
-        """Share of items with no usable content at all (neither image nor text)."""
-        return self.examples.get("items_without_any_content", 0) / max(self.items_total, 1)
+        """Share of catalogue items with at least one content problem (compared with data.max_bad_fraction)."""
+        return self.items_with_problem / max(self.items_total, 1)
+
+    def dropped_interaction_fraction(self) -> float:
+        """Share of raw interaction rows dropped as unusable (compared with data.max_dropped_fraction)."""
+        dropped = self.interactions_unknown_item + self.interactions_bad_timestamp + self.interactions_bad_user
+        return dropped / max(self.interactions_total, 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def metrics(self) -> dict[str, float]:
+        """Every count plus both fractions, flat and numeric (logged to MLflow as `data.<name>`)."""
+        counts = {k: float(v) for k, v in self.to_dict().items() if isinstance(v, (int, float))}
+        counts["bad_item_fraction"] = self.bad_item_fraction()
+        counts["dropped_interaction_fraction"] = self.dropped_interaction_fraction()
+        return counts
 
     def summary_lines(self) -> list[str]:
         return [f"{key:>28}: {value}" for key, value in self.to_dict().items() if key != "examples"]
@@ -77,6 +100,27 @@ def _require_columns(frame: pd.DataFrame, required: list[str], what: str, path: 
             f"{path}: {what} is missing required column(s) {missing}; found {list(frame.columns)}. "
             f"Set the names with --set data.source.<key>=<column>."
         )
+
+
+def report_metrics(payload: dict) -> dict[str, float]:
+    """A saved data_report.json -> `data.<count>` metrics (keys a newer or older report lacks are skipped)."""
+    known = {f.name for f in fields(DataReport)}
+    report = DataReport(**{k: v for k, v in payload.items() if k in known})
+    return {f"data.{k}": v for k, v in report.metrics().items()}
+
+
+def check_raw_schema(raw_dir: Path, cfg: DataConfig) -> None:
+    """Fail before any bulk work when a raw file or a required column is missing (header reads only)."""
+    src = cfg.source
+    for name, required, what in (
+        (src.items_file, [src.item_column, *src.text_fields, src.image_column], "the items table"),
+        (src.interactions_file, [src.user_column, src.item_column, src.timestamp_column, src.rating_column],
+         "the interactions table"),
+    ):
+        path = raw_dir / name
+        if not path.exists():
+            raise DataError(f"{what} file not found: {path}")
+        _require_columns(pd.read_csv(path, dtype=str, nrows=0, encoding_errors="replace"), required, what, path)
 
 
 def read_raw_items(raw_dir: Path, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
@@ -95,31 +139,41 @@ def read_raw_items(raw_dir: Path, cfg: DataConfig, report: DataReport) -> pd.Dat
     report.items_total = len(frame)
 
     texts, text_status, images, image_status = [], [], [], []
-    bad_examples: dict[str, list] = {"corrupt_image": [], "empty_text": [], "text_not_utf8": []}
+    bad_examples: dict[str, list] = {"corrupt_image": [], "empty_text": [], "text_not_utf8": [],
+                                     "image_file_missing": []}
+    problem = []
     for row in frame.to_dict("records"):
         text = build_item_text(row, src.text_fields, src.list_separator)
-        if "\ufffd" in text:
+        has_problem = False
+        if "\ufffd" in text:  # read_csv replaced undecodable bytes with U+FFFD
+            has_problem = True
             report.items_text_not_utf8 += 1
             bad_examples["text_not_utf8"].append(row[src.item_column])
             text = text.replace("\ufffd", "")
         status = "ok" if text.strip() else "empty"
         if status == "empty":
+            has_problem = True
             report.items_empty_text += 1
             bad_examples["empty_text"].append(row[src.item_column])
         texts.append(text)
         text_status.append(status)
 
         data = None
-        rel = row.get(src.image_column, "") if src.image_column else ""
+        rel = row.get(src.image_column, "").strip() if src.image_column else ""
         if rel:
             image_path = (raw_dir / rel).resolve()
             if image_path.is_file():
                 data = image_path.read_bytes()
         img_status = check_image_bytes(data, cfg.max_image_pixels)
-        if img_status == IMAGE_MISSING:
+        if img_status == IMAGE_MISSING and not rel:
             report.items_without_image += 1
+        elif img_status == IMAGE_MISSING:
+            has_problem = True
+            report.images_file_missing += 1
+            bad_examples["image_file_missing"].append(row[src.item_column])
         elif img_status != IMAGE_OK:
-            if img_status == "too_large":
+            has_problem = True
+            if img_status == IMAGE_TOO_LARGE:
                 report.images_too_large += 1
             else:
                 report.images_corrupt += 1
@@ -127,6 +181,7 @@ def read_raw_items(raw_dir: Path, cfg: DataConfig, report: DataReport) -> pd.Dat
             data = None  # never hand undecodable bytes to training
         images.append(data if img_status == IMAGE_OK else None)
         image_status.append(img_status)
+        problem.append(has_problem)
 
     items = pd.DataFrame(
         {
@@ -137,9 +192,9 @@ def read_raw_items(raw_dir: Path, cfg: DataConfig, report: DataReport) -> pd.Dat
             "text_status": text_status,
         }
     )
-    no_content = int(((items.image_status != IMAGE_OK) & (items.text_status != "ok")).sum())
+    report.items_with_problem = int(sum(problem))
+    report.items_without_any_content = int(((items.image_status != IMAGE_OK) & (items.text_status != "ok")).sum())
     report.examples = {k: v[:5] for k, v in bad_examples.items() if v}
-    report.examples["items_without_any_content"] = no_content
     return items
 
 
@@ -165,7 +220,7 @@ def read_raw_interactions(raw_dir: Path, cfg: DataConfig, items: pd.DataFrame, r
     path = raw_dir / src.interactions_file
     if not path.exists():
         raise DataError(f"interactions file not found: {path}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace")
     required = [src.user_column, src.item_column, src.timestamp_column] + ([src.rating_column] if src.rating_column else [])
     _require_columns(frame, required, "the interactions table", path)
     report.interactions_total = len(frame)
@@ -210,19 +265,54 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def _backup_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".old")
+
+
+def recover_interrupted_swap(out_dir: Path) -> bool:
+    """Put back the previous prepared dir if a crash hit between the two renames of the swap."""
+    backup = _backup_dir(out_dir)
+    if not out_dir.exists() and (backup / MANIFEST_FILE).exists():
+        os.replace(backup, out_dir)
+        log.warning("restored %s from %s (an earlier prepare was interrupted mid-swap)", out_dir, backup)
+        return True
+    return False
+
+
+def check_error_budgets(report: DataReport, cfg: DataConfig) -> None:
+    """Refuse to go on when more content is bad than data.max_bad_fraction / data.max_dropped_fraction allow."""
+    if report.bad_item_fraction() > cfg.max_bad_fraction:
+        raise DataError(
+            f"{report.bad_item_fraction():.1%} of catalogue items ({report.items_with_problem} of "
+            f"{report.items_total}) have a content problem (images: {report.images_corrupt} corrupt, "
+            f"{report.images_too_large} too large, {report.images_file_missing} file missing; text: "
+            f"{report.items_empty_text} empty, {report.items_text_not_utf8} not UTF-8), above "
+            f"data.max_bad_fraction={cfg.max_bad_fraction}; fix the data or raise the budget"
+        )
+    if report.dropped_interaction_fraction() > cfg.max_dropped_fraction:
+        raise DataError(
+            f"{report.dropped_interaction_fraction():.1%} of interactions were dropped "
+            f"({report.interactions_unknown_item} unknown item, {report.interactions_bad_timestamp} bad timestamp, "
+            f"{report.interactions_bad_user} empty user, of {report.interactions_total}), above "
+            f"data.max_dropped_fraction={cfg.max_dropped_fraction}; fix the data or raise the budget"
+        )
+
+
 def prepare_dataset(cfg: DataConfig, raw_dir: Path, out_dir: Path) -> DataReport:
-    """Read, validate and write the canonical tables. The output is swapped in atomically when complete."""
+    """Read, validate and write the canonical tables. The output is swapped in atomically when complete.
+
+    Schema problems (missing files or columns) raise `DataError` before anything is read in bulk; content
+    problems are counted in the report and charged to the two error budgets (see `DataReport`).
+    """
+    recover_interrupted_swap(out_dir)
+    check_raw_schema(raw_dir, cfg)
     report = DataReport()
     previous = None
     if (out_dir / ITEMS_FILE).exists():
         previous = pq.read_table(out_dir / ITEMS_FILE, columns=["item_id", "item_index"]).to_pandas()
     items = assign_item_indices(read_raw_items(raw_dir, cfg, report), previous)
-    if report.bad_item_fraction() > cfg.max_bad_fraction:
-        raise DataError(
-            f"{report.bad_item_fraction():.1%} of items have neither a usable image nor text "
-            f"(data.max_bad_fraction={cfg.max_bad_fraction}); refusing to train on them"
-        )
     interactions = read_raw_interactions(raw_dir, cfg, items, report)
+    check_error_budgets(report, cfg)
     if interactions.empty:
         raise DataError("no usable interactions left after validation; see the data report")
 
@@ -258,7 +348,8 @@ def prepare_dataset(cfg: DataConfig, raw_dir: Path, out_dir: Path) -> DataReport
         _atomic_write_json(staging / REPORT_FILE, report.to_dict())
         _atomic_write_json(staging / MANIFEST_FILE, manifest)
         if out_dir.exists():
-            backup = out_dir.with_name(out_dir.name + ".old")
+            # Two renames, not one: a crash between them leaves `<out>.old`, which the next run puts back.
+            backup = _backup_dir(out_dir)
             shutil.rmtree(backup, ignore_errors=True)
             os.replace(out_dir, backup)
             os.replace(staging, out_dir)

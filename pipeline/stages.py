@@ -157,6 +157,11 @@ class ItemContentDecoder:
         return out
 
 
+def decode_blocks(rows: int, actors: int, batch_size: int) -> int:
+    """Blocks to cut `rows` ids into: at least 4 per decode actor, at most one per batch."""
+    return max(1, min(max(4 * actors, rows // (8 * batch_size)), -(-rows // batch_size)))
+
+
 @dataclass(frozen=True)
 class ContentSpec:
     """What the decode stage produces: square image side, tokens per text, and the tokenizer to use."""
@@ -192,6 +197,8 @@ def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: 
     """Training examples with their target item's content (and, for memory.mode=recompute, every history
     item's content); a new random order each epoch."""
     ds = ray.data.read_parquet(str(examples_path), num_cpus=READ_CPUS)
+    # A small id table reads as one block, and one block feeds one decode actor: split it so every actor works.
+    ds = ds.repartition(decode_blocks(pq.ParquetFile(examples_path).metadata.num_rows, cfg.decode_actors, batch_size))
     if shuffle:
         ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
     return _decode(ds, items_path, "target", cfg, spec, batch_size, with_history_content)
@@ -200,4 +207,5 @@ def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: 
 def catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec, batch_size: int = 256) -> ray.data.Dataset:
     """Every catalogue item with its content, in item_index order chunks (for bank fills and evaluation)."""
     ds = ray.data.read_parquet(str(items_path), columns=["item_index"], num_cpus=READ_CPUS)
+    ds = ds.repartition(decode_blocks(pq.ParquetFile(items_path).metadata.num_rows, cfg.decode_actors, batch_size))
     return _decode(ds, items_path, "item_index", cfg, spec, batch_size)

@@ -19,12 +19,13 @@ from ray.train.torch import TorchTrainer
 
 from encoders.config import resolve_text_model_path
 from jobs.config import JobConfig
-from jobs.overrides import flatten
+from jobs.overrides import ConfigError, flatten
 from memory.client import create_memory_bank
-from pipeline.sequences import Splits, item_popularity, leave_one_out, time_split
-from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, read_interactions
+from pipeline.sequences import (ColdStartSplits, Splits, cold_start_split, item_popularity, leave_one_out,
+                                sample_cold_items, time_split)
+from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, read_interactions, report_metrics
 from pipeline.stages import ContentSpec, catalog_dataset, train_dataset, write_examples
-from training.evaluate import popularity_metrics
+from training.evaluate import popularity_metrics, write_size_report
 from training.loop import train_loop_per_worker
 from training.tracking import Tracker, resolve_tracking_uri
 
@@ -63,10 +64,15 @@ def build_splits(job: JobConfig, prepared: Path) -> Splits:
     interactions = read_interactions(prepared)
     if job.data.max_users:
         interactions = interactions[interactions.user_index < job.data.max_users]
+    split_at = None
     if job.data.split == "time":
         import pandas as pd
 
         split_at = int(pd.Timestamp(job.data.time_split_at, tz="UTC").timestamp())
+    if job.data.cold_item_fraction > 0:  # cold-start evaluation: some items never seen in training
+        cold = sample_cold_items(load_manifest(prepared)["num_items"], job.data.cold_item_fraction, job.data.cold_seed)
+        return cold_start_split(interactions, job.data.max_history, cold, split_at)
+    if split_at is not None:
         return time_split(interactions, job.data.max_history, split_at)
     return leave_one_out(interactions, job.data.max_history)
 
@@ -79,6 +85,24 @@ def _use_gpu(job: JobConfig) -> bool:
     if job.train.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= 1
     return job.train.use_gpu == "true"
+
+
+def check_cluster_fits(job: JobConfig, use_gpu: bool) -> None:
+    """Fail fast when the workers asked for exceed the whole cluster (Ray Train would wait for them forever).
+
+    Compares with the resources of the nodes up now: on an autoscaling cluster, start enough nodes first.
+    """
+    have = ray.cluster_resources()
+    workers = job.train.num_workers
+    asks = {"CPU": (workers * job.train.cpus_per_worker, f"train.cpus_per_worker={job.train.cpus_per_worker}")}
+    if use_gpu:
+        asks["GPU"] = (float(workers), "1 GPU each")
+    for resource, (need, each) in asks.items():
+        if need > have.get(resource, 0.0) + 1e-9:
+            raise ConfigError(
+                f"train.num_workers={workers} x {each} needs {need:g} {resource} but the Ray cluster has "
+                f"{have.get(resource, 0.0):g}; lower train.num_workers (or train.cpus_per_worker, train.use_gpu)"
+            )
 
 
 def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> TrainingOutcome:
@@ -101,6 +125,12 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
         "validation": str(write_examples(splits.validation, work / "validation.parquet")),
         "test": str(write_examples(splits.test, work / "test.parquet")),
     }
+    if isinstance(splits, ColdStartSplits):  # the loop also reports test_warm_* and test_cold_* metrics
+        for name, subset in (("test_warm", splits.test_warm), ("test_cold", splits.test_cold)):
+            if len(subset):
+                paths[name] = str(write_examples(subset, work / f"{name}.parquet"))
+        log(f"[train] cold start: {len(splits.cold_items)} items held out of training; "
+            f"test users with a warm target {len(splits.test_warm)}, with a cold target {len(splits.test_cold)}")
     train_path = write_examples(splits.train, work / "train.parquet")
     popularity = item_popularity(splits.train, num_items)
     np.save(work / "popularity.npy", popularity)
@@ -110,7 +140,9 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
     tracker.log_params(flatten(job.to_dict()))
     tracker.log_dict(job.to_dict(), "config.json")
     if (prepared / REPORT_FILE).exists():
-        tracker.log_dict(json.loads((prepared / REPORT_FILE).read_text()), "data_report.json")
+        data_report = json.loads((prepared / REPORT_FILE).read_text())
+        tracker.log_dict(data_report, "data_report.json")
+        tracker.log_metrics(report_metrics(data_report))  # data.images_corrupt, data.bad_item_fraction, ...
     log(f"[train] MLflow run {tracker.run_id} at {tracker.tracking_uri}")
 
     init_ray()
@@ -118,6 +150,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
     status = "FAILED"
     bank = None
     try:
+        check_cluster_fits(job, _use_gpu(job))
         bank = create_memory_bank(
             name=f"bank-{run_name}", capacity=num_items + 1, dim=job.model.dim, num_shards=job.memory.num_shards,
             namespace=MEMORY_NAMESPACE,
@@ -166,8 +199,17 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
         metrics = dict(result.metrics or {})
         baseline = popularity_metrics(popularity, splits.test, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history)
         tracker.log_metrics({f"baseline_popularity_test_{k}": v for k, v in baseline.items()})
+        if isinstance(splits, ColdStartSplits):
+            for name, subset in (("test_warm", splits.test_warm), ("test_cold", splits.test_cold)):
+                if len(subset):
+                    subset_baseline = popularity_metrics(popularity, subset, ks=job.train.eval_ks,
+                                                         mask_history=job.train.eval_mask_history)
+                    tracker.log_metrics({f"baseline_popularity_{name}_{k}": v for k, v in subset_baseline.items()})
+        for path in write_size_report(metrics, run_dir / "matryoshka"):  # size x metric table + plot (Matryoshka)
+            tracker.log_artifact(path, "matryoshka")
         checkpoint_path = result.checkpoint.path if result.checkpoint else None
-        tracker.set_tags({"checkpoint_path": str(checkpoint_path), "watermark": str(manifest["watermark"])})
+        tracker.set_tags({"checkpoint_path": str(checkpoint_path), "watermark": str(manifest["watermark"]),
+                          "matryoshka_sizes": ",".join(map(str, job.model.supported_sizes))})
         status = "FINISHED"
         return TrainingOutcome(run_name, run_dir, tracker.run_id, tracker.tracking_uri, metrics, baseline, checkpoint_path)
     finally:

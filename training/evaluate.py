@@ -2,15 +2,24 @@
 
 Item vectors always come from a fresh catalogue pass (`encode_catalog`), never from the memory bank, so a
 checkpoint is judged on what it would serve. Row 0 of every item table is padding and is never ranked.
+
+Matryoshka models are scored at every supported size from one catalogue pass: full normalised vectors are
+truncated and renormalised (`model.recommender.at_size`), and each metric gets a `@s<size>` twin
+(`ndcg@10@s64`) beside the unsuffixed full-size one. `size_table` / `write_size_report` turn those keys into
+the size x metric table (JSON + CSV) and the NDCG-vs-size plot that the driver logs to MLflow.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from model.recommender import Recommender
+from model.recommender import Recommender, at_size
 from pipeline.sequences import Examples
 from training.metrics import RankingAccumulator, history_mask, target_ranks
 
@@ -38,11 +47,12 @@ def encode_catalog(model: Recommender, batches: Iterable[dict[str, torch.Tensor]
 
 
 @torch.inference_mode()
-def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """content [N+1, D], history [U, L] -> scores [U, N+1] (column 0 = -inf)"""
+def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor,
+                size: int | None = None) -> torch.Tensor:
+    """content [N+1, D], history [U, L] -> scores [U, N+1] (column 0 = -inf), with vectors at `size` if given"""
     ids = torch.arange(content.shape[0], device=content.device)
-    items = model.item_vectors(content, ids)  # [N+1, D]
-    user = model.user_vectors(history, content[history])  # [U, D]
+    items = model.item_vectors(content, ids, size)  # [N+1, size or D]
+    user = model.user_vectors(history, content[history], size)  # [U, size or D]
     scores = user @ items.T
     scores[:, 0] = float("-inf")
     return scores
@@ -50,20 +60,92 @@ def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor
 
 @torch.inference_mode()
 def evaluate_ranking(model: Recommender, content: torch.Tensor, examples: Examples, *, ks: tuple[int, ...],
-                     mask_history: bool, batch_size: int = 256) -> dict[str, float]:
-    """Recall@k, NDCG@k and MRR of `examples` (one target each) ranked against every catalogue item."""
+                     mask_history: bool, batch_size: int = 256, sizes: Sequence[int] = ()) -> dict[str, float]:
+    """Recall@k, NDCG@k and MRR of `examples` (one target each) ranked against every catalogue item.
+
+    With `sizes`, every metric is also reported at each size s under `<metric>@s<s>` (vectors truncated to s
+    and renormalised); the unsuffixed keys are the full-size ones.
+    """
     was_training = model.training
     model.eval()
-    acc = RankingAccumulator(ks=ks)
+    full_dim = content.shape[1]
+    sizes = tuple(sizes)
+    accumulators = {None: RankingAccumulator(ks=ks), **{s: RankingAccumulator(ks=ks) for s in sizes if s != full_dim}}
     device = content.device
+    items = model.item_vectors(content, torch.arange(content.shape[0], device=device))  # [N+1, D]
+    items_at = {size: at_size(items, size) for size in accumulators if size is not None}
     for start in range(0, len(examples), batch_size):
         history = torch.as_tensor(examples.history[start : start + batch_size], device=device)
         targets = torch.as_tensor(examples.target[start : start + batch_size], device=device)
-        scores = score_users(model, content, history)
-        exclude = history_mask(history, content.shape[0] - 1, pad_id=0) if mask_history else None
-        acc.update(target_ranks(scores, targets, exclude))
+        user = model.user_vectors(history, content[history])  # [U, D], the sequence model runs once
+        exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None  # [U, N+1] like scores
+        for size, acc in accumulators.items():
+            scores = user @ items.T if size is None else at_size(user, size) @ items_at[size].T  # [U, N+1]
+            scores[:, 0] = float("-inf")
+            acc.update(target_ranks(scores, targets, exclude))
     model.train(was_training)
-    return acc.compute()
+    metrics = accumulators[None].compute()
+    for size in sizes:
+        at = metrics if size == full_dim else accumulators[size].compute()
+        metrics.update({f"{name}@s{size}": value for name, value in list(at.items()) if "@s" not in name})
+    return metrics
+
+
+_SIZED_KEY = re.compile(r"^(?P<name>.+)@s(?P<size>\d+)$")
+
+
+def size_table(metrics: dict[str, float], prefix: str = "test_") -> list[dict[str, float]]:
+    """Per-size keys (`<prefix><metric>@s<size>`) -> rows [{"size": s, "<metric>": value, ...}] by size."""
+    rows: dict[int, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if not key.startswith(prefix):
+            continue
+        match = _SIZED_KEY.match(key[len(prefix):])
+        if match:
+            size = int(match["size"])
+            rows.setdefault(size, {"size": size})[match["name"]] = float(value)
+    return [rows[size] for size in sorted(rows)]
+
+
+def write_size_report(metrics: dict[str, float], directory: Path, prefix: str = "test_",
+                      plot_metric: str = "ndcg@10") -> list[Path]:
+    """Write matryoshka_sizes.json / .csv (size x metric) and ndcg_vs_size.png into `directory`; -> the paths.
+
+    Returns [] when `metrics` holds no per-size keys (not a Matryoshka run).
+    """
+    rows = size_table(metrics, prefix)
+    if not rows:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [name for name in rows[0] if name != "size"]
+    json_path = directory / "matryoshka_sizes.json"
+    json_path.write_text(json.dumps({"split": prefix.rstrip("_"), "rows": rows}, indent=2))
+    csv_path = directory / "matryoshka_sizes.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["size", *names])
+        writer.writeheader()
+        writer.writerows(rows)
+    paths = [json_path, csv_path]
+    if plot_metric in names:
+        import matplotlib
+
+        matplotlib.use("Agg")  # headless workers and CI have no display
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(5, 3.5))
+        axis.plot([r["size"] for r in rows], [r[plot_metric] for r in rows], marker="o")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks([r["size"] for r in rows], [str(r["size"]) for r in rows])
+        axis.set_xlabel("embedding size")
+        axis.set_ylabel(f"{prefix.rstrip('_')} {plot_metric}")
+        axis.set_title(f"{plot_metric} vs Matryoshka size (one model)")
+        axis.grid(alpha=0.3)
+        figure.tight_layout()
+        plot_path = directory / f"{plot_metric.replace('@', '_at_')}_vs_size.png"
+        figure.savefig(plot_path, dpi=100)
+        plt.close(figure)
+        paths.append(plot_path)
+    return paths
 
 
 def popularity_metrics(popularity: np.ndarray, examples: Examples, *, ks: tuple[int, ...],
@@ -81,6 +163,6 @@ def popularity_metrics(popularity: np.ndarray, examples: Examples, *, ks: tuple[
         history = torch.as_tensor(examples.history[start : start + 1024])
         targets = torch.as_tensor(examples.target[start : start + 1024])
         scores = base.expand(len(targets), -1)
-        exclude = history_mask(history, num_items, pad_id=0) if mask_history else None
+        exclude = history_mask(history, num_items + 1, pad_id=0) if mask_history else None  # [U, N+1]
         acc.update(target_ranks(scores, targets, exclude))
     return acc.compute()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jobs.config import JobConfig
 from model.build import build_recommender, encoder_parameters
 from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
-from model.recommender import Recommender
+from model.recommender import NestedSizesLoss, Recommender
 from pipeline.stages import read_examples
 from training.evaluate import encode_catalog, evaluate_ranking
 from training.tracking import Tracker
@@ -41,6 +41,9 @@ class WorkerPaths:
     validation: Path
     test: Path
     popularity: Path
+    # cold-start runs (data.cold_item_fraction > 0): the test examples split by warm / cold target
+    test_warm: Path | None = None
+    test_cold: Path | None = None
 
 
 def _barrier() -> None:
@@ -59,12 +62,16 @@ def _set_threads(job: JobConfig, world_size: int) -> None:
 
 def _make_loss(job: JobConfig, popularity: np.ndarray):
     if job.model.loss == "full_softmax":
-        return FullSoftmaxLoss(job.model.temperature)
-    log_prob = None
-    if job.model.logq_correction:
-        smoothed = popularity + 1.0
-        log_prob = torch.as_tensor(np.log(smoothed / smoothed.sum()), dtype=torch.float32)
-    return SampledSoftmaxLoss(job.model.temperature, item_log_prob=log_prob, num_items=len(popularity) - 1)
+        base = FullSoftmaxLoss(job.model.temperature)
+    else:
+        log_prob = None
+        if job.model.logq_correction:
+            smoothed = popularity + 1.0
+            log_prob = torch.as_tensor(np.log(smoothed / smoothed.sum()), dtype=torch.float32)
+        base = SampledSoftmaxLoss(job.model.temperature, item_log_prob=log_prob, num_items=len(popularity) - 1)
+    if job.model.matryoshka_sizes:  # fMRLRec: the same loss at every nested size, weighted and summed
+        return NestedSizesLoss(base, job.model.matryoshka_sizes, job.model.loss_weights)
+    return base
 
 
 def save_checkpoint(directory: Path, model: Recommender, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -75,6 +82,38 @@ def save_checkpoint(directory: Path, model: Recommender, optimizer: torch.optim.
 
 def load_state(directory: Path) -> dict:
     return json.loads((directory / STATE_FILE).read_text())
+
+
+ID_EMBEDDING_KEY = "item_encoder.id_embedding.weight"
+
+
+def load_model_weights(model: Recommender, path: Path) -> int:
+    """Load a saved state dict into `model`, which may have a larger catalogue than the saved one.
+
+    The item-id embedding [N_old+1, D] fills the first rows of the model's [N+1, D]; rows of items new to the
+    catalogue keep their fresh initialisation. Returns how many such new rows there are (0 = same catalogue).
+    """
+    state = torch.load(path, map_location="cpu")
+    new_rows = 0
+    saved = state.get(ID_EMBEDDING_KEY)
+    current = model.state_dict().get(ID_EMBEDDING_KEY)
+    if saved is not None and current is not None and saved.shape[0] < current.shape[0]:
+        merged = current.clone()
+        merged[: saved.shape[0]] = saved
+        state[ID_EMBEDDING_KEY] = merged
+        new_rows = current.shape[0] - saved.shape[0]
+    model.load_state_dict(state)
+    return new_rows
+
+
+def saved_bank_capacity(directory: Path) -> int | None:
+    """Capacity recorded in a saved bank snapshot (None when unreadable)."""
+    from memory.client import BANK_META_FILE
+
+    try:
+        return int(json.loads((directory / BANK_META_FILE).read_text())["capacity"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -103,11 +142,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint is None and job.train.init_checkpoint:
         # Warm start (incremental retraining): weights and bank from another run, a fresh optimizer and epochs.
         init_dir = Path(job.train.init_checkpoint)
-        model.load_state_dict(torch.load(init_dir / MODEL_FILE, map_location="cpu"))
-        if rank == 0 and (init_dir / BANK_DIR).exists():
+        new_rows = load_model_weights(model, init_dir / MODEL_FILE)
+        # A grown catalogue makes the old bank snapshot the wrong size; the fill pass below covers every item.
+        if rank == 0 and (init_dir / BANK_DIR).exists() and saved_bank_capacity(init_dir / BANK_DIR) == bank.capacity:
             bank.load(init_dir / BANK_DIR)
         if rank == 0:
-            print(f"[train] warm start from {init_dir}", flush=True)
+            print(f"[train] warm start from {init_dir}" + (f" ({new_rows} new item-id rows)" if new_rows else ""),
+                  flush=True)
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             ckpt_dir = Path(ckpt_dir)
@@ -180,6 +221,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch_seconds = time.perf_counter() - epoch_started
         metrics = {
             "epoch": epoch + 1,
+            # how this attempt started: epochs already done in the checkpoint it resumed from (0 = from scratch)
+            "resumed_from_epoch": start_epoch if checkpoint is not None else 0,
+            "bank_restored": float(bank_filled and checkpoint is not None),
             "global_step": global_step,
             "train_loss": stats.mean_loss(),
             "samples_per_s": stats.samples * world / max(epoch_seconds, 1e-9),
@@ -196,8 +240,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if is_last:
                 test = read_examples(paths.test)
                 metrics.update({f"test_{k}": v for k, v in _evaluate(model, content, test, job).items()})
+                for name in ("test_warm", "test_cold"):
+                    if getattr(paths, name) is not None:  # full size only: keeps the Matryoshka size table clean
+                        subset = evaluate_ranking(model, content, read_examples(getattr(paths, name)),
+                                                  ks=job.train.eval_ks, mask_history=job.train.eval_mask_history,
+                                                  batch_size=job.train.eval_batch_size)
+                        metrics.update({f"{name}_{k}": v for k, v in subset.items()})
             metrics["bank_fill_ratio"] = bank.stats()["fill_ratio"]
-            tracker.log_metrics(metrics, step=epoch + 1)
             print("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()),
                   flush=True)
             with tempfile.TemporaryDirectory() as tmp:
@@ -206,9 +255,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     "epoch": epoch, "global_step": global_step, "config": job.to_dict(),
                     "watermark": loop_config["watermark"], "num_items": num_items,
                     "mlflow_run_id": loop_config["mlflow_run_id"],
+                    "matryoshka_sizes": list(job.model.supported_sizes),  # the sizes this checkpoint serves
                 })
                 bank.save(tmp_path / BANK_DIR)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            # Logged only once the epoch's checkpoint is persisted: a crash before that re-runs the epoch on
+            # resume, and logging first would have recorded it twice in MLflow.
+            tracker.log_metrics(metrics, step=epoch + 1)
         else:
             ray.train.report(metrics)
 
@@ -268,7 +321,7 @@ def train_step(ddp_model, model: Recommender, batch: dict, bank, loss_fn, job: J
 
 def _evaluate(model: Recommender, content: torch.Tensor, examples, job: JobConfig) -> dict[str, float]:
     return evaluate_ranking(model, content, examples, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history,
-                            batch_size=job.train.eval_batch_size)
+                            batch_size=job.train.eval_batch_size, sizes=job.model.matryoshka_sizes)
 
 
 class EpochStats:

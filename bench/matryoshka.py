@@ -1,0 +1,228 @@
+"""Benchmark: one Matryoshka (fMRLRec) model vs separate models trained at single sizes, same budget each.
+
+    python -m bench.matryoshka                       # sizes 32,128,512, 600 steps per model
+    python -m bench.matryoshka --sizes 32,64,128 --steps 250 --steps-per-epoch 125 --modalities text  # as run
+
+Each model trains for the same number of steps on ALL ml100k_mm users (leave-one-out), then is scored on the
+test split with full ranking over the catalogue. The Matryoshka model (model.dim = largest size,
+model.matryoshka_sizes = all sizes) is scored at every size from its one checkpoint; each single-size model
+(model.dim = s, Matryoshka off: the plain architecture you would otherwise train) at its own size.
+
+Why in process rather than `run_training`: on a shared 2-core machine Ray start-up, TorchTrainer set-up and
+catalogue materialisation cost 40-60 s per run and vary a lot with other load; that would swamp the quantity
+measured here (training cost). The loop below uses the same parts as `training/loop.py`: `build_recommender`,
+`encoder_parameters` and the same AdamW groups, `_make_loss` (so `NestedSizesLoss` over sampled or full
+softmax), `train_step` (history content from a memory bank, write-on-encode), a full catalogue pass refreshing
+the bank every `steps_per_epoch` steps (as the loop does once per epoch), and `evaluate_ranking`. The bank is
+the in-process `LocalMemoryBankClient`, and targets' decoded content is looked up from a catalogue decoded once
+(the Ray Data decode stage produces the same tensors).
+
+Timing: wall-clock seconds and process CPU seconds of training only (bank fills and refreshes included;
+final evaluation excluded). Writes bench/results/matryoshka.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.config import JobConfig, tiny
+from memory.client import LocalMemoryBankClient
+from model.build import build_recommender, encoder_parameters
+from pipeline.sequences import Splits, item_popularity
+from pipeline.sources import ITEMS_FILE, load_manifest
+from training.driver import build_splits
+from training.evaluate import encode_catalog, evaluate_ranking
+from training.loop import _make_loss, train_step
+from training.offline_eval import DecodedCatalogue, content_spec_of
+
+RESULTS = Path(__file__).resolve().parent / "results" / "matryoshka.json"
+CONTENT_KEYS = ("image", "image_mask", "input_ids", "attention_mask", "text_mask")
+
+
+def bench_job(dim: int, sizes: tuple[int, ...], args: argparse.Namespace) -> JobConfig:
+    """The tiny preset's built-in encoders on every ml100k_mm user, ID + content item vectors."""
+    job = tiny()
+    job.preset = "bench-matryoshka"
+    job.data.prepared_dir = args.prepared_dir
+    job.data.max_users = 0
+    job.data.max_history = args.max_history
+    job.model = dataclasses.replace(
+        job.model, dim=dim, num_heads=2, num_layers=1, use_id_embedding=True, sequence_model=args.sequence_model,
+        loss=args.loss, matryoshka_sizes=sizes, modalities=tuple(m for m in args.modalities.split(",") if m),
+    )
+    job.train = dataclasses.replace(job.train, batch_size=args.batch_size, max_steps_per_epoch=args.steps_per_epoch,
+                                    epochs=math.ceil(args.steps / args.steps_per_epoch), eval_ks=(10, 20),
+                                    seed=args.seed, torch_threads=args.threads)
+    return job
+
+
+class CatalogueContent:
+    """Decoded content of every item, held as tensors indexed by item id ([N+1, ...], row 0 = padding)."""
+
+    def __init__(self, catalogue: DecodedCatalogue, job: JobConfig) -> None:
+        self.batches = catalogue.batches(content_spec_of(job))
+        self.table = {key: torch.cat([b[key] for b in self.batches]) for key in CONTENT_KEYS}
+        first = self.batches[0]
+        padding = {key: torch.zeros_like(first[key][:1]) for key in CONTENT_KEYS}
+        self.table = {key: torch.cat([padding[key], value]) for key, value in self.table.items()}
+
+    def batch(self, history: np.ndarray, target: np.ndarray) -> dict[str, torch.Tensor]:
+        targets = torch.as_tensor(target)
+        return {"history": torch.as_tensor(history), "target": targets,
+                **{key: value[targets] for key, value in self.table.items()}}
+
+
+def train_one(job: JobConfig, splits: Splits, content: CatalogueContent, num_items: int, steps: int,
+              log) -> tuple[torch.nn.Module, torch.Tensor, dict[str, float]]:
+    """Train for `steps` steps -> (model, fresh content table [N+1, D], timings)."""
+    torch.manual_seed(job.train.seed)
+    rng = np.random.default_rng(job.train.seed)
+    device = torch.device("cpu")
+    model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
+    backbone, rest = encoder_parameters(model)
+    optimizer = torch.optim.AdamW(
+        [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}],
+        weight_decay=job.train.weight_decay,
+    )
+    loss_fn = _make_loss(job, item_popularity(splits.train, num_items))
+    bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)
+    wall, cpu = time.perf_counter(), time.process_time()
+
+    def refresh() -> torch.Tensor:
+        table = encode_catalog(model, content.batches, num_items, device)
+        bank.update(np.arange(1, num_items + 1), table[1:].numpy(), step=global_step)
+        return table
+
+    global_step = 0
+    refresh()
+    order = rng.permutation(len(splits.train))
+    cursor, losses = 0, []
+    model.train()
+    while global_step < steps:
+        if cursor + job.train.batch_size > len(order):
+            order, cursor = rng.permutation(len(splits.train)), 0
+        rows = order[cursor : cursor + job.train.batch_size]
+        cursor += job.train.batch_size
+        batch = content.batch(splits.train.history[rows], splits.train.target[rows])
+        loss, info = train_step(model, model, batch, bank, loss_fn, job, num_items, device, global_step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
+        optimizer.step()
+        bank.update(info["unique_ids"], info["unique_content"], step=global_step)
+        global_step += 1
+        losses.append(loss.item())
+        if global_step % job.train.max_steps_per_epoch == 0 or global_step == steps:
+            table = refresh()  # the loop's end-of-epoch catalogue pass
+            log(f"  step {global_step}/{steps} loss {np.mean(losses[-job.train.max_steps_per_epoch:]):.4f} "
+                f"({time.perf_counter() - wall:.0f}s)")
+    timings = {"train_wall_s": time.perf_counter() - wall, "train_cpu_s": time.process_time() - cpu,
+               "final_loss": float(np.mean(losses[-50:]))}
+    return model.eval(), table, timings
+
+
+def run(args: argparse.Namespace, log=print) -> dict:
+    sizes = tuple(int(s) for s in args.sizes.split(","))
+    torch.set_num_threads(args.threads)
+    prepared = Path(args.prepared_dir).resolve()
+    num_items = load_manifest(prepared)["num_items"]
+    probe = bench_job(sizes[-1], sizes, args)
+    splits = build_splits(probe, prepared)
+    catalogue = DecodedCatalogue(prepared / ITEMS_FILE, num_items)
+    content = CatalogueContent(catalogue, probe)
+    log(f"[bench] {len(splits.train)} train / {len(splits.test)} test examples (all users), {num_items} items; "
+        f"{args.steps} steps x batch {args.batch_size} per model, loss={args.loss}, sequence={args.sequence_model}")
+
+    runs = []
+    plans = [("matryoshka", sizes[-1], sizes)] + [("single", s, ()) for s in sizes]
+    for kind, dim, nested in plans:
+        job = bench_job(dim, nested, args)
+        log(f"[bench] training {kind} dim={dim}" + (f" sizes={list(nested)}" if nested else ""))
+        model, table, timings = train_one(job, splits, content, num_items, args.steps, log)
+        metrics = evaluate_ranking(model, table, splits.test, ks=job.train.eval_ks, mask_history=False,
+                                   batch_size=512, sizes=nested)
+        scored = nested or (dim,)
+        per_size = {
+            s: {name: metrics[f"{name}@s{s}"] if nested else metrics[name] for name in ("ndcg@10", "recall@10", "mrr")}
+            for s in scored
+        }
+        log(f"[bench]   {timings['train_wall_s']:.0f}s wall, {timings['train_cpu_s']:.0f}s cpu; " + ", ".join(
+            f"s{s}: ndcg@10={v['ndcg@10']:.4f}" for s, v in per_size.items()))
+        runs.append({"kind": kind, "dim": dim, "sizes": list(scored), **timings,
+                     "per_size": {str(s): v for s, v in per_size.items()}})
+        if args.out:  # partial results survive an interrupted benchmark
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(runs, indent=2))
+
+    matryoshka, singles = runs[0], runs[1:]
+    rows = []
+    for single in singles:
+        size = single["dim"]
+        m, s = matryoshka["per_size"][str(size)], single["per_size"][str(size)]
+        rows.append({"size": size, "matryoshka_ndcg@10": m["ndcg@10"], "single_ndcg@10": s["ndcg@10"],
+                     "matryoshka_recall@10": m["recall@10"], "single_recall@10": s["recall@10"],
+                     "relative_ndcg_gap": (m["ndcg@10"] - s["ndcg@10"]) / s["ndcg@10"] if s["ndcg@10"] else float("nan")})
+    summed_wall = sum(r["train_wall_s"] for r in singles)
+    summed_cpu = sum(r["train_cpu_s"] for r in singles)
+    summary = {
+        "matryoshka_train_wall_s": matryoshka["train_wall_s"], "singles_train_wall_s_sum": summed_wall,
+        "matryoshka_train_cpu_s": matryoshka["train_cpu_s"], "singles_train_cpu_s_sum": summed_cpu,
+        "cost_ratio_cpu": matryoshka["train_cpu_s"] / summed_cpu,
+        "cost_ratio_wall": matryoshka["train_wall_s"] / summed_wall,
+        "all_sizes_within_3pct": all(r["relative_ndcg_gap"] >= -0.03 for r in rows),
+    }
+    summary["goal_met"] = summary["all_sizes_within_3pct"] and summary["cost_ratio_cpu"] < 0.5
+    return {"settings": {k: v for k, v in vars(args).items()}, "runs": runs, "comparison": rows, "summary": summary,
+            "machine": {"torch_threads": args.threads, "note": "shared 2-core CPU machine; wall times are noisy"}}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'size':>5} {'NDCG@10 MRL':>12} {'NDCG@10 single':>15} {'rel. gap':>9} "
+             f"{'Recall@10 MRL':>14} {'Recall@10 single':>17}"]
+    for r in result["comparison"]:
+        lines.append(f"{r['size']:>5} {r['matryoshka_ndcg@10']:>12.4f} {r['single_ndcg@10']:>15.4f} "
+                     f"{r['relative_ndcg_gap']:>+9.1%} {r['matryoshka_recall@10']:>14.4f} {r['single_recall@10']:>17.4f}")
+    s = result["summary"]
+    lines.append(f"training cost: Matryoshka {s['matryoshka_train_wall_s']:.0f}s wall / {s['matryoshka_train_cpu_s']:.0f}s cpu;"
+                 f" single-size runs summed {s['singles_train_wall_s_sum']:.0f}s wall / {s['singles_train_cpu_s_sum']:.0f}s cpu"
+                 f" (ratio {s['cost_ratio_cpu']:.2f} cpu, {s['cost_ratio_wall']:.2f} wall)")
+    lines.append(f"goal (every size within 3% relative NDCG@10 and < 0.5x summed cost): "
+                 f"{'met' if s['goal_met'] else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.matryoshka", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="32,128,512", help="nested sizes; the last is the Matryoshka model.dim")
+    parser.add_argument("--steps", type=int, default=600, help="training steps per model (the shared budget)")
+    parser.add_argument("--steps-per-epoch", type=int, default=200, help="catalogue refresh of the bank every N steps")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-history", type=int, default=20)
+    parser.add_argument("--loss", default="sampled_softmax", choices=["full_softmax", "sampled_softmax"])
+    parser.add_argument("--sequence-model", default="sasrec", choices=["sasrec", "lru"])
+    parser.add_argument("--modalities", default="image,text", help="content modalities beside the item id ('' = id only)")
+    parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are not inflated by spin-waits)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    result = run(args)
+    result["bench_wall_s"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
+    print(format_table(result))
+    print(f"[bench] wrote {out} ({result['bench_wall_s']:.0f}s in all)")
+
+
+if __name__ == "__main__":
+    main()

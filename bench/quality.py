@@ -1,0 +1,219 @@
+"""Benchmark: does end-to-end multimodal training beat ID-only and frozen two-stage, on warm and cold items?
+
+    python -m bench.quality                                  # 4 methods x 3 seeds, ~30 min on 2 busy cores
+    python -m bench.quality --steps 100 --seeds 0 --methods id_only,end_to_end
+    python -m bench.quality --set train.encoder_lr=1e-3      # extra overrides for every trained method
+
+Every method is a config of the product (`run_training`, the same Ray Data pipeline, memory bank, TorchTrainer
+loop and MLflow logging), on all of ml100k_mm, leave-one-out, full ranking over the catalogue, with a seeded
+10% of items held out of training entirely (`data.cold_item_fraction`). The same budget for every method:
+one epoch of `--steps` steps of `--batch-size` examples. Methods:
+
+- popularity: training-target counts (the driver's baseline of every run; identical across seeds),
+- id_only: SASRec over item-id embeddings, no content (`model.modalities=` `model.use_id_embedding=true`),
+- two_stage_frozen: pretrained EfficientNet-Lite0 + MiniLM frozen (`unfreeze_top=0`): only the projection,
+  id embeddings and sequence model learn,
+- end_to_end: the same encoders with their top block trained by the recommendation loss (`unfreeze_top=1`).
+
+Metrics (Recall@10, NDCG@10, MRR; mean ± std over `--seeds` via `train.seed`) on all test users, on users whose
+test item is warm, and on users whose test item is cold. Wall time is the whole `run_training` call (data,
+Ray Train start-up, catalogue passes, training, evaluation). Writes bench/results/quality.json, prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jobs.config import JobConfig, build_config
+from pipeline.stages import read_examples
+from training.evaluate import popularity_metrics
+
+RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
+METRICS = ("recall@10", "ndcg@10", "mrr")
+SUBSETS = ("test", "test_warm", "test_cold")
+
+# Each trained method is a list of `--set` overrides on top of the shared budget (`common_overrides`).
+METHODS: dict[str, list[str]] = {
+    "id_only": ["model.use_id_embedding=true", "model.modalities="],
+    "two_stage_frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0"],
+    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
+}
+POPULARITY = "popularity"
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """The shared protocol and budget: same data, split, steps, batch, encoders' input sizes for every method."""
+    return [
+        f"data.prepared_dir={args.prepared_dir}",
+        "data.split=leave_one_out",
+        f"data.cold_item_fraction={args.cold_fraction}",
+        f"data.cold_seed={args.cold_seed}",
+        f"image.image_size={args.image_size}",
+        f"text.max_length={args.text_length}",
+        "train.epochs=1",
+        f"train.max_steps_per_epoch={args.steps}",
+        f"train.batch_size={args.batch_size}",
+        "train.eval_ks=10",
+        f"train.storage_path={args.storage_path}",
+        f"tracking.experiment={args.experiment}",
+        "train.keep_checkpoints=1",
+    ]
+
+
+def method_config(method: str, seed: int, args: argparse.Namespace) -> JobConfig:
+    overrides = [*common_overrides(args), *METHODS[method], *args.overrides, f"train.seed={seed}",
+                 f"train.run_name=quality-{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"]
+    job = build_config("movielens", overrides)
+    job.preset = f"bench-quality-{method}"
+    return job
+
+
+def subset_popularity(run_dir: Path, job: JobConfig) -> dict[str, dict[str, float]]:
+    """The popularity baseline on the warm / cold test files the driver wrote for this run."""
+    popularity = np.load(run_dir / "data" / "popularity.npy")
+    out = {}
+    for subset in ("test_warm", "test_cold"):
+        path = run_dir / "data" / f"{subset}.parquet"
+        if path.exists():
+            out[subset] = popularity_metrics(popularity, read_examples(path), ks=job.train.eval_ks,
+                                             mask_history=job.train.eval_mask_history)
+    return out
+
+
+def pick(metrics: dict[str, float], subset: str) -> dict[str, float]:
+    return {name: float(metrics.get(f"{subset}_{name}", float("nan"))) for name in METRICS}
+
+
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    """Per method: mean and std (over seeds) of every subset x metric, and of wall time."""
+    summary: dict[str, dict] = {}
+    for method in dict.fromkeys(run["method"] for run in runs):
+        mine = [run for run in runs if run["method"] == method]
+        entry: dict = {"seeds": [run["seed"] for run in mine]}
+        for subset in SUBSETS:
+            entry[subset] = {}
+            for name in METRICS:
+                values = np.array([run["metrics"][subset][name] for run in mine], dtype=float)
+                entry[subset][name] = {"mean": float(values.mean()), "std": float(values.std(ddof=0))}
+        walls = np.array([run["wall_seconds"] for run in mine], dtype=float)
+        entry["wall_seconds"] = {"mean": float(walls.mean()), "std": float(walls.std(ddof=0))}
+        summary[method] = entry
+    return summary
+
+
+def format_table(summary: dict[str, dict]) -> str:
+    header = f"{'method':<18}" + "".join(f"{f'{s}/{m}':>22}" for s in SUBSETS for m in METRICS) + f"{'wall s':>12}"
+    lines = [header]
+    for method, entry in summary.items():
+        cells = "".join(
+            f"{entry[s][m]['mean']:>13.4f} ± {entry[s][m]['std']:<6.4f}" for s in SUBSETS for m in METRICS
+        )
+        lines.append(f"{method:<18}{cells}{entry['wall_seconds']['mean']:>12.0f}")
+    return "\n".join(lines)
+
+
+def format_markdown(summary: dict[str, dict]) -> str:
+    lines = []
+    for subset in SUBSETS:
+        lines.append(f"\n{subset}\n")
+        lines.append("| method | " + " | ".join(METRICS) + " | wall s |")
+        lines.append("|---|" + "---|" * (len(METRICS) + 1))
+        for method, entry in summary.items():
+            cells = " | ".join(f"{entry[subset][m]['mean']:.4f} ± {entry[subset][m]['std']:.4f}" for m in METRICS)
+            lines.append(f"| {method} | {cells} | {entry['wall_seconds']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="train.seed values (comma list)")
+    parser.add_argument("--steps", type=int, default=150, help="training steps per run (one epoch), every method")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--text-length", type=int, default=16)
+    parser.add_argument("--cold-fraction", type=float, default=0.1)
+    parser.add_argument("--cold-seed", type=int, default=0)
+    parser.add_argument("--storage-path", default="runs/bench")
+    parser.add_argument("--experiment", default="mmrec-bench-quality")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="extra override for every trained method (e.g. train.encoder_lr=1e-3)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+
+    from training.driver import init_ray, run_training
+
+    init_ray()  # one Ray session for every run; run_training reuses it
+    runs: list[dict] = []
+    started_all = time.perf_counter()
+    for seed in seeds:
+        for method in methods:
+            job = method_config(method, seed, args)
+            started = time.perf_counter()
+            outcome = run_training(job, log=lambda line: print(line, flush=True))
+            wall = time.perf_counter() - started
+            metrics = {subset: pick(outcome.metrics, subset) for subset in SUBSETS}
+            runs.append({"method": method, "seed": seed, "wall_seconds": wall, "metrics": metrics,
+                         "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
+                         "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
+            print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
+                f"{s}/{m}={metrics[s][m]:.4f}" for s in SUBSETS for m in METRICS), flush=True)
+            if not any(run["method"] == POPULARITY and run["seed"] == seed for run in runs):
+                subsets = subset_popularity(outcome.run_dir, job)
+                runs.append({"method": POPULARITY, "seed": seed, "wall_seconds": 0.0, "metrics": {
+                    "test": {m: float(outcome.baseline[m]) for m in METRICS},
+                    **{s: {m: float(v[m]) for m in METRICS} for s, v in subsets.items()},
+                }})
+    order = [POPULARITY, *methods]
+    runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
+    summary = summarise(runs)
+    first = method_config(methods[0], seeds[0], args)
+    counts = _subset_sizes(first)
+    result = {
+        "benchmark": "quality",
+        "command": "python -m bench.quality " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg())},
+        "protocol": {"data": "ml100k_mm", "split": "leave_one_out", "ranking": "full catalogue",
+                     "cold_item_fraction": args.cold_fraction, "cold_seed": args.cold_seed, "steps": args.steps,
+                     "batch_size": args.batch_size, "image_size": args.image_size, "text_length": args.text_length,
+                     "extra_overrides": args.overrides, "methods": {m: METHODS[m] for m in methods},
+                     "common_overrides": common_overrides(args), "test_users": counts},
+        "summary": summary,
+        "runs": runs,
+        "total_seconds": time.perf_counter() - started_all,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nml100k_mm leave-one-out, full ranking; {args.steps} steps x {args.batch_size}; seeds {seeds}; "
+          f"test users {counts}")
+    print(format_table(summary))
+    print(format_markdown(summary))
+    print(f"\nwrote {args.out} ({result['total_seconds']:.0f}s in all)")
+    return 0
+
+
+def _subset_sizes(job: JobConfig) -> dict[str, int]:
+    from training.driver import build_splits
+
+    splits = build_splits(job, Path(job.data.prepared_dir).resolve())
+    return {"test": len(splits.test), "test_warm": len(getattr(splits, "test_warm", splits.test)),
+            "test_cold": len(getattr(splits, "test_cold", ()))}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

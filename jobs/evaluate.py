@@ -1,0 +1,92 @@
+"""Evaluate a registered model or a checkpoint on a split of the prepared data, and log it as an MLflow run.
+
+    python -m jobs.evaluate --model models:/mmrec@champion --split test
+    python -m jobs.evaluate --checkpoint runs/tiny-20260101-120000/checkpoint_... --split validation
+    ray job submit --working-dir . -- python -m jobs.evaluate --model models:/mmrec@champion
+The config is the one the checkpoint was trained with (same examples, same protocol); `--set` changes it,
+e.g. `--set data.prepared_dir=/data/prepared` when the data lives elsewhere. Items added to the catalogue
+since training are ranked too (by content). Runs in this process: no Ray cluster is needed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from jobs.cli import run_main
+
+SPLITS = ("test", "validation")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="models:/NAME@ALIAS", help="a registered model version, by alias "
+                        "(models:/mmrec@champion) or number (models:/mmrec/3)")
+    source.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint directory (holds model.pt)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a value of the checkpoint's config (repeatable), e.g. "
+                             "--set data.prepared_dir=/data/prepared --set tracking.tracking_uri=sqlite:////abs/mlflow.db")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--split", default="test", choices=SPLITS, help="which examples to score (default: test)")
+    args = parser.parse_args()
+
+    from jobs.config import JobConfig
+    from jobs.overrides import apply_overrides
+    from pipeline.sources import ITEMS_FILE, load_manifest
+    from training.driver import build_splits
+    from training.offline_eval import DecodedCatalogue, checkpoint_job_config, evaluate_checkpoint, load_checkpoint
+    from training.registry import RegistryError, resolve_checkpoint
+    from training.tracking import Tracker, resolve_tracking_uri
+
+    try:
+        tracking_uri = resolve_tracking_uri(apply_overrides(JobConfig(), args.overrides).tracking)
+        checkpoint, version = resolve_checkpoint(args.model, args.checkpoint, tracking_uri)
+    except RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    label = f"{args.model} (version {version.version})" if version else str(checkpoint)
+    print(f"[evaluate] {label}: checkpoint {checkpoint}")
+    job = checkpoint_job_config(checkpoint, args.overrides)
+    prepared = Path(job.data.prepared_dir).resolve()
+    manifest = load_manifest(prepared)
+    examples = getattr(build_splits(job, prepared), args.split)
+    print(f"[evaluate] {len(examples)} {args.split} examples from {prepared}; ranking {manifest['num_items']} items")
+
+    started = time.perf_counter()
+    loaded = load_checkpoint(checkpoint, manifest["num_items"])
+    if loaded.new_items:
+        print(f"[evaluate] {loaded.new_items} items are newer than the checkpoint: ranked by content only")
+    catalogue = DecodedCatalogue(prepared / ITEMS_FILE, manifest["num_items"], batch_size=job.train.eval_batch_size,
+                                 max_image_pixels=job.data.max_image_pixels)
+    metrics = evaluate_checkpoint(loaded, catalogue, examples, ks=job.train.eval_ks,
+                                  mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
+                                  sizes=job.model.matryoshka_sizes)
+    seconds = time.perf_counter() - started
+
+    name = f"evaluate-{version.name}-v{version.version}" if version else "evaluate-checkpoint"
+    tags = {"job": "evaluate", "split": args.split, "checkpoint_path": str(checkpoint)}
+    if version:
+        tags.update(model_uri=args.model, model_name=version.name, model_version=version.version)
+    tracker = Tracker.start(job.tracking, f"{name}-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
+    tracker.log_params({"model": args.model or "", "checkpoint": str(checkpoint), "split": args.split,
+                        "num_examples": len(examples), "num_items": manifest["num_items"]})
+    tracker.log_metrics({f"{args.split}_{k}": v for k, v in metrics.items()} | {"eval_seconds": seconds})
+    tracker.finish("FINISHED")
+
+    print(f"\n{args.split} metrics (full ranking over {manifest['num_items']} items, {len(examples)} examples, "
+          f"{seconds:.1f}s):")
+    for key, value in metrics.items():
+        if "@s" not in key:
+            print(f"  {key:<12} {value:.4f}")
+    print(f"\nMLflow run: {tracker.run_id} ({tracker.tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,317 @@
+"""fMRLRec end to end: Matryoshka config, recommender-level slice property, per-size loss, per-size evaluation,
+the size report and the item-vector export.
+
+The layer-level slice test lives in test_matryoshka.py; here the whole recommender (real tiny encoders, SASRec
+and LRU) must keep the property, and the training/evaluation code must use it as documented.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jobs.config import build_config, tiny
+from jobs.overrides import ConfigError
+from model.build import build_recommender
+from model.config import ModelConfig
+from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
+from model.recommender import NestedSizesLoss, Recommender, at_size
+from pipeline.sequences import Examples
+from training.evaluate import evaluate_ranking, score_users, size_table, write_size_report
+from training.metrics import RankingAccumulator, target_ranks
+
+SIZES = (8, 16, 32)
+NUM_ITEMS = 40
+HISTORY = 6
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_off_and_supported_sizes():
+    assert ModelConfig().matryoshka_sizes == ()
+    assert ModelConfig(dim=64).supported_sizes == (64,)
+    config = ModelConfig(dim=32, matryoshka_sizes=SIZES, matryoshka_weights=(0.5, 1.0, 2.0))
+    assert config.supported_sizes == SIZES
+    assert config.loss_weights == (0.5, 1.0, 2.0)
+    assert ModelConfig(dim=32, matryoshka_sizes=SIZES).loss_weights == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"matryoshka_sizes": (8, 64)}, "size 64 at position 1 exceeds dim=32"),
+        ({"matryoshka_sizes": (8, 16)}, "last size 16 must equal dim=32"),
+        ({"matryoshka_sizes": (16, 8, 32)}, "sorted and unique"),
+        ({"matryoshka_sizes": (8, 32), "matryoshka_weights": (1.0,)}, "1 entries for 2"),
+        ({"matryoshka_weights": (1.0,)}, "matryoshka_sizes is empty"),
+        ({"matryoshka_sizes": (8, 32), "matryoshka_weights": (-1.0, 1.0)}, ">= 0"),
+    ],
+)
+def test_config_rejects_bad_sizes_naming_the_key_and_dim(kwargs, message):
+    with pytest.raises(ValueError, match="model.matryoshka") as error:
+        ModelConfig(dim=32, **kwargs)
+    assert message in str(error.value)
+    if "matryoshka_weights" not in kwargs:
+        assert "model.dim=32" in str(error.value)
+
+
+def test_config_overrides_from_the_command_line():
+    job = build_config("tiny", ["model.matryoshka_sizes=8,16,32", "model.matryoshka_weights=1,1,2"])
+    assert job.model.matryoshka_sizes == (8, 16, 32) and job.model.matryoshka_weights == (1.0, 1.0, 2.0)
+    with pytest.raises(ConfigError, match=r"model.matryoshka_sizes.*model.dim=32"):
+        build_config("tiny", ["model.matryoshka_sizes=8,16,64"])
+    # setting dim first, then sizes that end at it, is the documented order
+    job = build_config("tiny", ["model.dim=64", "model.matryoshka_sizes=16,64"])
+    assert job.model.supported_sizes == (16, 64)
+
+
+# ---------------------------------------------------------------------------------------- recommender
+
+
+def build_model(sizes: tuple[int, ...] = SIZES, sequence_model: str = "sasrec", use_id: bool = True) -> Recommender:
+    job = tiny()
+    model_config = dataclasses.replace(job.model, matryoshka_sizes=sizes, sequence_model=sequence_model,
+                                       use_id_embedding=use_id)
+    torch.manual_seed(0)
+    model = build_recommender(model_config, job.image, job.text, num_items=NUM_ITEMS, max_history=HISTORY)
+    return model.eval()
+
+
+def content_batch(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "image": torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=g),
+        "image_mask": torch.tensor([True, False] * (batch // 2) + [True] * (batch % 2)),
+        "input_ids": torch.randint(100, 2000, (batch, 24), generator=g),
+        "attention_mask": torch.ones(batch, 24, dtype=torch.long),
+        "text_mask": torch.ones(batch, dtype=torch.bool),
+    }
+
+
+def histories(batch: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, NUM_ITEMS + 1, (batch, HISTORY), generator=g)
+    history[0, :3] = 0  # left padding
+    return history
+
+
+@pytest.mark.parametrize("sequence_model", ["sasrec", "lru"])
+@torch.inference_mode()
+def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model):
+    model = build_model(sequence_model=sequence_model)
+    assert model.supported_sizes == SIZES
+    batch = content_batch(5)
+    content = model.item_encoder.encode_content(**batch)  # [5, 32]
+    table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(2))
+    table[0] = 0
+    history = histories(4)
+    ids = torch.arange(1, 6)
+    full_item = model.raw_item_vectors(content, ids)
+    full_user = model.raw_user_vectors(history, table[history])
+    for size in SIZES:
+        # the size-s sub-layers alone (forward_prefix) produce the first s dims of the full vectors
+        prefix_content = model.item_encoder.encode_content(**batch, size=size)
+        torch.testing.assert_close(prefix_content, content[:, :size], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.raw_item_vectors(prefix_content, ids, size), full_item[:, :size])
+        user = model.raw_user_vectors(history, table[history], size)
+        assert user.shape == (4, size)
+        torch.testing.assert_close(user, full_user[:, :size], rtol=1e-5, atol=1e-6)
+        # normalised vectors: normalise the prefix, which equals renormalising a truncated unit vector
+        torch.testing.assert_close(model.user_vectors(history, table[history], size), F.normalize(user, dim=-1))
+        torch.testing.assert_close(at_size(model.user_vectors(history, table[history]), size),
+                                   F.normalize(full_user[:, :size], dim=-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.item_vectors(content, ids, size),
+                                   F.normalize(full_item[:, :size], dim=-1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"size 12 is not supported.*\[8, 16, 32\]"):
+        model.user_vectors(history, table[history], 12)
+
+
+@torch.inference_mode()
+def test_small_sizes_ignore_the_weights_of_larger_blocks():
+    """Changing every projection/head weight outside the size-8 block leaves size-8 vectors untouched."""
+    model = build_model()
+    batch, history = content_batch(4), histories(3)
+    table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(3))
+    before_item = model.item_encoder.encode_content(**batch)
+    before_user = model.raw_user_vectors(history, table[history])
+    for layer in (model.item_encoder.projection, model.user_head):
+        layer.weight[8:] += 1.0
+        layer.bias[8:] -= 1.0
+        layer.weight[:8, :] += 0.0  # (rows of block 1 read the whole input: in_sizes=None)
+    after_item = model.item_encoder.encode_content(**batch)
+    after_user = model.raw_user_vectors(history, table[history])
+    torch.testing.assert_close(after_item[:, :8], before_item[:, :8])
+    torch.testing.assert_close(after_user[:, :8], before_user[:, :8])
+    assert not torch.allclose(after_item[:, 8:], before_item[:, 8:])
+    assert not torch.allclose(after_user[:, 8:], before_user[:, 8:])
+
+
+def test_off_by_default_keeps_the_plain_architecture():
+    model = build_model(sizes=())
+    assert model.supported_sizes == (32,)
+    assert model.user_head is None
+    assert isinstance(model.item_encoder.projection, torch.nn.Linear)
+    assert not any(name.startswith("user_head") for name in model.state_dict())
+    with pytest.raises(ValueError, match="need a Matryoshka projection"):
+        model.item_encoder.encode_content(**content_batch(2), size=8)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def unit(shape, seed):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_nested_loss_is_the_weighted_sum_of_per_size_base_losses():
+    user, positive = unit((6, 32), 0), unit((6, 32), 1)
+    ids = torch.tensor([3, 5, 7, 3, 9, 11])  # a duplicate target: masked as a negative by the base loss
+    base = SampledSoftmaxLoss(temperature=0.1)
+    weights = (0.25, 1.0, 2.0)
+    loss = NestedSizesLoss(base, SIZES, weights)
+    total = loss(user, positive, ids)
+    by_hand = [base(F.normalize(user[:, :s], dim=-1), F.normalize(positive[:, :s], dim=-1), ids) for s in SIZES]
+    expected = sum(w * v for w, v in zip(weights, by_hand))
+    torch.testing.assert_close(total, expected)
+    assert loss.last_per_size == pytest.approx({s: float(v) for s, v in zip(SIZES, by_hand)})
+    assert len({round(v, 6) for v in loss.last_per_size.values()}) == 3  # the sizes really differ
+
+
+def test_nested_full_softmax_truncates_and_renormalises_the_item_table():
+    table = unit((NUM_ITEMS + 1, 32), 2)
+    table[0] = 0
+    user, ids = unit((4, 32), 3), torch.tensor([1, 2, 3, 4])
+    positive = table[ids]
+    base = FullSoftmaxLoss(temperature=0.05)
+    total = NestedSizesLoss(base, SIZES)(user, positive, ids, table, None)
+    expected = sum(base(at_size(user, s), at_size(positive, s), ids, at_size(table, s)) for s in SIZES)
+    torch.testing.assert_close(total, expected)
+
+
+def test_loss_at_a_small_size_only_trains_that_prefix():
+    user = unit((6, 32), 4).requires_grad_(True)
+    positive = unit((6, 32), 5)
+    NestedSizesLoss(SampledSoftmaxLoss(temperature=0.1), (8,))(user, positive, torch.arange(1, 7)).backward()
+    assert user.grad[:, :8].abs().sum() > 0
+    assert torch.count_nonzero(user.grad[:, 8:]) == 0
+
+
+def test_training_gradient_reaches_every_block():
+    model = build_model().train()
+    batch, history = content_batch(6), histories(6)
+    out = model(target_ids=torch.arange(1, 7), history_ids=history,
+                history_content=torch.randn(6, HISTORY, 32), **batch)
+    NestedSizesLoss(SampledSoftmaxLoss(temperature=0.1), SIZES)(out.user, out.positive, torch.arange(1, 7)).backward()
+    for layer in (model.item_encoder.projection, model.user_head):
+        grad = layer.weight.grad
+        assert grad[:8].abs().sum() > 0 and grad[16:].abs().sum() > 0
+        assert torch.count_nonzero(grad * (1 - layer.mask)) == 0  # masked (upper) blocks never learn
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def random_examples(count: int, seed: int = 4) -> Examples:
+    rng = np.random.default_rng(seed)
+    history = rng.integers(1, NUM_ITEMS + 1, size=(count, HISTORY))
+    history[: count // 3, :2] = 0
+    return Examples(user=np.arange(count), history=history, target=rng.integers(1, NUM_ITEMS + 1, size=count),
+                    timestamp=np.zeros(count, np.int64), rating=np.full(count, np.nan, np.float32))
+
+
+@torch.inference_mode()
+def test_evaluation_reports_every_metric_at_every_size():
+    model = build_model()
+    content = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(6))
+    content[0] = 0
+    examples = random_examples(50)
+    ks = (5, 10)
+    metrics = evaluate_ranking(model, content, examples, ks=ks, mask_history=True, batch_size=16, sizes=SIZES)
+    names = ["recall@5", "recall@10", "ndcg@5", "ndcg@10", "mrr"]
+    for size in SIZES:
+        for name in names:
+            assert math.isfinite(metrics[f"{name}@s{size}"])
+    assert set(metrics) == set(names) | {f"{n}@s{s}" for n in names for s in SIZES}
+    for name in names:  # the full size is the unsuffixed metric
+        assert metrics[f"{name}@s32"] == metrics[name]
+    # reference: score at each size through the model's own size-s API (sequence model re-run per size)
+    from training.metrics import history_mask
+
+    for size in SIZES:
+        acc = RankingAccumulator(ks=ks)
+        for start in range(0, len(examples), 16):
+            history = torch.as_tensor(examples.history[start : start + 16])
+            scores = score_users(model, content, history, size)
+            acc.update(target_ranks(scores, torch.as_tensor(examples.target[start : start + 16]),
+                                    history_mask(history, NUM_ITEMS + 1, pad_id=0)))
+        expected = acc.compute()
+        for name in names:
+            assert metrics[f"{name}@s{size}"] == pytest.approx(expected[name], abs=1e-6)
+    assert metrics["mrr@s8"] != metrics["mrr@s32"]  # sizes are scored separately
+
+
+def test_size_report_table_and_plot(tmp_path: Path):
+    metrics = {"test_ndcg@10": 0.3, "epoch": 2}
+    for size, value in ((64, 0.25), (8, 0.1), (16, 0.2)):
+        metrics.update({f"test_ndcg@10@s{size}": value, f"test_recall@10@s{size}": 2 * value,
+                        f"val_ndcg@10@s{size}": 9.0})
+    rows = size_table(metrics)
+    assert [r["size"] for r in rows] == [8, 16, 64]
+    assert rows[1] == {"size": 16, "ndcg@10": 0.2, "recall@10": 0.4}
+    paths = write_size_report(metrics, tmp_path / "report")
+    assert [p.name for p in paths] == ["matryoshka_sizes.json", "matryoshka_sizes.csv", "ndcg_at_10_vs_size.png"]
+    assert json.loads(paths[0].read_text())["rows"] == rows
+    assert paths[1].read_text().splitlines()[0] == "size,ndcg@10,recall@10"
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert write_size_report({"test_ndcg@10": 0.3}, tmp_path / "none") == []
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(raw_data_dir, tmp_path_factory) -> Path:
+    from pipeline.config import DataConfig
+    from pipeline.sources import prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_dataset(DataConfig(), raw_data_dir, out)
+    return out
+
+
+def test_export_item_vectors_per_size(prepared_dir: Path, tmp_path: Path):
+    from pipeline.sources import load_manifest
+    from training.export import export_item_vectors, read_item_vectors
+
+    num_items = load_manifest(prepared_dir)["num_items"]
+    job = tiny()
+    job.model = dataclasses.replace(job.model, matryoshka_sizes=SIZES, use_id_embedding=True)
+    torch.manual_seed(0)
+    model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    torch.save(model.state_dict(), checkpoint / "model.pt")
+    (checkpoint / "state.json").write_text(json.dumps({"config": job.to_dict(), "num_items": num_items,
+                                                       "matryoshka_sizes": list(SIZES), "watermark": 0}))
+    written = export_item_vectors(checkpoint, tmp_path / "out", None, prepared_dir=prepared_dir)
+    assert [p.name for p in written] == [f"item_vectors_s{s}.parquet" for s in SIZES]
+    ids_full, full = read_item_vectors(written[-1])
+    assert ids_full.tolist() == list(range(1, num_items + 1))
+    np.testing.assert_allclose(np.linalg.norm(full, axis=1), 1.0, atol=1e-5)
+    for path, size in zip(written, SIZES):
+        ids, vectors = read_item_vectors(path)
+        assert vectors.shape == (num_items, size) and (ids == ids_full).all()
+        # a size-s file is the renormalised prefix of the full-size vectors
+        prefix = full[:, :size] / np.linalg.norm(full[:, :size], axis=1, keepdims=True)
+        np.testing.assert_allclose(vectors, prefix, atol=1e-5)
+    manifest = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert manifest["sizes"] == list(SIZES) and manifest["num_items"] == num_items
+    with pytest.raises(ValueError, match=r"supports \[8, 16, 32\]"):
+        export_item_vectors(checkpoint, tmp_path / "bad", [12], prepared_dir=prepared_dir)

@@ -1,0 +1,268 @@
+"""The pure parts of incremental retraining: the lock, the held-out window, the examples, the promotion gate,
+the warm start into a grown catalogue, and the registry's URI parsing."""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from training.retrain import (
+    RetrainConfig,
+    RetrainLock,
+    RetrainLockedError,
+    check_gate_metric,
+    decide_promotion,
+    holdout_start,
+    incremental_splits,
+    lock_is_stale,
+)
+
+# --------------------------------------------------------------------------- lock
+
+
+def test_lock_is_exclusive_and_released(tmp_path: Path):
+    path = tmp_path / "locks" / "retrain-m.lock"
+    first = RetrainLock(path, stale_after_s=3600)
+    with first:
+        holder = json.loads(path.read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        with pytest.raises(RetrainLockedError, match=f"pid {os.getpid()}"):
+            RetrainLock(path, stale_after_s=3600).acquire()
+        assert path.exists(), "a refused acquire must not remove the holder's lock"
+    assert not path.exists()
+    with RetrainLock(path, stale_after_s=3600):  # free again
+        assert path.exists()
+
+
+def _exited_pid() -> int:
+    process = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    process.start()
+    process.join()
+    return process.pid
+
+
+def test_lock_of_a_dead_holder_is_taken_over(tmp_path: Path):
+    path = tmp_path / "retrain-m.lock"
+    path.write_text(json.dumps({"pid": _exited_pid(), "host": socket.gethostname(), "token": "old"}))
+    with RetrainLock(path, stale_after_s=3600):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_lock_of_a_live_holder_on_another_host_waits_for_its_age(tmp_path: Path):
+    path = tmp_path / "retrain-m.lock"
+    path.write_text(json.dumps({"pid": 1, "host": "some-other-host", "token": "theirs"}))
+    with pytest.raises(RetrainLockedError, match="some-other-host"):
+        RetrainLock(path, stale_after_s=3600).acquire()
+    hours_ago = time.time() - 7200
+    os.utime(path, (hours_ago, hours_ago))
+    with RetrainLock(path, stale_after_s=3600):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_release_never_removes_a_lock_it_does_not_hold(tmp_path: Path):
+    path = tmp_path / "retrain-m.lock"
+    lock = RetrainLock(path, stale_after_s=3600)
+    lock.acquire()
+    path.write_text(json.dumps({"pid": 1, "host": "x", "token": "someone-else"}))  # taken over meanwhile
+    lock.release()
+    assert json.loads(path.read_text())["token"] == "someone-else"
+
+
+@pytest.mark.parametrize(
+    "holder, age, expected",
+    [
+        ({"pid": 123, "host": "me"}, 10.0, False),  # alive, young
+        ({"pid": 123, "host": "me"}, 7200.0, True),  # too old, whoever holds it
+        ({"pid": 999, "host": "me"}, 10.0, True),  # dead on this host
+        ({"pid": 999, "host": "other"}, 10.0, False),  # another host's pid says nothing here
+        (None, 10.0, False),  # unreadable (being written): judged by age only
+        (None, 7200.0, True),
+    ],
+)
+def test_lock_staleness_rule(holder, age, expected):
+    assert lock_is_stale(holder, age_s=age, stale_after_s=3600, hostname="me", alive=lambda pid: pid == 123) is expected
+
+
+# --------------------------------------------------------------------------- held-out window
+
+
+def test_holdout_start_takes_the_newest_fraction():
+    timestamps = np.arange(100, 200)  # 100 distinct times, shuffled order must not matter
+    np.random.default_rng(0).shuffle(timestamps)
+    start = holdout_start(timestamps, 0.2)
+    assert start == 180
+    assert (timestamps >= start).sum() == 20
+
+
+def test_holdout_start_keeps_ties_together_and_leaves_something_to_train_on():
+    assert holdout_start(np.array([5, 5, 5, 9, 9, 9]), 0.2) == 9  # all three 9s held out, not one
+    assert holdout_start(np.array([1, 7, 7, 7]), 0.9) == 7  # 90% would be everything: keep the oldest to train
+    assert holdout_start(np.array([3, 4]), 0.01) == 4  # at least one held out
+    assert holdout_start(np.array([4, 4, 4]), 0.5) is None  # one instant cannot be split
+    assert holdout_start(np.array([4]), 0.5) is None
+
+
+# --------------------------------------------------------------------------- examples
+
+
+def _interactions(rows: list[tuple[int, int, int]]) -> pd.DataFrame:
+    """(user, item, timestamp) rows -> the prepared interactions columns."""
+    users, items, times = map(np.asarray, zip(*rows))
+    return pd.DataFrame({"user_index": users, "item_index": items, "timestamp": times, "rating": np.nan,
+                         "row_order": np.arange(len(rows))})
+
+
+def test_incremental_splits_train_on_new_targets_with_old_histories_and_hold_out_the_window():
+    rows = [(0, 1, 10), (0, 2, 20), (0, 3, 30), (0, 4, 40), (0, 5, 50), (0, 6, 60),
+            (1, 7, 15), (1, 8, 25), (1, 9, 45), (1, 10, 65)]
+    splits = incremental_splits(_interactions(rows), max_history=3, trained_through=30, holdout_from=60,
+                                replay_ratio=0.0)
+    # new targets: after 30 and before 60; a user's first interaction has no history and is no example
+    assert sorted(splits.train.target.tolist()) == [4, 5, 9]
+    by_target = dict(zip(splits.train.target.tolist(), splits.train.history.tolist()))
+    assert by_target[5] == [2, 3, 4]  # the history reaches back before the watermark
+    assert by_target[9] == [0, 7, 8]
+    assert sorted(splits.test.target.tolist()) == [6, 10]
+    assert dict(zip(splits.test.target.tolist(), splits.test.history.tolist()))[10] == [7, 8, 9]
+    assert splits.validation.target.tolist() == splits.test.target.tolist()
+
+
+def test_incremental_splits_replay_samples_old_targets_only():
+    rng = np.random.default_rng(1)
+    rows = [(u, int(rng.integers(1, 50)), t) for u in range(20) for t in range(0, 100, 5)]
+    interactions = _interactions(rows)
+    splits = incremental_splits(interactions, max_history=4, trained_through=60, holdout_from=90, replay_ratio=0.5,
+                                seed=3)
+    new = splits.train.timestamp > 60
+    assert new.sum() == 20 * 5  # targets at 65..85 for each of the 20 users
+    replay = splits.train.subset(~new)
+    assert len(replay) == 50 and (replay.timestamp <= 60).all() and (replay.timestamp >= 5).all()
+    assert len(set(zip(replay.user.tolist(), replay.timestamp.tolist()))) == 50  # sampled without replacement
+    assert (splits.test.timestamp >= 90).all() and len(splits.test) == 20 * 2
+    again = incremental_splits(interactions, max_history=4, trained_through=60, holdout_from=90, replay_ratio=0.5,
+                               seed=3)
+    np.testing.assert_array_equal(again.train.timestamp, splits.train.timestamp)  # deterministic given the seed
+
+
+# --------------------------------------------------------------------------- promotion gate
+
+
+def test_promotion_decision_is_no_worse_by_margin():
+    assert decide_promotion(0.10, 0.11, metric="ndcg@10", margin=0.0).promote
+    assert decide_promotion(0.10, 0.10, metric="ndcg@10", margin=0.0).promote  # ties promote (fresher model)
+    assert not decide_promotion(0.10, 0.0999, metric="ndcg@10", margin=0.0).promote
+    assert decide_promotion(0.10, 0.095, metric="ndcg@10", margin=0.01).promote
+    assert not decide_promotion(0.10, 0.085, metric="ndcg@10", margin=0.01).promote
+    assert not decide_promotion(0.10, math.nan, metric="ndcg@10", margin=0.01).promote
+    decision = decide_promotion(0.25, 0.5, metric="mrr", margin=0.0)
+    tags = decision.tags()
+    assert tags["gate.decision"] == "promoted" and tags["gate.metric"] == "mrr"
+    assert float(tags["gate.champion_score"]) == 0.25 and float(tags["gate.challenger_score"]) == 0.5
+
+
+def test_retrain_config_checks():
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        RetrainConfig(holdout_fraction=1.0)
+    with pytest.raises(ValueError, match="metric"):
+        RetrainConfig(metric="auc")
+    with pytest.raises(ValueError, match="steps"):
+        RetrainConfig(steps=0)
+    check_gate_metric("ndcg@10", (5, 10))
+    check_gate_metric("mrr", (5,))
+    with pytest.raises(ValueError, match="eval_ks"):
+        check_gate_metric("recall@20", (5, 10))
+
+
+def test_retrain_section_is_in_the_job_config():
+    from jobs.config import build_config
+    from jobs.overrides import ConfigError
+
+    job = build_config("tiny", ["retrain.steps=7", "retrain.margin=0.01"])
+    assert (job.retrain.steps, job.retrain.margin) == (7, 0.01)
+    with pytest.raises(ConfigError, match="retrain"):
+        build_config("tiny", ["retrain.no_such_key=1"])
+
+
+# --------------------------------------------------------------------------- warm start into a grown catalogue
+
+
+def test_warm_start_copies_old_id_rows_and_keeps_new_ones(tmp_path: Path):
+    from encoders.config import ImageEncoderConfig, TextEncoderConfig
+    from model.build import build_recommender
+    from model.config import ModelConfig
+    from training.loop import ID_EMBEDDING_KEY, load_model_weights
+
+    config = ModelConfig(dim=8, num_layers=1, num_heads=2, modalities=(), use_id_embedding=True)
+    image, text = ImageEncoderConfig(), TextEncoderConfig()
+    torch.manual_seed(0)
+    old = build_recommender(config, image, text, num_items=5, max_history=4)
+    torch.save(old.state_dict(), tmp_path / "model.pt")
+    torch.manual_seed(1)
+    grown = build_recommender(config, image, text, num_items=8, max_history=4)
+    fresh_rows = grown.state_dict()[ID_EMBEDDING_KEY][6:].clone()
+
+    assert load_model_weights(grown, tmp_path / "model.pt") == 3
+    weights = grown.state_dict()[ID_EMBEDDING_KEY]
+    torch.testing.assert_close(weights[:6], old.state_dict()[ID_EMBEDDING_KEY])
+    torch.testing.assert_close(weights[6:], fresh_rows)
+    for key, value in old.state_dict().items():
+        if key != ID_EMBEDDING_KEY:
+            torch.testing.assert_close(grown.state_dict()[key], value)
+
+    same = build_recommender(config, image, text, num_items=5, max_history=4)
+    assert load_model_weights(same, tmp_path / "model.pt") == 0
+
+
+# --------------------------------------------------------------------------- registry URIs
+
+
+def test_model_uri_parsing():
+    from training.registry import RegistryError, parse_model_uri
+
+    assert parse_model_uri("models:/mmrec@champion") == ("mmrec", "champion", None)
+    assert parse_model_uri("models:/mmrec/12") == ("mmrec", None, "12")
+    for bad in ("mmrec@champion", "models:/mmrec", "models:/mmrec@", "runs:/abc/model"):
+        with pytest.raises(RegistryError):
+            parse_model_uri(bad)
+
+
+# --------------------------------------------------------------------------- the scheduled commands
+
+
+def _scheduled_entrypoints() -> list[list[str]]:
+    """The `python -m jobs.retrain ...` argv of the CronJob and of the crontab line."""
+    import shlex
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[2] / "deploy"
+    cronjob = yaml.safe_load((deploy / "retrain-cronjob.yaml").read_text())
+    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    argv = container["command"] + container.get("args", [])
+    line = next(l for l in (deploy / "crontab.example").read_text().splitlines() if l.strip() and not l.startswith("#"))
+    tokens = shlex.split(line)
+    tokens = tokens[: tokens.index(">>")]
+    return [argv[argv.index("--") + 1 :], tokens[tokens.index("--") + 1 :]]
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["cronjob", "crontab"])
+def test_scheduled_commands_are_valid_retrain_invocations(which: int):
+    from jobs.cli import config_from_args
+    from jobs.retrain import build_parser
+
+    entrypoint = _scheduled_entrypoints()[which]
+    assert entrypoint[:3] == ["python", "-m", "jobs.retrain"]
+    args = build_parser().parse_args(entrypoint[3:])
+    job = config_from_args(args)  # every --set key exists and type-checks
+    assert args.prepare, "a scheduled retrain must pick up the new raw data"
+    for path in (job.data.raw_dir, job.data.prepared_dir, job.train.storage_path):
+        assert Path(path).is_absolute(), f"{path}: the job runs in an uploaded copy, relative paths break"
