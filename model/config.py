@@ -8,6 +8,7 @@ from model.matryoshka import validate_sizes
 MODALITIES = ("image", "text")
 SEQUENCE_MODELS = ("sasrec", "lru")
 LOSSES = ("sampled_softmax", "full_softmax")
+TASKS = ("retrieval", "ctr")
 
 
 @dataclass(kw_only=True)
@@ -26,9 +27,15 @@ class ModelConfig:
     # fMRLRec: nested sizes at which item and user vectors are trained and served (() = off). When set, the
     # last size must be `dim`; vectors at size s are the first s dims of the full ones, renormalised.
     matryoshka_sizes: tuple[int, ...] = ()
+    task: str = "retrieval"  # retrieval: next-item softmax; ctr: LEMUR's click BCE + grouped contrastive
+    ctr_contrastive_weight: float = 1.0
     matryoshka_weights: tuple[float, ...] = ()  # one loss weight per size; () = all 1.0
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"model.task={self.task!r}; valid: {', '.join(TASKS)}")
+        if self.ctr_contrastive_weight < 0:
+            raise ValueError("model.ctr_contrastive_weight must be >= 0")
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad:
             raise ValueError(f"model.modalities has {bad}; valid: {', '.join(MODALITIES)}")

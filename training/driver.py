@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
@@ -25,6 +26,8 @@ from pipeline.sequences import (ColdStartSplits, Splits, cold_start_split, item_
                                 sample_cold_items, time_split)
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, read_interactions, report_metrics
 from pipeline.stages import ContentSpec, catalog_dataset, train_dataset, write_examples
+from model.build import build_recommender
+from training.bank_fill import fill_actor_count, fill_bank
 from training.evaluate import popularity_metrics, write_size_report
 from training.loop import train_loop_per_worker
 from training.tracking import Tracker, resolve_tracking_uri
@@ -164,9 +167,24 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
             catalog = catalog.materialize()
             log(f"[train] catalogue decoded once ({num_items} items) in {time.perf_counter() - started:.1f}s")
         datasets = {
-            "train": train_dataset(train_path, items_path, job.data, spec, job.train.batch_size),
+            "train": train_dataset(train_path, items_path, job.data, spec, job.train.batch_size,
+                                   with_history_content=job.memory.mode == "recompute"),
             "catalog": catalog,
         }
+        bank_prefilled = False
+        init_model = work / "init_model.pt"
+        if job.memory.fill_with_ray_data and not job.train.init_checkpoint:
+            # The run's initial weights, shared by the fill pass and the workers (which load them on a fresh start).
+            torch.manual_seed(job.train.seed)
+            initial = build_recommender(job.model, job.image, job.text, num_items=num_items,
+                                        max_history=job.data.max_history)
+            torch.save(initial.state_dict(), init_model)
+            actors = fill_actor_count(job.memory.fill_actors, job.data.decode_cpus)
+            written, seconds = fill_bank(catalog, job_dict=job.to_dict(), state_path=init_model, num_items=num_items,
+                                         bank=bank, actors=actors, cpus_per_actor=job.data.decode_cpus,
+                                         batch_size=job.train.eval_batch_size)
+            bank_prefilled = True
+            log(f"[train] memory bank filled by a Ray Data pass: {written} items, {actors} actor(s), {seconds:.1f}s")
         use_gpu = _use_gpu(job)
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -180,6 +198,8 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
                 "mlflow_run_id": tracker.run_id,
                 "watermark": manifest["watermark"],
                 "fault_marker": str(run_dir / "fault_injected"),
+                "bank_prefilled": bank_prefilled,
+                "init_model": str(init_model) if bank_prefilled else "",
             },
             scaling_config=ScalingConfig(
                 num_workers=job.train.num_workers,

@@ -21,7 +21,7 @@ import torch
 
 from model.recommender import Recommender, at_size
 from pipeline.sequences import Examples
-from training.metrics import RankingAccumulator, history_mask, target_ranks
+from training.metrics import RankingAccumulator, auc, grouped_auc, history_mask, target_ranks
 
 
 @torch.inference_mode()
@@ -166,3 +166,32 @@ def popularity_metrics(popularity: np.ndarray, examples: Examples, *, ks: tuple[
         exclude = history_mask(history, num_items + 1, pad_id=0) if mask_history else None  # [U, N+1]
         acc.update(target_ranks(scores, targets, exclude))
     return acc.compute()
+
+
+@torch.inference_mode()
+def evaluate_ctr(model: Recommender, content: torch.Tensor, examples: Examples, *, positive_rating: float,
+                 batch_size: int = 256) -> dict[str, float]:
+    """Click metrics of (history, candidate) pairs: AUC, and grouped AUC per user (weighted and unweighted).
+
+    Labels: rating >= positive_rating. LEMUR's QAUC groups by query; with no query in the data, by user.
+    """
+    was_training = model.training
+    model.eval()
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        history = torch.as_tensor(examples.history[start : start + batch_size], device=content.device)
+        targets = torch.as_tensor(examples.target[start : start + batch_size], device=content.device)
+        user = model.user_vectors(history, content[history])
+        item = model.item_vectors(content[targets], targets)
+        scores.append((user * item).sum(-1).cpu().numpy())
+    model.train(was_training)
+    labels = (examples.rating >= positive_rating).astype(np.int64)
+    score = np.concatenate(scores) if scores else np.zeros(0)
+    out: dict[str, float] = {}
+    if 0 < labels.sum() < len(labels):
+        out["auc"] = float(auc(labels, score))
+    weighted = grouped_auc(labels, score, examples.user, weighted=True)
+    unweighted = grouped_auc(labels, score, examples.user, weighted=False)
+    out.update(gauc=float(weighted["gauc"]), gauc_unweighted=float(unweighted["gauc"]),
+               gauc_groups=float(weighted["groups_used"]))
+    return out

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from jobs.config import JobConfig
 from model.build import build_recommender, encoder_parameters
-from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
+from model.losses import CTRLoss, FullSoftmaxLoss, SampledSoftmaxLoss
 from model.recommender import NestedSizesLoss, Recommender
 from pipeline.stages import read_examples
-from training.evaluate import encode_catalog, evaluate_ranking
+from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
 from training.tracking import Tracker
 
 MODEL_FILE = "model.pt"
@@ -61,6 +61,8 @@ def _set_threads(job: JobConfig, world_size: int) -> None:
 
 
 def _make_loss(job: JobConfig, popularity: np.ndarray):
+    if job.model.task == "ctr":
+        return CTRLoss(job.model.temperature, job.model.ctr_contrastive_weight)
     if job.model.loss == "full_softmax":
         base = FullSoftmaxLoss(job.model.temperature)
     else:
@@ -106,6 +108,19 @@ def load_model_weights(model: Recommender, path: Path) -> int:
     return new_rows
 
 
+def bank_matches_snapshot(bank, directory: Path) -> float:
+    """After a restore: does the live bank hold exactly the snapshot's vectors and write steps?"""
+    from memory.client import LocalMemoryBankClient
+
+    if getattr(bank, "num_shards", 1) != 1:
+        return float("nan")  # the in-process reference reads single-shard snapshots only
+    reference = LocalMemoryBankClient(capacity=bank.capacity, dim=bank.dim)
+    reference.load(directory)
+    ids = np.arange(bank.capacity)
+    live, saved = bank.lookup(ids), reference.lookup(ids)
+    return float(np.array_equal(live.vectors, saved.vectors) and np.array_equal(live.written_step, saved.written_step))
+
+
 def saved_bank_capacity(directory: Path) -> int | None:
     """Capacity recorded in a saved bank snapshot (None when unreadable)."""
     from memory.client import BANK_META_FILE
@@ -137,7 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     popularity = np.load(paths.popularity)
     loss_fn = _make_loss(job, popularity)
 
-    start_epoch, global_step, bank_filled = 0, 0, False
+    start_epoch, global_step, bank_filled, bank_exact = 0, 0, False, float("nan")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and job.train.init_checkpoint:
         # Warm start (incremental retraining): weights and bank from another run, a fresh optimizer and epochs.
@@ -149,6 +164,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             print(f"[train] warm start from {init_dir}" + (f" ({new_rows} new item-id rows)" if new_rows else ""),
                   flush=True)
+    if checkpoint is None and not job.train.init_checkpoint and loop_config.get("init_model"):
+        # the driver's initial weights, which its Ray Data pass used to fill the bank
+        model.load_state_dict(torch.load(loop_config["init_model"], map_location="cpu"))
+        bank_filled = bool(loop_config.get("bank_prefilled"))
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             ckpt_dir = Path(ckpt_dir)
@@ -159,6 +178,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0 and (ckpt_dir / BANK_DIR).exists():
                 bank.load(ckpt_dir / BANK_DIR)
                 bank_filled = True
+                bank_exact = bank_matches_snapshot(bank, ckpt_dir / BANK_DIR)
         if rank == 0:
             print(f"[train] resumed from checkpoint: epoch {start_epoch}, step {global_step}, bank restored={bank_filled}",
                   flush=True)
@@ -210,6 +230,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.step()
             bank.update(step_info["unique_ids"], step_info["unique_content"], step=global_step)
             global_step += 1
+            if job.memory.refresh_every_steps and global_step % job.memory.refresh_every_steps == 0 and rank == 0:
+                # periodic refresh: re-encode the whole catalogue so no bank entry is older than N steps
+                refreshed = catalogue_pass()
+                bank.update(np.arange(1, num_items + 1), refreshed[1:].cpu().numpy(), step=global_step)
+                ddp_model.train()
             stats.add(loss.item(), len(batch["target"]), step_info)
             if rank == 0 and (step + 1) % job.train.log_every == 0:
                 print(f"[train] epoch {epoch + 1}/{job.train.epochs} step {step + 1}/{steps_per_epoch} "
@@ -224,6 +249,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # how this attempt started: epochs already done in the checkpoint it resumed from (0 = from scratch)
             "resumed_from_epoch": start_epoch if checkpoint is not None else 0,
             "bank_restored": float(bank_filled and checkpoint is not None),
+            "bank_restored_exact": float(bank_exact),  # 1.0: every restored vector equals the checkpoint's
             "global_step": global_step,
             "train_loss": stats.mean_loss(),
             "samples_per_s": stats.samples * world / max(epoch_seconds, 1e-9),
@@ -268,17 +294,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def train_step(ddp_model, model: Recommender, batch: dict, bank, loss_fn, job: JobConfig, num_items: int,
                device: torch.device, step: int) -> tuple[torch.Tensor, dict]:
-    """One forward pass + loss. History content comes from the bank (no gradient)."""
+    """One forward pass + loss for the configured memory mode.
+
+    bank: history content from the bank (no gradient), one round-trip for history + target ids; with
+    memory.encode_fraction < 1 only a random share of rows runs the encoder, the rest use bank vectors.
+    recompute: every history item is encoded with gradients from the batch's decoded history content.
+    """
     history = batch["history"].long()
     targets = batch["target"].long()
-    # One bank round-trip per step: history ids plus a sample of this step's targets (for staleness).
-    probe_ids = np.unique(targets.cpu().numpy())[: job.memory.staleness_sample]
+    recompute = job.memory.mode == "recompute"
     flat_history = history.reshape(-1).cpu().numpy()
-    lookup = bank.lookup(np.concatenate([flat_history, probe_ids]))
-    history_vectors = np.asarray(lookup.vectors)[: flat_history.size]
-    history_content = torch.from_numpy(np.array(history_vectors, copy=True)).to(device).view(*history.shape, -1)
+    target_np = targets.cpu().numpy()
+    lookup = bank.lookup(target_np if recompute else np.concatenate([flat_history, target_np]))
+    offset = 0 if recompute else flat_history.size
+    target_cached = np.asarray(lookup.vectors)[offset:]
+    target_found = np.asarray(lookup.found)[offset:]
+    if recompute:
+        history_content = torch.zeros(*history.shape, model.item_encoder.dim, device=device)
+        history_item_content = {k: batch[f"history_{k}"] for k in ("image", "image_mask", "input_ids",
+                                                                   "attention_mask", "text_mask")}
+    else:
+        history_vectors = np.asarray(lookup.vectors)[: flat_history.size]
+        history_content = torch.from_numpy(np.array(history_vectors, copy=True)).to(device).view(*history.shape, -1)
+        history_item_content = None
+    encode_mask = cached_content = None
+    if job.memory.encode_fraction < 1.0:
+        # LEMUR's encoder sampling; rows whose item has no bank vector yet are always encoded
+        chosen = np.random.random_sample(len(target_np)) < job.memory.encode_fraction
+        encode_mask = torch.as_tensor(chosen | ~target_found, device=device)
+        cached_content = torch.from_numpy(np.array(target_cached, copy=True)).to(device)
     out = ddp_model(
-        target_ids=batch["target"].long(),
+        target_ids=targets,
         image=batch["image"],
         image_mask=batch["image_mask"].bool(),
         input_ids=batch["input_ids"].long(),
@@ -286,42 +332,56 @@ def train_step(ddp_model, model: Recommender, batch: dict, bank, loss_fn, job: J
         text_mask=batch["text_mask"].bool(),
         history_ids=history,
         history_content=history_content,
+        encode_mask=encode_mask,
+        target_cached_content=cached_content,
+        history_item_content=history_item_content,
     )
     negatives = negative_ids = None
-    if job.model.loss == "full_softmax":
-        all_ids = np.arange(num_items + 1)
-        table = torch.from_numpy(np.array(bank.lookup(all_ids).vectors, copy=True)).to(device)
-        negatives = model.item_vectors(table, torch.arange(num_items + 1, device=device))
-    elif job.model.extra_negatives:
-        negative_ids_np = np.random.randint(1, num_items + 1, size=job.model.extra_negatives)
-        cached = torch.from_numpy(np.array(bank.lookup(negative_ids_np).vectors, copy=True)).to(device)
-        negative_ids = torch.as_tensor(negative_ids_np, device=device)
-        negatives = model.item_vectors(cached, negative_ids)
-    loss = loss_fn(out.user, out.positive, targets, negatives, negative_ids)
-    found = np.asarray(lookup.found)[: flat_history.size].reshape(history.shape)
-    written = np.asarray(lookup.written_step)[: flat_history.size].reshape(history.shape)
-    real = history.cpu().numpy() > 0
+    if job.model.task == "ctr":
+        labels = (batch["rating"].float() >= job.data.positive_rating).float()
+        loss = loss_fn(out.user, out.positive, labels, batch["user"].long(), targets)
+    else:
+        if job.model.loss == "full_softmax":
+            all_ids = np.arange(num_items + 1)
+            table = torch.from_numpy(np.array(bank.lookup(all_ids).vectors, copy=True)).to(device)
+            negatives = model.item_vectors(table, torch.arange(num_items + 1, device=device))
+        elif job.model.extra_negatives:
+            negative_ids_np = np.random.randint(1, num_items + 1, size=job.model.extra_negatives)
+            cached = torch.from_numpy(np.array(bank.lookup(negative_ids_np).vectors, copy=True)).to(device)
+            negative_ids = torch.as_tensor(negative_ids_np, device=device)
+            negatives = model.item_vectors(cached, negative_ids)
+        loss = loss_fn(out.user, out.positive, targets, negatives, negative_ids)
+    real = flat_history > 0
     unique_ids = out.unique_ids.cpu().numpy()
     unique_content = out.unique_content.detach()
     info = {
         "unique_ids": unique_ids,
         "unique_content": unique_content.cpu().numpy(),
-        "coverage": float(found[real].mean()) if real.any() else 1.0,
-        "mean_age": float((step - written[real & found]).mean()) if (real & found).any() else 0.0,
         "bank_seconds": bank.last_lookup_seconds,
+        "encoded_items": int(unique_ids.size),
     }
-    # staleness: cosine between the cached and the fresh vector of items re-encoded this step
-    probe_found = np.asarray(lookup.found)[flat_history.size :]
-    if probe_ids.size and probe_found.any():
-        cached = torch.from_numpy(np.array(lookup.vectors[flat_history.size :][probe_found], copy=True)).to(device)
-        fresh = unique_content[np.searchsorted(unique_ids, probe_ids[probe_found])]
-        info["staleness_cosine"] = float(F.cosine_similarity(cached, fresh, dim=-1).mean())
+    if not recompute:
+        found = np.asarray(lookup.found)[: flat_history.size]
+        written = np.asarray(lookup.written_step)[: flat_history.size]
+        info["coverage"] = float(found[real].mean()) if real.any() else 1.0
+        info["mean_age"] = float((step - written[real & found]).mean()) if (real & found).any() else 0.0
+    # staleness: cosine between the cached and the fresh vector of targets re-encoded this step
+    if unique_ids.size:
+        pos = np.clip(np.searchsorted(unique_ids, target_np), 0, unique_ids.size - 1)
+        rows = np.flatnonzero((unique_ids[pos] == target_np) & target_found)[: job.memory.staleness_sample]
+        if rows.size:
+            cached = torch.from_numpy(np.array(target_cached[rows], copy=True)).to(device)
+            info["staleness_cosine"] = float(F.cosine_similarity(cached, unique_content[pos[rows]], dim=-1).mean())
     return loss, info
 
 
 def _evaluate(model: Recommender, content: torch.Tensor, examples, job: JobConfig) -> dict[str, float]:
-    return evaluate_ranking(model, content, examples, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history,
-                            batch_size=job.train.eval_batch_size, sizes=job.model.matryoshka_sizes)
+    metrics = evaluate_ranking(model, content, examples, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history,
+                               batch_size=job.train.eval_batch_size, sizes=job.model.matryoshka_sizes)
+    if job.model.task == "ctr":
+        metrics.update(evaluate_ctr(model, content, examples, positive_rating=job.data.positive_rating,
+                                    batch_size=job.train.eval_batch_size))
+    return metrics
 
 
 class EpochStats:
@@ -335,14 +395,16 @@ class EpochStats:
         self.age_sum = 0.0
         self.staleness_sum = 0.0
         self.staleness_steps = 0
+        self.encoded_items = 0
 
     def add(self, loss: float, samples: int, info: dict) -> None:
         self.loss_sum += loss
         self.steps += 1
         self.samples += samples
-        self.coverage_sum += info["coverage"]
+        self.coverage_sum += info.get("coverage", 0.0)
         self.bank_seconds += info["bank_seconds"]
-        self.age_sum += info["mean_age"]
+        self.age_sum += info.get("mean_age", 0.0)
+        self.encoded_items += info["encoded_items"]
         if "staleness_cosine" in info:
             self.staleness_sum += info["staleness_cosine"]
             self.staleness_steps += 1
@@ -358,6 +420,7 @@ class EpochStats:
             "bank_coverage": self.coverage_sum / max(self.steps, 1),
             "bank_lookup_ms_per_step": 1000 * self.bank_seconds / max(self.steps, 1),
             "bank_mean_age_steps": self.age_sum / max(self.steps, 1),
+            "encoded_items_per_step": self.encoded_items / max(self.steps, 1),
             "bank_cosine_cached_fresh": self.staleness_sum / max(self.staleness_steps, 1) if self.staleness_steps else float("nan"),
         }
 

@@ -42,3 +42,5 @@ def test_two_worker_tiny_run(ray_cluster, prepared_dir, tmp_path):
     resumed = run_training(build_config("tiny", overrides[:-3] + ["train.epochs=2", "train.run_name=ddp"] + overrides[-2:]),
                            log=lambda *_: None)
     assert resumed.metrics["epoch"] == 2 and resumed.metrics["global_step"] == 16
+    assert resumed.metrics["resumed_from_epoch"] == 1
+    assert resumed.metrics["bank_restored_exact"] == 1.0  # the bank came back exactly as checkpointed
