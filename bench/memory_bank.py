@@ -26,34 +26,30 @@ from jobs.config import build_config
 from memory.client import LocalMemoryBankClient
 from model.build import build_recommender, encoder_parameters
 from pipeline.config import DataConfig
-from pipeline.sequences import leave_one_out
+from pipeline.sequences import leave_one_out, time_split
 from pipeline.sources import ITEMS_FILE, load_manifest, prepare_dataset, read_interactions
 from pipeline.stages import ItemContentDecoder
-from training.evaluate import evaluate_ranking
+from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
 from training.loop import _make_loss, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = [("recompute", 1.0), ("bank", 1.0), ("bank", 0.2)]
 
 
-def fill(bank, model, decoder, num_items, batch=256):
-    with torch.inference_mode():
-        for start in range(1, num_items + 1, batch):
-            ids = np.arange(start, min(start + batch, num_items + 1))
-            c = {k: torch.as_tensor(v) for k, v in decoder.content(ids).items()}
-            vectors = model.item_encoder.encode_content(c["image"], c["image_mask"], c["input_ids"], c["attention_mask"], c["text_mask"])
-            bank.update(ids, vectors.numpy(), step=0)
-    return bank
+def catalogue_batches(decoder: ItemContentDecoder, num_items: int, batch: int = 256):
+    """Every catalogue item's decoded content, as the catalogue stream would deliver it (no Ray)."""
+    for start in range(1, num_items + 1, batch):
+        ids = np.arange(start, min(start + batch, num_items + 1))
+        yield {"item_index": torch.as_tensor(ids), **{k: torch.as_tensor(v) for k, v in decoder.content(ids).items()}}
 
 
 def catalogue(model, decoder, num_items):
-    table = torch.zeros(num_items + 1, model.item_encoder.dim)
-    with torch.inference_mode():
-        for start in range(1, num_items + 1, 256):
-            ids = np.arange(start, min(start + 256, num_items + 1))
-            c = {k: torch.as_tensor(v) for k, v in decoder.content(ids).items()}
-            table[ids] = model.item_encoder.encode_content(c["image"], c["image_mask"], c["input_ids"], c["attention_mask"], c["text_mask"])
-    return table
+    return encode_catalog(model, catalogue_batches(decoder, num_items), num_items, torch.device("cpu"))
+
+
+def fill(bank, model, decoder, num_items):
+    bank.update(np.arange(1, num_items + 1), catalogue(model, decoder, num_items)[1:].numpy(), step=0)
+    return bank
 
 
 _FILLED: dict[tuple, dict] = {}
@@ -84,7 +80,8 @@ def run_mode(job, mode, fraction, train, decoder, num_items, steps, batch_size, 
     seconds, samples = 0.0, 0
     for step in range(steps):
         rows = rng.integers(0, len(train), batch_size)
-        raw = decoder({"target": train.target[rows], "history": train.history[rows]})
+        raw = decoder({"target": train.target[rows], "history": train.history[rows], "rating": train.rating[rows],
+                       "user": train.user[rows]})
         batch = {k: torch.as_tensor(v) for k, v in raw.items()}
         started = time.perf_counter()
         loss, info = train_step(model, model, batch, bank, loss_fn, job, num_items, torch.device("cpu"), step)
@@ -104,6 +101,7 @@ def main() -> None:
     parser.add_argument("--speed-steps", type=int, default=3)
     parser.add_argument("--histories", default="10,20,50")
     parser.add_argument("--quality-steps", type=int, default=150)
+    parser.add_argument("--parts", default="speed,quality,ctr", help="which parts to run (comma list)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "memory_bank.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -112,11 +110,12 @@ def main() -> None:
         prepare_dataset(DataConfig(), Path(args.data), prepared)
     num_items = load_manifest(prepared)["num_items"]
     interactions = read_interactions(prepared)
-    results = {"speed": [], "quality": []}
+    results = {"speed": [], "quality": [], "ctr": []}
+    parts = set(args.parts.split(","))
 
     speed_job = build_config("movielens", ["image.image_size=96", "image.unfreeze_top=-1", "text.unfreeze_top=-1",
                                            "model.use_id_embedding=false"])
-    for length in [int(x) for x in args.histories.split(",")]:
+    for length in [int(x) for x in args.histories.split(",")] if "speed" in parts else []:
         speed_job.data.max_history = length
         train = leave_one_out(interactions, length).train
         decoder = ItemContentDecoder(str(prepared / ITEMS_FILE), "target", 96, resolve_text_model_path("minilm"), 32)
@@ -134,13 +133,25 @@ def main() -> None:
     decoder = ItemContentDecoder(str(prepared / ITEMS_FILE), "target", quality_job.image.image_size,
                                  resolve_text_model_path("minilm"), quality_job.text.max_length)
     popularity = np.bincount(splits.train.target, minlength=num_items + 1).astype(float)
-    for mode, fraction in MODES:
+    for mode, fraction in MODES if "quality" in parts else []:
         model, rate = run_mode(quality_job, mode, fraction, splits.train, decoder, num_items, args.quality_steps, 64, popularity)
         model.eval()
         metrics = evaluate_ranking(model, catalogue(model, decoder, num_items), splits.validation, ks=(10,), mask_history=False)
         results["quality"].append({"mode": mode, "encode_fraction": fraction, "steps": args.quality_steps,
                                    "samples_per_s": rate, "val_ndcg@10": metrics["ndcg@10"], "val_recall@10": metrics["recall@10"]})
         print(f"quality {mode} f={fraction}: NDCG@10 {metrics['ndcg@10']:.4f} ({rate:.1f} samples/s)", flush=True)
+
+    # LEMUR's CTR objective: time split (test = every interaction from 1998-03-01), grouped AUC per user
+    ctr_job = build_config("tiny", ["data.max_history=20", "train.lr=3e-3", "model.task=ctr"])
+    split_at = int(np.datetime64("1998-03-01T00:00:00").astype("datetime64[s]").astype(np.int64))
+    ctr_splits = time_split(interactions, 20, split_at)
+    for mode, fraction in MODES if "ctr" in parts else []:
+        model, rate = run_mode(ctr_job, mode, fraction, ctr_splits.train, decoder, num_items, args.quality_steps, 64, popularity)
+        model.eval()
+        metrics = evaluate_ctr(model, catalogue(model, decoder, num_items), ctr_splits.test, positive_rating=4.0)
+        results["ctr"].append({"mode": mode, "encode_fraction": fraction, "steps": args.quality_steps,
+                               "samples_per_s": rate, **{f"test_{k}": v for k, v in metrics.items()}})
+        print(f"ctr {mode} f={fraction}: GAUC {metrics['gauc']:.4f} AUC {metrics.get('auc', float('nan')):.4f}", flush=True)
 
     print("\nTraining samples/s (EfficientNet-Lite0 96px + MiniLM 32 tok, all unfrozen, batch 16)")
     print(f"{'history':>8} {'recompute':>10} {'bank f=1':>10} {'bank f=0.2':>11} {'bank/recompute':>15}")
@@ -151,8 +162,16 @@ def main() -> None:
     for row in results["quality"]:
         print(f"{row['mode']:>10} f={row['encode_fraction']:<4} NDCG@10 {row['val_ndcg@10']:.4f} "
               f"Recall@10 {row['val_recall@10']:.4f} {row['samples_per_s']:.1f} samples/s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nCTR task after {args.quality_steps} steps (time split at 1998-03-01, labels rating >= 4)")
+    for row in results["ctr"]:
+        print(f"{row['mode']:>10} f={row['encode_fraction']:<4} GAUC {row['test_gauc']:.4f} "
+              f"(unweighted {row['test_gauc_unweighted']:.4f}) AUC {row.get('test_auc', float('nan')):.4f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a partial run (--parts) updates only its own sections of an existing results file
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged.update({part: rows for part, rows in results.items() if part in parts})
+    out.write_text(json.dumps(merged, indent=2))
 
 
 if __name__ == "__main__":
