@@ -25,7 +25,7 @@ class MemoryConfig:
     max_inflight_updates: int = 4
     refresh_every_steps: int = 0
     staleness_sample: int = 64
-    fill_with_ray_data: bool = True  # initial bank fill as a Ray Data batch-inference pass (else rank 0 alone)
+    fill_with_ray_data: bool = False  # initial bank fill as a Ray Data batch-inference pass (else rank 0 alone)
     fill_actors: int = 0  # encoder actors for that pass; 0 = as many as the cluster's CPUs allow
 
     def __post_init__(self) -> None:

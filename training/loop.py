@@ -175,10 +175,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.load_state_dict(torch.load(ckpt_dir / OPTIMIZER_FILE, map_location="cpu"))
             state = load_state(ckpt_dir)
             start_epoch, global_step = state["epoch"] + 1, state["global_step"]
-            if rank == 0 and (ckpt_dir / BANK_DIR).exists():
-                bank.load(ckpt_dir / BANK_DIR)
+            if (ckpt_dir / BANK_DIR).exists():
+                # every rank must agree that the bank is filled, or rank 0 skips the fill barrier the others wait at
                 bank_filled = True
-                bank_exact = bank_matches_snapshot(bank, ckpt_dir / BANK_DIR)
+                if rank == 0:
+                    bank.load(ckpt_dir / BANK_DIR)
+                    bank_exact = bank_matches_snapshot(bank, ckpt_dir / BANK_DIR)
         if rank == 0:
             print(f"[train] resumed from checkpoint: epoch {start_epoch}, step {global_step}, bank restored={bank_filled}",
                   flush=True)
