@@ -29,6 +29,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "--set data.prepared_dir=/data/prepared --set tracking.tracking_uri=sqlite:////abs/mlflow.db")
 
 
+def resolve_model_arguments(args: argparse.Namespace):
+    """--model/--checkpoint -> (checkpoint dir, registry version or None); None after printing the error."""
+    from jobs.config import JobConfig
+    from jobs.overrides import apply_overrides
+    from training.registry import RegistryError, resolve_checkpoint
+    from training.tracking import resolve_tracking_uri
+
+    try:
+        tracking_uri = resolve_tracking_uri(apply_overrides(JobConfig(), args.overrides).tracking)
+        return resolve_checkpoint(args.model, args.checkpoint, tracking_uri)
+    except RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,20 +51,15 @@ def main() -> int:
     parser.add_argument("--split", default="test", choices=SPLITS, help="which examples to score (default: test)")
     args = parser.parse_args()
 
-    from jobs.config import JobConfig
-    from jobs.overrides import apply_overrides
     from pipeline.sources import ITEMS_FILE, load_manifest
     from training.driver import build_splits
     from training.offline_eval import DecodedCatalogue, checkpoint_job_config, evaluate_checkpoint, load_checkpoint
-    from training.registry import RegistryError, resolve_checkpoint
     from training.tracking import Tracker, resolve_tracking_uri
 
-    try:
-        tracking_uri = resolve_tracking_uri(apply_overrides(JobConfig(), args.overrides).tracking)
-        checkpoint, version = resolve_checkpoint(args.model, args.checkpoint, tracking_uri)
-    except RegistryError as err:
-        print(f"error: {err}", file=sys.stderr)
+    resolved = resolve_model_arguments(args)
+    if resolved is None:
         return 2
+    checkpoint, version = resolved
     label = f"{args.model} (version {version.version})" if version else str(checkpoint)
     print(f"[evaluate] {label}: checkpoint {checkpoint}")
     job = checkpoint_job_config(checkpoint, args.overrides)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import run_main
-from jobs.evaluate import add_model_arguments
+from jobs.evaluate import add_model_arguments, resolve_model_arguments
 
 
 def main() -> int:
@@ -33,20 +33,14 @@ def main() -> int:
                         help="write one item_vectors_s<size>.parquet per Matryoshka size the model supports")
     args = parser.parse_args()
 
-    from jobs.config import JobConfig
-    from jobs.overrides import apply_overrides
     from training.export import EXPORT_MANIFEST, export_item_vectors
     from training.loop import MODEL_FILE, STATE_FILE
     from training.offline_eval import checkpoint_job_config
-    from training.registry import RegistryError, resolve_checkpoint
-    from training.tracking import resolve_tracking_uri
 
-    try:
-        tracking_uri = resolve_tracking_uri(apply_overrides(JobConfig(), args.overrides).tracking)
-        checkpoint, version = resolve_checkpoint(args.model, args.checkpoint, tracking_uri)
-    except RegistryError as err:
-        print(f"error: {err}", file=sys.stderr)
+    resolved = resolve_model_arguments(args)
+    if resolved is None:
         return 2
+    checkpoint, version = resolved
     job = checkpoint_job_config(checkpoint, args.overrides)
     size = args.size or job.model.dim
     out = Path(args.out).resolve()
