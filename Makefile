@@ -31,7 +31,7 @@ train: install
 demo: prepare train
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf runs prepared mlflow.db mlartifacts

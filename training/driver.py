@@ -53,7 +53,17 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address="auto", logging_level="WARNING")
     else:
-        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 2, 2), include_dashboard=False, logging_level="WARNING")
+        # No dashboard on a local run (it costs seconds and memory); its state API is then absent, and Ray Train's
+        # placement-group cleaner would warn about that every second of the run: `_quiet_state_api_warnings`.
+        ray.init(num_cpus=num_cpus or max(os.cpu_count() or 2, 2), include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"worker_process_setup_hook": _quiet_state_api_warnings})
+
+
+def _quiet_state_api_warnings() -> None:
+    """Runs in every worker of a local (dashboard-less) Ray: silence the cleaner's "State API unavailable" line."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def quiet_ray_data() -> None:
@@ -173,7 +183,8 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
         }
         bank_prefilled = False
         init_model = work / "init_model.pt"
-        if job.memory.fill_with_ray_data and not job.train.init_checkpoint:
+        resuming = (run_dir / "checkpoint_manager_snapshot.json").exists()  # Ray Train resumes this run's name
+        if job.memory.fill_with_ray_data and not job.train.init_checkpoint and not resuming:
             # The run's initial weights, shared by the fill pass and the workers (which load them on a fresh start).
             torch.manual_seed(job.train.seed)
             initial = build_recommender(job.model, job.image, job.text, num_items=num_items,

@@ -153,6 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     loss_fn = _make_loss(job, popularity)
 
     start_epoch, global_step, bank_filled, bank_exact = 0, 0, False, float("nan")
+    filled_by_ray_data = False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and job.train.init_checkpoint:
         # Warm start (incremental retraining): weights and bank from another run, a fresh optimizer and epochs.
@@ -168,6 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # the driver's initial weights, which its Ray Data pass used to fill the bank
         model.load_state_dict(torch.load(loop_config["init_model"], map_location="cpu"))
         bank_filled = bool(loop_config.get("bank_prefilled"))
+    filled_by_ray_data = bank_filled and checkpoint is None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             ckpt_dir = Path(ckpt_dir)
@@ -252,6 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "resumed_from_epoch": start_epoch if checkpoint is not None else 0,
             "bank_restored": float(bank_filled and checkpoint is not None),
             "bank_restored_exact": float(bank_exact),  # 1.0: every restored vector equals the checkpoint's
+            "bank_filled_by_ray_data": float(filled_by_ray_data),  # 0.0: rank 0 filled it (or it was restored)
             "global_step": global_step,
             "train_loss": stats.mean_loss(),
             "samples_per_s": stats.samples * world / max(epoch_seconds, 1e-9),

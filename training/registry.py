@@ -1,7 +1,11 @@
 """The MLflow model registry of trained checkpoints: versions, their lineage tags, and the serving aliases.
 
-A registered version points at a Ray Train checkpoint directory (its `source` and its `checkpoint_path` tag) and
-carries what incremental retraining and operators need to know about it, as tags:
+A registered version points at a copy of a Ray Train checkpoint directory (its `source` and its `checkpoint_path`
+tag) that the registry owns: `<train.storage_path>/registered/<model>/<run id>/<checkpoint name>`. Ray Train's
+keep-last-N rotation deletes checkpoints inside its run directory (also when a run with the same name resumes),
+so a registered version, above all the champion, must never point there. The copy is written to a temporary name
+and renamed, so a crash mid-copy leaves no half checkpoint behind a version. A version carries, as tags, what
+incremental retraining and operators need to know about it:
     data_watermark    newest interaction (unix s) in the data the version was made from, held-out window included
     trained_through   newest interaction it was trained on; the next retrain trains on what is newer than this
     git_commit, config_hash, metric.<name> (its held-out scores), and the promotion-gate record for challengers
@@ -12,7 +16,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +68,32 @@ def git_commit() -> str:
     return "unknown"
 
 
+def registered_root(storage_path: str | Path, model_name: str) -> Path:
+    """Where the registry keeps its own copies of registered checkpoints, outside every Ray run directory."""
+    return Path(storage_path).resolve() / "registered" / model_name
+
+
+def pin_checkpoint(checkpoint_path: str | Path, root: Path, run_id: str) -> Path:
+    """Copy a checkpoint directory to `root/<run_id>/<its name>` (atomically; idempotent) and return the copy.
+
+    An existing complete copy is reused, so registering the same checkpoint twice stores it once.
+    """
+    source = Path(checkpoint_path).resolve()
+    if not (source / "model.pt").is_file():
+        raise RegistryError(f"{source} is not a training checkpoint (no model.pt): nothing to register")
+    target = root / (run_id or "no-run") / source.name
+    if source == target or (target / "model.pt").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{source.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        shutil.copytree(source, staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/NAME@ALIAS` -> (NAME, ALIAS, None); `models:/NAME/3` -> (NAME, None, "3")."""
     match = _MODEL_URI.match(uri.strip())
@@ -73,13 +105,16 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 class ModelRegistry:
     """The registered model `name` in the MLflow registry at `tracking_uri`."""
 
-    def __init__(self, tracking_uri: str, name: str) -> None:
+    def __init__(self, tracking_uri: str, name: str, storage_path: str | Path | None = None) -> None:
+        """storage_path: the jobs' `train.storage_path`; registered checkpoints are copied under it (see
+        `registered_root`). Only `register` needs it."""
         from mlflow.tracking import MlflowClient
 
         if not name:
             raise RegistryError("no registered model name: set tracking.registered_model")
         self.tracking_uri = tracking_uri
         self.name = name
+        self.storage_path = storage_path
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def _ensure_model(self) -> None:
@@ -97,8 +132,11 @@ class ModelRegistry:
 
     def register(self, *, run_id: str, checkpoint_path: str | Path, data_watermark: int, trained_through: int,
                  config_hash: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> ModelVersionInfo:
-        """Create a new version for a finished run's checkpoint, tagged with its lineage and metrics."""
-        checkpoint_path = Path(checkpoint_path).resolve()
+        """Create a new version for a finished run's checkpoint (pinned: see `pin_checkpoint`), tagged with its
+        lineage and metrics."""
+        if self.storage_path is None:
+            raise RegistryError("ModelRegistry(storage_path=...) is needed to register: it owns the checkpoint copy")
+        checkpoint_path = pin_checkpoint(checkpoint_path, registered_root(self.storage_path, self.name), run_id)
         all_tags = {
             TAG_CHECKPOINT: str(checkpoint_path),
             TAG_DATA_WATERMARK: str(int(data_watermark)),
@@ -184,7 +222,8 @@ def register_training_run(job, *, run_id: str, checkpoint_path: str,
 
     watermark = int(json.loads((Path(checkpoint_path) / "state.json").read_text())["watermark"])
 
-    registry = ModelRegistry(resolve_tracking_uri(job.tracking), job.tracking.registered_model)
+    registry = ModelRegistry(resolve_tracking_uri(job.tracking), job.tracking.registered_model,
+                             job.train.storage_path)
     test_metrics = {k[len("test_"):]: v for k, v in metrics.items() if k.startswith("test_")}
     info = registry.register(run_id=run_id, checkpoint_path=checkpoint_path, data_watermark=watermark,
                              trained_through=watermark, config_hash=job.config_hash(), metrics=test_metrics,

@@ -331,7 +331,8 @@ def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: b
     except ValueError as err:
         raise ConfigError(str(err)) from None
     prepared = Path(job.data.prepared_dir).resolve()
-    registry = ModelRegistry(resolve_tracking_uri(job.tracking), job.tracking.registered_model)
+    registry = ModelRegistry(resolve_tracking_uri(job.tracking), job.tracking.registered_model,
+                             job.train.storage_path)
     with RetrainLock(lock_path(job), cfg.lock_stale_seconds):
         if prepare:
             started = time.perf_counter()

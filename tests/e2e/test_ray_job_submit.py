@@ -11,6 +11,7 @@ head through the job server.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -157,6 +158,12 @@ def _cut_raw_copy(raw_data_dir: Path, out: Path) -> tuple[pd.DataFrame, pd.DataF
     return interactions[timestamp >= cut], items
 
 
+def _digest(directory: Path) -> dict[str, str]:
+    """Every file under `directory` -> its sha256."""
+    return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(directory.rglob("*")) if f.is_file()}
+
+
 def _append_new_days(out: Path, tail: pd.DataFrame, items: pd.DataFrame) -> None:
     tail.to_csv(out / "interactions.csv", mode="a", header=False, index=False)
     items.to_csv(out / "items.csv", index=False)
@@ -236,10 +243,25 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
     assert int(v1.tags["data_watermark"]) == int(v1.tags["trained_through"]) == before["watermark"]
     assert v1.tags["git_commit"] == (commit or "unknown") and len(v1.tags["config_hash"]) == 12
     assert float(v1.tags["metric.ndcg_at_10"]) == pytest.approx(run.data.metrics["test_ndcg_at_10"], rel=1e-5)
-    assert (Path(v1.tags["checkpoint_path"]) / "model.pt").is_file()
+    # the registry owns a copy of the checkpoint, outside the Ray run folder that keep-last-N rotates
+    v1_checkpoint = Path(v1.tags["checkpoint_path"])
+    assert (v1_checkpoint / "model.pt").is_file()
+    assert v1_checkpoint.is_relative_to(tmp_path / "runs" / "registered" / MODEL)
+    v1_files = _digest(v1_checkpoint)
 
     # ---- new days arrive; the scheduled command re-prepares and retrains behind the gate
     _append_new_days(raw, tail, full_items)
+    # A retrain whose training dies (worker killed at its first step, no retries) fails the job and touches
+    # nothing: no new version, no alias moved, the champion's checkpoint byte for byte as it was, lock released.
+    failed = submit("retrain that fails (ray job submit)", "jobs.retrain", *common, "--prepare",
+                    "--set", "retrain.steps=5", "--set", "retrain.metric=mrr",
+                    "--set", "train.fail_at_step=1", "--set", "train.max_failures=0")
+    assert failed.returncode != 0, failed.stdout[-3000:]
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{MODEL}'")] == ["1"]
+    assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
+    assert "challenger" not in client.get_registered_model(MODEL).aliases
+    assert _digest(v1_checkpoint) == v1_files
+    assert not (tmp_path / "runs" / "locks" / f"retrain-{MODEL}.lock").exists()
     # MRR as the gate metric: after 5 steps on 75 held-out examples, NDCG@10 is often 0 for both models.
     gate = ["--set", "retrain.steps=5", "--set", "retrain.metric=mrr"]
     retrain = submit("retrain --prepare (ray job submit)", "jobs.retrain", *common, "--prepare", *gate)

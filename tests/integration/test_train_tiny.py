@@ -23,6 +23,7 @@ def test_two_worker_tiny_run(ray_cluster, prepared_dir, tmp_path):
         "train.batch_size=64",
         f"train.storage_path={tmp_path / 'runs'}",
         "train.run_name=ddp",
+        "memory.fill_with_ray_data=true",  # the LEMUR recipe's batch-inference fill, feeding two workers
         f"tracking.tracking_uri={uri}",
         f"tracking.artifact_root={tmp_path / 'artifacts'}",
     ]
@@ -32,6 +33,7 @@ def test_two_worker_tiny_run(ray_cluster, prepared_dir, tmp_path):
     assert 0.0 <= outcome.metrics["test_ndcg@10"] <= 1.0
     assert outcome.metrics["global_step"] == 8
     assert outcome.metrics["bank_coverage"] == pytest.approx(1.0)  # the catalogue pass filled the bank first
+    assert outcome.metrics["bank_filled_by_ray_data"] == 1.0  # by Ray Data actors, not by rank 0
     assert outcome.checkpoint_path and (tmp_path / "runs" / "ddp").is_dir()
     run = MlflowClient(uri).get_run(outcome.mlflow_run_id)
     assert run.info.status == "FINISHED"
@@ -39,8 +41,8 @@ def test_two_worker_tiny_run(ray_cluster, prepared_dir, tmp_path):
     assert "test_ndcg_at_10" in run.data.metrics and "val_ndcg_at_10" in run.data.metrics
 
     # Same run name again: Ray Train hands the latest checkpoint back and the loop resumes after epoch 1.
-    resumed = run_training(build_config("tiny", overrides[:-3] + ["train.epochs=2", "train.run_name=ddp"] + overrides[-2:]),
-                           log=lambda *_: None)
+    resumed = run_training(build_config("tiny", [*overrides, "train.epochs=2"]), log=lambda *_: None)
     assert resumed.metrics["epoch"] == 2 and resumed.metrics["global_step"] == 16
     assert resumed.metrics["resumed_from_epoch"] == 1
     assert resumed.metrics["bank_restored_exact"] == 1.0  # the bank came back exactly as checkpointed
+    assert resumed.metrics["bank_filled_by_ray_data"] == 0.0  # restored from the checkpoint, not refilled

@@ -235,6 +235,78 @@ def test_model_uri_parsing():
             parse_model_uri(bad)
 
 
+# --------------------------------------------------------------------------- registered checkpoints are pinned
+
+
+def _fake_checkpoint(directory: Path, payload: bytes) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "model.pt").write_bytes(payload)
+    (directory / "state.json").write_text(json.dumps({"watermark": 1000}))
+    (directory / "bank").mkdir()
+    (directory / "bank" / "shard0.npz").write_bytes(payload[::-1])
+    return directory
+
+
+def test_pinned_copy_is_complete_idempotent_and_never_half_written(tmp_path, monkeypatch):
+    import shutil
+
+    from training.registry import RegistryError, pin_checkpoint
+
+    source = _fake_checkpoint(tmp_path / "run" / "checkpoint_000001", b"weights-1")
+    root = tmp_path / "registered" / "m"
+    pinned = pin_checkpoint(source, root, "run-a")
+    assert pinned == root / "run-a" / "checkpoint_000001"
+    assert (pinned / "model.pt").read_bytes() == b"weights-1"
+    assert (pinned / "bank" / "shard0.npz").read_bytes() == b"1-sthgiew"
+    assert pin_checkpoint(source, root, "run-a") == pinned  # registering twice stores it once
+    assert pin_checkpoint(pinned, root, "run-a") == pinned  # a pinned checkpoint is not copied into itself
+
+    # a copy that dies half way leaves neither a target nor a staging folder behind
+    other = _fake_checkpoint(tmp_path / "run" / "checkpoint_000002", b"weights-2")
+
+    def dies_half_way(src, dst, **kwargs):
+        Path(dst).mkdir(parents=True)
+        shutil.copyfile(Path(src) / "model.pt", Path(dst) / "model.pt")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copytree", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        pin_checkpoint(other, root, "run-a")
+    assert sorted(p.name for p in (root / "run-a").iterdir()) == ["checkpoint_000001"]
+
+    with pytest.raises(RegistryError, match="no model.pt"):
+        pin_checkpoint(tmp_path / "run", root, "run-a")
+
+
+def test_champion_survives_ray_checkpoint_rotation(tmp_path):
+    """keep-last-N deletes checkpoints in the Ray run folder; the registered champion never lives there."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from training.registry import CHAMPION, ModelRegistry, resolve_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("e")).info.run_id
+    storage = tmp_path / "runs"
+    first = _fake_checkpoint(storage / "job" / "checkpoint_000001", b"champion-weights")
+    registry = ModelRegistry(uri, "m", storage)
+    info = registry.register(run_id=run_id, checkpoint_path=first, data_watermark=1000, trained_through=1000,
+                             config_hash="abc", metrics={"ndcg@10": 0.1})
+    registry.set_alias(CHAMPION, info.version)
+    assert info.checkpoint_path.is_relative_to(storage / "registered" / "m")
+    assert not info.checkpoint_path.is_relative_to(storage / "job")
+
+    # the run resumes under the same name and Ray's num_to_keep=1 rotates the old checkpoint out
+    _fake_checkpoint(storage / "job" / "checkpoint_000002", b"newer-weights")
+    shutil.rmtree(first)
+
+    champion = resolve_model("models:/m@champion", uri)
+    assert champion.version == info.version
+    assert (champion.checkpoint_path / "model.pt").read_bytes() == b"champion-weights"
+    assert champion.tags["metric.ndcg_at_10"] == "0.1"
+
+
 # --------------------------------------------------------------------------- the scheduled commands
 
 
