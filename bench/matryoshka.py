@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.config import JobConfig, tiny
+from jobs.config import JobConfig, movielens, tiny
 from memory.client import LocalMemoryBankClient
 from model.build import build_recommender, encoder_parameters
 from pipeline.sequences import Splits, item_popularity
@@ -47,8 +47,11 @@ CONTENT_KEYS = ("image", "image_mask", "input_ids", "attention_mask", "text_mask
 
 
 def bench_job(dim: int, sizes: tuple[int, ...], args: argparse.Namespace) -> JobConfig:
-    """The tiny preset's built-in encoders on every ml100k_mm user, ID + content item vectors."""
+    """Every ml100k_mm user, ID + content item vectors; the tiny preset's built-in encoders, or (`--encoders
+    pretrained`) the movielens preset's EfficientNet-Lite0 + MiniLM with their top layers trained."""
     job = tiny()
+    if args.encoders == "pretrained":
+        job.image, job.text = movielens().image, movielens().text
     job.preset = "bench-matryoshka"
     job.data.prepared_dir = args.prepared_dir
     job.data.max_users = 0
@@ -208,6 +211,9 @@ def main() -> None:
     parser.add_argument("--loss", default="sampled_softmax", choices=["full_softmax", "sampled_softmax"])
     parser.add_argument("--sequence-model", default="sasrec", choices=["sasrec", "lru"])
     parser.add_argument("--modalities", default="image,text", help="content modalities beside the item id ('' = id only)")
+    parser.add_argument("--encoders", default="builtin", choices=["builtin", "pretrained"],
+                        help="builtin: tiny preset (fast; for quality); pretrained: movielens preset's encoders, "
+                             "whose cost does not depend on the output size (for the cost comparison)")
     parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are not inflated by spin-waits)")
     parser.add_argument("--seed", type=int, default=0)

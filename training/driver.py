@@ -197,6 +197,9 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
             bank_prefilled = True
             log(f"[train] memory bank filled by a Ray Data pass: {written} items, {actors} actor(s), {seconds:.1f}s")
         use_gpu = _use_gpu(job)
+        # Ray Train 2.60 reroutes a worker's print() into its logger and, when stdout is wrapped, also prints it:
+        # every progress line reached the driver twice. Plain prints (Ray forwards worker stdout) say it once.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={

@@ -1,8 +1,10 @@
-"""A train worker killed mid-epoch: the run resumes from its last checkpoint, memory bank included.
+"""Real TorchTrainer runs of the tiny preset on the shared cluster: 2 workers (DDP on CPU) tracked in MLflow,
+resumed from their checkpoint, and killed mid-epoch.
 
-Two real tiny runs on the shared cluster (same seed): one undisturbed, one whose rank 0 calls `os._exit(1)` at a
-step of epoch 2 on the first attempt only (`train.fail_at_step`, guarded by a marker file in the run folder).
-Also: asking for more workers than the cluster has fails before any work.
+The runs share one undisturbed 2-worker run (module fixture, 2 epochs): its MLflow record and Ray Data bank fill
+are checked, it is resumed for a third epoch, and a second run with the same seed whose rank 0 calls
+`os._exit(1)` at a step of epoch 2 on the first attempt only (`train.fail_at_step`, guarded by a marker file in
+the run folder) is compared with it. Also: asking for more workers than the cluster has fails before any work.
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ def _job(workspace: Path, name: str, *extra: str):
         "train.seed=7",
         "data.max_users=60",  # fewer examples to shuffle and decode each epoch
         "train.batch_size=64",
+        "train.num_workers=2",
         *extra,
     ])
 
@@ -78,7 +81,38 @@ def _quiet(_line: str) -> None:
 def undisturbed(ray_cluster, workspace):
     from training.driver import run_training
 
-    return run_training(_job(workspace, "clean"), log=_quiet)
+    # the LEMUR recipe's Ray Data batch-inference pass fills the bank before the two workers start
+    return run_training(_job(workspace, "clean", "memory.fill_with_ray_data=true"), log=_quiet)
+
+
+def test_two_worker_run_is_tracked_and_its_bank_filled_by_ray_data(undisturbed):
+    from mlflow.tracking import MlflowClient
+
+    metrics = undisturbed.metrics
+    for key in ("test_recall@10", "test_ndcg@10", "test_mrr", "val_ndcg@10", "samples_per_s"):
+        assert math.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["test_ndcg@10"] <= 1.0
+    assert metrics["global_step"] == 2 * STEPS and metrics["epoch"] == 2
+    assert metrics["bank_filled_by_ray_data"] == 1.0  # by Ray Data actors, not by rank 0
+    assert metrics["bank_coverage"] == pytest.approx(1.0)  # every history lookup hit a filled entry
+    run = MlflowClient(undisturbed.tracking_uri).get_run(undisturbed.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert "test_ndcg_at_10" in run.data.metrics and "val_ndcg_at_10" in run.data.metrics
+
+
+def test_same_run_name_resumes_after_the_last_epoch_with_the_bank_restored_exactly(workspace, undisturbed):
+    from training.driver import run_training
+
+    job = _job(workspace, "clean", "memory.fill_with_ray_data=true", "train.epochs=3")
+    job.train.run_name = undisturbed.run_name  # Ray Train hands the latest checkpoint back
+    resumed = run_training(job, log=_quiet)
+    assert resumed.metrics["resumed_from_epoch"] == 2
+    assert resumed.metrics["epoch"] == 3 and resumed.metrics["global_step"] == 3 * STEPS
+    assert resumed.metrics["bank_restored_exact"] == 1.0  # the bank came back exactly as checkpointed
+    assert resumed.metrics["bank_filled_by_ray_data"] == 0.0  # restored from the checkpoint, not refilled
+    # a finished MLflow run is not reopened: the extension is a new run under the same Ray run name
+    assert resumed.mlflow_run_id != undisturbed.mlflow_run_id
 
 
 def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(ray_cluster, workspace, undisturbed):
