@@ -1,6 +1,6 @@
 """Benchmark: is the data pipeline fast enough?
 
-    python -m bench.pipeline                         # 5,000 rows, 2 decode actors, then a 40-step movielens run
+    python -m bench.pipeline                         # 40,000 rows, 2 decode actors, then a 40-step movielens run
     python -m bench.pipeline --rows 2000 --skip-training
 
 1. Decode throughput: the rows/s at which the product's Ray Data stage (`pipeline.stages.train_dataset`: read
@@ -121,7 +121,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
-    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--rows", type=int, default=40000)
     parser.add_argument("--decode-actors", type=int, default=2)
     parser.add_argument("--decode-cpus", type=float, default=0.5)
     parser.add_argument("--train-steps", type=int, default=40)

@@ -240,7 +240,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 bank.update(np.arange(1, num_items + 1), refreshed[1:].cpu().numpy(), step=global_step)
                 ddp_model.train()
             stats.add(loss.item(), len(batch["target"]), step_info)
-            if rank == 0 and (step + 1) % job.train.log_every == 0:
+            if rank == 0 and ((step + 1) % job.train.log_every == 0 or step + 1 == steps_per_epoch):
                 print(f"[train] epoch {epoch + 1}/{job.train.epochs} step {step + 1}/{steps_per_epoch} "
                       f"loss {stats.mean_loss():.4f} {stats.samples / (time.perf_counter() - epoch_started):.1f} samples/s "
                       f"data-wait {stats.wait_fraction(time.perf_counter() - epoch_started):.0%}", flush=True)

@@ -222,6 +222,7 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
     # ---- day 0: prepare (a job, locally) and train through the job server
     first = local("prepare", "jobs.prepare", *common)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "items_without_image:" in first.stdout and (prepared / "data_report.json").is_file()
     before = json.loads((prepared / "manifest.json").read_text())
     assert before["watermark"] < pd.Timestamp(HOLD_BACK_FROM, tz="UTC").timestamp()
     old_indices = pq.read_table(prepared / "items.parquet", columns=["item_id", "item_index"]).to_pandas()
@@ -231,6 +232,10 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
     assert train.returncode == 0, (train.stdout + train.stderr)[-5000:]
     assert "succeeded" in train.stdout.lower()
     assert f"Registered models:/{MODEL}/1 as @champion" in train.stdout
+    # the user-facing output: the metrics table against most-popular, progress with samples/s, each worker line
+    # once (Ray Train's print patch used to double them)
+    assert "popularity" in train.stdout and "ndcg@10" in train.stdout and "samples/s" in train.stdout
+    assert train.stdout.count("[train] memory bank filled with") == 1
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("mmrec")
@@ -238,6 +243,8 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
     assert run.info.status == "FINISHED"
     for key in ("test_recall_at_10", "test_ndcg_at_10", "test_mrr"):
         assert 0.0 <= run.data.metrics[key] <= 1.0
+    assert run.data.tags["preset"] == "tiny"
+    assert {"config.json", "data_report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     v1 = client.get_model_version_by_alias(MODEL, "champion")
     assert str(v1.version) == "1" and v1.run_id == run.info.run_id
     assert int(v1.tags["data_watermark"]) == int(v1.tags["trained_through"]) == before["watermark"]

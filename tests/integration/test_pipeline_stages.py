@@ -21,7 +21,8 @@ def test_train_stream_batches_have_content(ray_cluster, prepared_dir, tmp_path, 
     train = leave_one_out(interactions[interactions.user_index < 10], max_history=8).train
     path = write_examples(train, tmp_path / "train.parquet")
     assert np.array_equal(read_examples(path).history, train.history)
-    ds = train_dataset(path, prepared_dir / ITEMS_FILE, DataConfig(), spec, batch_size=32)
+    # materialized once here (the workers stream it) so the three checks below do not decode three times
+    ds = train_dataset(path, prepared_dir / ITEMS_FILE, DataConfig(), spec, batch_size=32).materialize()
     batch = ds.take_batch(64, batch_format="numpy")
     assert batch["image"].shape == (64, 3, 40, 40) and batch["image"].dtype == np.uint8
     assert batch["input_ids"].shape == (64, 20) and batch["attention_mask"].shape == (64, 20)
