@@ -172,6 +172,7 @@ def main() -> int:
                          "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
             print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
                 f"{s}/{m}={metrics[s][m]:.4f}" for s in SUBSETS for m in METRICS), flush=True)
+            args.out.with_suffix(".partial.json").write_text(json.dumps(runs, indent=2))  # survives an interruption
             if not any(run["method"] == POPULARITY and run["seed"] == seed for run in runs):
                 subsets = subset_popularity(outcome.run_dir, job)
                 runs.append({"method": POPULARITY, "seed": seed, "wall_seconds": 0.0, "metrics": {
@@ -199,6 +200,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"\nml100k_mm leave-one-out, full ranking; {args.steps} steps x {args.batch_size}; seeds {seeds}; "
           f"test users {counts}")
     print(format_table(summary))
