@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -202,6 +203,39 @@ def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: 
     if shuffle:
         ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
     return _decode(ds, items_path, "target", cfg, spec, batch_size, with_history_content)
+
+
+def decoded_catalog_bytes(num_items: int, spec: ContentSpec) -> int:
+    """What the decoded content of `num_items` items occupies: uint8 pixels + two int64 token rows + masks."""
+    return num_items * (3 * spec.image_size * spec.image_size + 2 * 8 * spec.max_length + 2)
+
+
+def decode_catalog(items_path: Path, spec: ContentSpec, batch_size: int = 256,
+                   max_image_pixels: int = 40_000_000) -> Iterator[dict[str, np.ndarray]]:
+    """Every catalogue item decoded in this process, in item_index order: batches of <= `batch_size` rows with
+    item_index [n], image [n,3,S,S] uint8, image_mask [n], input_ids/attention_mask [n,T] int64, text_mask [n]."""
+    ids = np.sort(pq.read_table(items_path, columns=["item_index"]).column("item_index").to_numpy())
+    decoder = ItemContentDecoder(str(items_path), "item_index", spec.image_size, spec.tokenizer_path,
+                                 spec.max_length, max_image_pixels=max_image_pixels)
+    for start in range(0, len(ids), batch_size):
+        yield decoder({"item_index": ids[start:start + batch_size]})
+
+
+def decoded_catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec,
+                            batch_size: int = 256) -> ray.data.Dataset:
+    """The same rows as `catalog_dataset(...).materialize()`, decoded in this process, one block per batch.
+
+    For catalogues small enough to hold decoded (`data.driver_decode_max_mb`): the decode itself is seconds,
+    while a Ray Data pass first starts a listing task and an actor pool.
+    """
+    from ray.data.extensions import ArrowTensorArray
+    import pyarrow as pa
+
+    return ray.data.from_arrow([
+        pa.table({name: ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
+                  for name, values in batch.items()})
+        for batch in decode_catalog(items_path, spec, batch_size, cfg.max_image_pixels)
+    ])
 
 
 def catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec, batch_size: int = 256) -> ray.data.Dataset:

@@ -25,7 +25,8 @@ from memory.client import create_memory_bank
 from pipeline.sequences import (ColdStartSplits, Splits, cold_start_split, item_popularity, leave_one_out,
                                 sample_cold_items, time_split)
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, read_interactions, report_metrics
-from pipeline.stages import ContentSpec, catalog_dataset, train_dataset, write_examples
+from pipeline.stages import (ContentSpec, catalog_dataset, decoded_catalog_bytes, decoded_catalog_dataset,
+                             train_dataset, write_examples)
 from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
 from training.evaluate import popularity_metrics, write_size_report
@@ -174,8 +175,13 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
         if job.data.materialize_catalog:
             # Decoded catalogue content never changes: decode it once, re-encode it every pass.
             started = time.perf_counter()
-            catalog = catalog.materialize()
-            log(f"[train] catalogue decoded once ({num_items} items) in {time.perf_counter() - started:.1f}s")
+            in_driver = decoded_catalog_bytes(num_items, spec) <= job.data.driver_decode_max_mb * 2**20
+            if in_driver:
+                catalog = decoded_catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
+            else:
+                catalog = catalog.materialize()
+            log(f"[train] catalogue decoded once ({num_items} items, {'in the driver' if in_driver else 'Ray Data'})"
+                f" in {time.perf_counter() - started:.1f}s")
         datasets = {
             "train": train_dataset(train_path, items_path, job.data, spec, job.train.batch_size,
                                    with_history_content=job.memory.mode == "recompute"),

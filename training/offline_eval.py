@@ -21,7 +21,7 @@ from jobs.config import JobConfig
 from model.build import build_recommender
 from model.recommender import Recommender
 from pipeline.sequences import Examples
-from pipeline.stages import ContentSpec, ItemContentDecoder
+from pipeline.stages import ContentSpec, decode_catalog
 from training.evaluate import encode_catalog, evaluate_ranking
 from training.loop import MODEL_FILE, STATE_FILE, load_model_weights
 
@@ -106,13 +106,10 @@ class DecodedCatalogue:
 
     def batches(self, spec: ContentSpec) -> list[dict[str, torch.Tensor]]:
         if spec not in self._decoded:
-            decoder = ItemContentDecoder(str(self.items_path), "item_index", spec.image_size, spec.tokenizer_path,
-                                         spec.max_length, max_image_pixels=self.max_image_pixels)
-            batches = []
-            for start in range(1, self.num_items + 1, self.batch_size):
-                ids = np.arange(start, min(start + self.batch_size, self.num_items + 1), dtype=np.int64)
-                batches.append({k: torch.from_numpy(np.asarray(v)) for k, v in decoder({"item_index": ids}).items()})
-            self._decoded[spec] = batches
+            self._decoded[spec] = [
+                {key: torch.from_numpy(np.asarray(value)) for key, value in batch.items()}
+                for batch in decode_catalog(self.items_path, spec, self.batch_size, self.max_image_pixels)
+            ]
         return self._decoded[spec]
 
     def encode(self, loaded: LoadedCheckpoint) -> torch.Tensor:

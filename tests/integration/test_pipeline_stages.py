@@ -6,7 +6,8 @@ from encoders.config import resolve_text_model_path
 from pipeline.config import DataConfig
 from pipeline.sequences import leave_one_out
 from pipeline.sources import ITEMS_FILE, read_interactions
-from pipeline.stages import ContentSpec, catalog_dataset, read_examples, train_dataset, write_examples
+from pipeline.stages import (ContentSpec, catalog_dataset, decoded_catalog_bytes, decoded_catalog_dataset, read_examples,
+                             train_dataset, write_examples)
 
 pytestmark = pytest.mark.integration
 
@@ -34,10 +35,29 @@ def test_train_stream_batches_have_content(ray_cluster, prepared_dir, tmp_path, 
     assert sorted(r["target"] for r in ds.select_columns(["target"]).take_all()) == sorted(train.target.tolist())
 
 
-def test_catalog_stream_covers_every_item_and_masks_missing_posters(ray_cluster, prepared_dir, spec):
+@pytest.fixture(scope="module")
+def catalog_rows(ray_cluster, prepared_dir, spec) -> list[dict]:
+    """The Ray Data catalogue pass, in item order."""
     rows = catalog_dataset(prepared_dir / ITEMS_FILE, DataConfig(), spec, batch_size=256).take_all()
-    assert len(rows) == 1682
-    assert sorted(r["item_index"] for r in rows) == list(range(1, 1683))
-    missing = [r for r in rows if not r["image_mask"]]
+    return sorted(rows, key=lambda row: row["item_index"])
+
+
+def test_catalog_stream_covers_every_item_and_masks_missing_posters(catalog_rows):
+    assert [r["item_index"] for r in catalog_rows] == list(range(1, 1683))
+    missing = [r for r in catalog_rows if not r["image_mask"]]
     assert len(missing) == 30  # the dataset README: 30 items have no poster
     assert all(not r["image"].any() for r in missing)
+
+
+def test_driver_decoded_catalog_equals_the_ray_data_pass(catalog_rows, prepared_dir, spec):
+    ds = decoded_catalog_dataset(prepared_dir / ITEMS_FILE, DataConfig(), spec, batch_size=256)
+    assert ds.num_blocks() == 7  # ceil(1682 / 256): the workers iterate it in eval-sized blocks
+    batches = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    assert batches[0]["image"].shape == (256, 3, 40, 40) and batches[0]["image"].dtype == np.uint8
+    assert batches[0]["input_ids"].shape == (256, 20) and batches[0]["input_ids"].dtype == np.int64
+    rows = sorted(ds.take_all(), key=lambda row: row["item_index"])
+    assert len(rows) == len(catalog_rows) == 1682
+    for name in ("item_index", "image", "image_mask", "input_ids", "attention_mask", "text_mask"):
+        assert all(np.array_equal(a[name], b[name]) for a, b in zip(rows, catalog_rows)), name
+    # what the driver holds for it: 1,682 x (3*40*40 pixels + 2*8*20 token bytes + 2 mask bytes)
+    assert decoded_catalog_bytes(1682, spec) == 1682 * (4800 + 320 + 2)
