@@ -238,6 +238,21 @@ def test_efficientnet_unfreeze_top1_trains_exactly_the_top_block(efficientnet_to
     assert not torch.equal(top_bn.running_mean, top_running_mean)
 
 
+def test_efficientnet_freeze_norm_stats_keeps_running_statistics_but_trains_the_top_block() -> None:
+    cfg = ImageEncoderConfig(kind="efficientnet_lite0", image_size=32, unfreeze_top=1, freeze_norm_stats=True)
+    encoder = build_image_encoder(cfg)
+    top_bn = encoder.backbone._bn1
+    running_mean = top_bn.running_mean.clone()
+    images = random_images(4, 32, seed=2)
+    changed = changed_after_one_step(encoder.train(), lambda: encoder(images))
+    # every BatchNorm normalises with its running statistics in training as in evaluation, and keeps them ...
+    assert not any(module.training for module in encoder.modules() if isinstance(module, nn.BatchNorm2d))
+    assert torch.equal(top_bn.running_mean, running_mean)
+    # ... while the top block (its BN scale/shift included) still learns
+    assert "backbone._bn1.weight" in changed and any(name.startswith("backbone._blocks.15.") for name in changed)
+    assert changed == trainable_names(encoder)
+
+
 def test_efficientnet_unfreeze_top0_is_frozen() -> None:
     encoder = build_image_encoder(ImageEncoderConfig(kind="efficientnet_lite0", image_size=32, unfreeze_top=0))
     assert trainable_parameter_count(encoder) == 0
