@@ -29,6 +29,7 @@ class ItemEncoder(nn.Module):
         projection: nn.Module | None = None,
         dropout: float = 0.1,
         matryoshka_sizes: tuple[int, ...] = (),
+        id_init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -51,7 +52,7 @@ class ItemEncoder(nn.Module):
             self.dropout = nn.Dropout(dropout)
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
         if self.id_embedding is not None:
-            nn.init.normal_(self.id_embedding.weight, std=0.02)
+            nn.init.normal_(self.id_embedding.weight, std=id_init_std)  # std 0: zeros (see ModelConfig)
             with torch.no_grad():
                 self.id_embedding.weight[0].zero_()
 

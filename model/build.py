@@ -32,6 +32,7 @@ def build_recommender(
         num_items=num_items,
         use_id_embedding=model.use_id_embedding,
         dropout=model.dropout,
+        id_init_std=model.id_init_std,
         matryoshka_sizes=model.matryoshka_sizes,
     )
     sizes = model.matryoshka_sizes

@@ -16,6 +16,9 @@ class ModelConfig:
     dim: int = 64
     modalities: tuple[str, ...] = ("image", "text")  # () with use_id_embedding=True is the ID-only baseline
     use_id_embedding: bool = False
+    # Initial std of the item-id table. 0 = zeros: an item never trained (a cold or new item) keeps a zero id
+    # vector and is ranked by its content alone, instead of by a random vector. Needs content (model.modalities).
+    id_init_std: float = 0.02
     sequence_model: str = "sasrec"
     num_layers: int = 2
     num_heads: int = 2
@@ -41,6 +44,11 @@ class ModelConfig:
             raise ValueError(f"model.modalities has {bad}; valid: {', '.join(MODALITIES)}")
         if not self.modalities and not self.use_id_embedding:
             raise ValueError("model needs at least one of model.modalities or model.use_id_embedding=true")
+        if self.id_init_std < 0:
+            raise ValueError(f"model.id_init_std must be >= 0, got {self.id_init_std}")
+        if self.id_init_std == 0 and not self.modalities:
+            raise ValueError("model.id_init_std=0 needs content (model.modalities): all-zero id vectors alone "
+                             "give every item the same score")
         if self.sequence_model not in SEQUENCE_MODELS:
             raise ValueError(f"model.sequence_model={self.sequence_model!r}; valid: {', '.join(SEQUENCE_MODELS)}")
         if self.loss not in LOSSES:

@@ -115,3 +115,31 @@ def test_gradient_reaches_image_and_text_encoders(raw_data_dir, tmp_path, image,
     for name, param in model.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), f"frozen weight {name} changed"
+
+
+def test_zero_id_init_leaves_never_trained_items_to_their_content():
+    job_model = ModelConfig(dim=16, num_layers=1, num_heads=2, modalities=("text",), use_id_embedding=True,
+                            id_init_std=0.0)
+    text = TextEncoderConfig(kind="tiny", dim=8, max_length=6)
+    model = build_recommender(job_model, ImageEncoderConfig(), text, num_items=5, max_history=4)
+    table = model.item_encoder.id_embedding.weight
+    assert torch.count_nonzero(table) == 0
+    # one step on items 1 and 2 only: their id rows learn, the never-seen items 3..5 stay exactly zero
+    ids = torch.tensor([1, 2])
+    content = torch.randn(2, 16)
+    loss = (model.item_encoder.id_vectors(ids) + content).pow(2).sum() + model.item_encoder.id_vectors(ids).sum()
+    loss.backward()
+    torch.optim.SGD([table], lr=0.1).step()
+    assert torch.count_nonzero(table[1:3]) > 0 and torch.count_nonzero(table[3:]) == 0
+    # the default keeps the small random table
+    default = build_recommender(ModelConfig(dim=16, num_layers=1, num_heads=2, modalities=("text",),
+                                            use_id_embedding=True), ImageEncoderConfig(), text, num_items=5,
+                                max_history=4)
+    assert 0.005 < default.item_encoder.id_embedding.weight[1:].std() < 0.05
+
+
+def test_zero_id_init_needs_content_and_std_is_checked():
+    with pytest.raises(ValueError, match="model.id_init_std=0 needs content"):
+        ModelConfig(modalities=(), use_id_embedding=True, id_init_std=0.0)
+    with pytest.raises(ValueError, match="model.id_init_std must be >= 0"):
+        ModelConfig(id_init_std=-0.1)
