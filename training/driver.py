@@ -171,15 +171,17 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
         )
         spec = content_spec(job)
         items_path = prepared / ITEMS_FILE
-        catalog = catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
-        if job.data.materialize_catalog:
-            # Decoded catalogue content never changes: decode it once, re-encode it every pass.
-            started = time.perf_counter()
-            in_driver = decoded_catalog_bytes(num_items, spec) <= job.data.driver_decode_max_mb * 2**20
-            if in_driver:
-                catalog = decoded_catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
-            else:
+        # Decoded catalogue content never changes: when materialised it is decoded once and re-encoded every pass.
+        started = time.perf_counter()
+        in_driver = (job.data.materialize_catalog
+                     and decoded_catalog_bytes(num_items, spec) <= job.data.driver_decode_max_mb * 2**20)
+        if in_driver:
+            catalog = decoded_catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
+        else:
+            catalog = catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
+            if job.data.materialize_catalog:
                 catalog = catalog.materialize()
+        if job.data.materialize_catalog:
             log(f"[train] catalogue decoded once ({num_items} items, {'in the driver' if in_driver else 'Ray Data'})"
                 f" in {time.perf_counter() - started:.1f}s")
         datasets = {
