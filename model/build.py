@@ -18,7 +18,9 @@ SEQUENCE_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "sasrec": lambda c, max_len: SASRec(
         dim=c.dim, max_len=max_len, num_layers=c.num_layers, num_heads=c.num_heads, dropout=c.dropout
     ),
-    "lru": lambda c, max_len: LRUSequenceModel(dim=c.dim, max_len=max_len, num_layers=c.num_layers, dropout=c.dropout),
+    # fMRLRec's LRU nests with the item space: its size-s slice is a real s-wide sequence model.
+    "lru": lambda c, max_len: LRUSequenceModel(dim=c.dim, max_len=max_len, num_layers=c.num_layers, dropout=c.dropout,
+                                               sizes=c.matryoshka_sizes),
 }
 
 
@@ -36,9 +38,12 @@ def build_recommender(
         matryoshka_sizes=model.matryoshka_sizes,
     )
     sizes = model.matryoshka_sizes
-    # Matryoshka user vectors: block i of the head reads the whole state, so every prefix is a trained vector.
-    user_head = MatryoshkaLinear(model.dim, model.dim, sizes) if sizes else None
-    return Recommender(item_encoder=item_encoder, sequence_model=SEQUENCE_MODELS[model.sequence_model](model, max_history),
+    sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
+    nested = bool(sizes) and tuple(getattr(sequence_model, "sizes", ())) == tuple(sizes)
+    # Matryoshka user vectors. A nested sequence model (LRU): block i of the head reads the state prefix of
+    # size s_i, so the whole size-s path is s wide. Otherwise (SASRec): block i reads the whole state.
+    user_head = MatryoshkaLinear(model.dim, model.dim, sizes, in_sizes=sizes if nested else None) if sizes else None
+    return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,
                        user_head=user_head, matryoshka_sizes=sizes)
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "validate_sizes",
     "scale_sizes",
     "truncate",
+    "nested_mask",
     "MatryoshkaLinear",
     "MatryoshkaLayerNorm",
     "MatryoshkaLoss",
@@ -87,6 +88,18 @@ def _block_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
     return list(zip((0, *sizes[:-1]), sizes))
 
 
+def nested_mask(sizes: Sequence[int], in_sizes: Sequence[int], in_features: int) -> Tensor:
+    """[sizes[-1], in_features] 0/1 mask: row o is 1 on the input prefix its block may read.
+
+    Block i (rows ``(sizes[i-1], sizes[i]]``) reads ``x[..., :in_sizes[i]]``; a weight multiplied by this
+    mask is fMRLRec's block-lower-triangular map. Also used for the LRU's nested B and C matrices.
+    """
+    mask = torch.zeros(sizes[-1], in_features)
+    for (start, end), in_size in zip(_block_bounds(sizes), in_sizes):
+        mask[start:end, :in_size] = 1.0
+    return mask
+
+
 class MatryoshkaLinear(nn.Module):
     """Block-lower-triangular linear map: [*, in_features] -> [*, out_features].
 
@@ -120,10 +133,7 @@ class MatryoshkaLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))  # [O, I]
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         # mask[o, i] = 1 iff input i is in the prefix that output o's block may read.
-        mask = torch.zeros(out_features, in_features)
-        for (start, end), in_size in zip(_block_bounds(self.sizes), self.in_sizes):
-            mask[start:end, :in_size] = 1.0
-        self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("mask", nested_mask(self.sizes, self.in_sizes, in_features), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

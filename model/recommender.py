@@ -10,6 +10,12 @@ so an item or user vector at size s is exactly the first s dims of the full one 
 Normalising happens after truncation (`at_size`): a size-s vector is `normalize(raw[..., :s])`, which equals
 `normalize(normalize(raw)[..., :s])`, so full normalised vectors can be truncated and renormalised later.
 `NestedSizesLoss` trains every size at once on those truncated-then-renormalised vectors.
+
+A nested sequence model (one with the same `sizes`, i.e. the LRU) makes the whole network a Matryoshka: it reads
+the raw (unnormalised) history item vectors, which its per-block input LayerNorm scales block by block, and the
+head's block i reads only the state prefix s_i, so a size-s user vector is computed by an s-wide model alone
+(`user_vectors(..., size=s)`), exactly the first s dims of the full one. With SASRec the sequence model is full
+width and only the item projection and the head nest.
 """
 from __future__ import annotations
 
@@ -48,6 +54,12 @@ class Recommender(nn.Module):
             if matryoshka_sizes else ()
         if self.matryoshka_sizes and not isinstance(user_head, MatryoshkaLinear):
             raise ValueError("a Matryoshka recommender needs a MatryoshkaLinear user_head, so user vectors nest")
+        # The sequence model nests with the item space: its size-s slice is an s-wide model.
+        self.nested_backbone = bool(self.matryoshka_sizes) and \
+            tuple(getattr(sequence_model, "sizes", ())) == self.matryoshka_sizes
+        if self.nested_backbone and user_head.in_sizes != self.matryoshka_sizes:
+            raise ValueError("a nested sequence model needs a user_head whose blocks read the state prefixes "
+                             f"(in_sizes={list(self.matryoshka_sizes)}), got in_sizes={list(user_head.in_sizes)}")
 
     @property
     def supported_sizes(self) -> tuple[int, ...]:
@@ -74,11 +86,17 @@ class Recommender(nn.Module):
                          size: int | None = None) -> torch.Tensor:
         """history_ids [B, L] (0 = padding), history_content [B, L, D] -> unnormalised user vectors [B, size or D].
 
-        The sequence model always runs at full width; `size` runs only the size-s block rows of the head.
+        Nested backbone: `size` runs the size-s model alone (s-wide item vectors, sequence model and head).
+        Otherwise the sequence model runs at full width and `size` runs only the size-s block rows of the head.
         """
         self._check_size(size)
-        vectors = self.item_vectors(history_content, history_ids) * (history_ids > 0)[..., None]
-        state = self.sequence_model(vectors, history_ids > 0)[:, -1]  # [B, D]
+        real = history_ids > 0
+        if self.nested_backbone:
+            vectors = self.raw_item_vectors(history_content, history_ids, size) * real[..., None]  # [B, L, s]
+            state = self.sequence_model(vectors, real, size=size)[:, -1]  # [B, s]
+            return self.user_head(state) if size is None else self.user_head.forward_prefix(state, size)
+        vectors = self.item_vectors(history_content, history_ids) * real[..., None]
+        state = self.sequence_model(vectors, real)[:, -1]  # [B, D]
         if self.user_head is None:
             return state if size is None else truncate(state, size)
         if size is None or not isinstance(self.user_head, MatryoshkaLinear):

@@ -107,6 +107,7 @@ def histories(batch: int, seed: int = 1) -> torch.Tensor:
 def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model):
     model = build_model(sequence_model=sequence_model)
     assert model.supported_sizes == SIZES
+    assert model.nested_backbone == (sequence_model == "lru")  # fMRLRec's LRU nests; SASRec stays full width
     batch = content_batch(5)
     content = model.item_encoder.encode_content(**batch)  # [5, 32]
     table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(2))
