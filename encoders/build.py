@@ -27,20 +27,17 @@ def _tiny_cnn(cfg: ImageEncoderConfig) -> nn.Module:
     return TinyCNNImageEncoder(channels=cfg.channels, out_dim=cfg.out_dim, unfreeze_top=cfg.unfreeze_top)
 
 
-def _with_norm_stats(cfg: ImageEncoderConfig, encoder: nn.Module) -> nn.Module:
-    encoder.freeze_norm_stats = cfg.freeze_norm_stats
-    return encoder.train()
-
-
 def _efficientnet_lite0(cfg: ImageEncoderConfig) -> nn.Module:
-    encoder = EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
-    return _check_fixed_out_dim(cfg, _with_norm_stats(cfg, encoder))
+    encoder = EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
+                                            freeze_norm_stats=cfg.freeze_norm_stats)
+    return _check_fixed_out_dim(cfg, encoder)
 
 
 def _hf_vision(cfg: ImageEncoderConfig) -> nn.Module:
     assert cfg.path is not None  # ImageEncoderConfig refuses kind="hf" without a path
-    encoder = HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
-    return _check_fixed_out_dim(cfg, _with_norm_stats(cfg, encoder))
+    encoder = HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
+                                   freeze_norm_stats=cfg.freeze_norm_stats)
+    return _check_fixed_out_dim(cfg, encoder)
 
 
 def _tiny_text(cfg: TextEncoderConfig) -> nn.Module:

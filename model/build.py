@@ -35,6 +35,7 @@ def build_recommender(
         use_id_embedding=model.use_id_embedding,
         dropout=model.dropout,
         id_init_std=model.id_init_std,
+        id_dropout=model.id_dropout,
         matryoshka_sizes=model.matryoshka_sizes,
     )
     sizes = model.matryoshka_sizes

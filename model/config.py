@@ -19,6 +19,10 @@ class ModelConfig:
     # Initial std of the item-id table. 0 = zeros: an item never trained (a cold or new item) keeps a zero id
     # vector and is ranked by its content alone, instead of by a random vector. Needs content (model.modalities).
     id_init_std: float = 0.02
+    # DropoutNet-style id dropout: in training, each item occurrence (target, negative, history item) loses its
+    # id vector with this probability, so the model also learns to score items from content alone -- which is
+    # all a cold or new item has. Not rescaled (an item has its whole id vector or none). Needs content.
+    id_dropout: float = 0.0
     sequence_model: str = "sasrec"
     num_layers: int = 2
     num_heads: int = 2
@@ -49,6 +53,11 @@ class ModelConfig:
         if self.id_init_std == 0 and not self.modalities:
             raise ValueError("model.id_init_std=0 needs content (model.modalities): all-zero id vectors alone "
                              "give every item the same score")
+        if not 0 <= self.id_dropout < 1:
+            raise ValueError(f"model.id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.id_dropout > 0 and not (self.modalities and self.use_id_embedding):
+            raise ValueError("model.id_dropout needs both content (model.modalities) and model.use_id_embedding=true: "
+                             "it trains the content path to stand in for a missing id vector")
         if self.sequence_model not in SEQUENCE_MODELS:
             raise ValueError(f"model.sequence_model={self.sequence_model!r}; valid: {', '.join(SEQUENCE_MODELS)}")
         if self.loss not in LOSSES:
