@@ -13,9 +13,11 @@ one epoch of `--steps` steps of `--batch-size` examples. Methods:
 - id_only: SASRec over item-id embeddings, no content (`model.modalities=` `model.use_id_embedding=true`),
 - two_stage_frozen: pretrained EfficientNet-Lite0 + MiniLM frozen (`unfreeze_top=0`): only the projection,
   id embeddings and sequence model learn,
-- end_to_end: the same encoders with their top block trained by the recommendation loss (`unfreeze_top=1`).
+- end_to_end: the same encoders with their top block trained by the recommendation loss (`unfreeze_top=1`),
+  BatchNorm statistics kept (`image.freeze_norm_stats=true`),
+- *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
 
-Metrics (Recall@10, NDCG@10, MRR; mean ± std over `--seeds` via `train.seed`) on all test users, on users whose
+Metrics (Recall@10, NDCG@10, MRR, Recall@50; mean ± std over `--seeds` via `train.seed`) on all test users, on users whose
 test item is warm, and on users whose test item is cold. Wall time is the whole `run_training` call (data,
 Ray Train start-up, catalogue passes, training, evaluation). Writes bench/results/quality.json, prints a table.
 """
@@ -36,14 +38,20 @@ from pipeline.stages import read_examples
 from training.evaluate import popularity_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
-METRICS = ("recall@10", "ndcg@10", "mrr")
+METRICS = ("recall@10", "ndcg@10", "mrr", "recall@50")
 SUBSETS = ("test", "test_warm", "test_cold")
 
 # Each trained method is a list of `--set` overrides on top of the shared budget (`common_overrides`).
 METHODS: dict[str, list[str]] = {
     "id_only": ["model.use_id_embedding=true", "model.modalities="],
     "two_stage_frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0"],
-    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
+    # BatchNorm keeps its pretrained statistics (session 3: training the top block with batch statistics was
+    # the main reason end-to-end trailed; BENCHMARKS.md).
+    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1", "image.freeze_norm_stats=true"],
+    # fMRLRec's item space: content only, no id embedding -- what a cold item has anyway.
+    "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false"],
+    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "image.freeze_norm_stats=true",
+                                "model.use_id_embedding=false"],
 }
 POPULARITY = "popularity"
 
@@ -60,7 +68,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         "train.epochs=1",
         f"train.max_steps_per_epoch={args.steps}",
         f"train.batch_size={args.batch_size}",
-        "train.eval_ks=10",
+        "train.eval_ks=10,50",
         f"train.storage_path={args.storage_path}",
         f"tracking.experiment={args.experiment}",
         "train.keep_checkpoints=1",
@@ -109,13 +117,13 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
 
 
 def format_table(summary: dict[str, dict]) -> str:
-    header = f"{'method':<18}" + "".join(f"{f'{s}/{m}':>22}" for s in SUBSETS for m in METRICS) + f"{'wall s':>12}"
+    header = f"{'method':<30}" + "".join(f"{f'{s}/{m}':>22}" for s in SUBSETS for m in METRICS) + f"{'wall s':>12}"
     lines = [header]
     for method, entry in summary.items():
         cells = "".join(
             f"{entry[s][m]['mean']:>13.4f} ± {entry[s][m]['std']:<6.4f}" for s in SUBSETS for m in METRICS
         )
-        lines.append(f"{method:<18}{cells}{entry['wall_seconds']['mean']:>12.0f}")
+        lines.append(f"{method:<30}{cells}{entry['wall_seconds']['mean']:>12.0f}")
     return "\n".join(lines)
 
 
