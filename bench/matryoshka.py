@@ -11,8 +11,8 @@ model.matryoshka_sizes = all sizes) is scored at every size from its one checkpo
 Why in process rather than `run_training`: on a shared 2-core machine Ray start-up, TorchTrainer set-up and
 catalogue materialisation cost 40-60 s per run and vary a lot with other load; that would swamp the quantity
 measured here (training cost). The loop below uses the same parts as `training/loop.py`: `build_recommender`,
-`encoder_parameters` and the same AdamW groups, `_make_loss` (so `NestedSizesLoss` over sampled or full
-softmax), `train_step` (history content from a memory bank, write-on-encode), a full catalogue pass refreshing
+`make_optimizer` (the same AdamW groups), `_make_loss` (so `NestedSizesLoss` over sampled or full
+softmax), `optimise` (the loop's own step: history content from a memory bank, write-on-encode), a full catalogue pass refreshing
 the bank every `steps_per_epoch` steps (as the loop does once per epoch), and `evaluate_ranking`. The bank is
 the in-process `LocalMemoryBankClient`, and targets' decoded content is looked up from a catalogue decoded once
 (the Ray Data decode stage produces the same tensors).
@@ -34,12 +34,12 @@ import torch
 
 from jobs.config import JobConfig, movielens, tiny
 from memory.client import LocalMemoryBankClient
-from model.build import build_recommender, encoder_parameters
+from model.build import build_recommender
 from pipeline.sequences import Splits, item_popularity
 from pipeline.sources import ITEMS_FILE, load_manifest
 from training.driver import build_splits
 from training.evaluate import encode_catalog, evaluate_ranking
-from training.loop import _make_loss, train_step
+from training.loop import _make_loss, make_optimizer, optimise
 from training.offline_eval import DecodedCatalogue, content_spec_of
 
 RESULTS = Path(__file__).resolve().parent / "results" / "matryoshka.json"
@@ -89,11 +89,7 @@ def train_one(job: JobConfig, splits: Splits, content: CatalogueContent, num_ite
     rng = np.random.default_rng(job.train.seed)
     device = torch.device("cpu")
     model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
-    backbone, rest = encoder_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}],
-        weight_decay=job.train.weight_decay,
-    )
+    optimizer = make_optimizer(model, job)
     loss_fn = _make_loss(job, item_popularity(splits.train, num_items))
     bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)
     wall, cpu = time.perf_counter(), time.process_time()
@@ -114,12 +110,8 @@ def train_one(job: JobConfig, splits: Splits, content: CatalogueContent, num_ite
         rows = order[cursor : cursor + job.train.batch_size]
         cursor += job.train.batch_size
         batch = content.batch(splits.train.history[rows], splits.train.target[rows])
-        loss, info = train_step(model, model, batch, bank, loss_fn, job, num_items, device, global_step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), job.train.grad_clip)
-        optimizer.step()
-        bank.update(info["unique_ids"], info["unique_content"], step=global_step)
+        loss, _ = optimise(model, model, batch, bank, loss_fn, optimizer, job, num_items, device, global_step,
+                           grad_clip=job.train.grad_clip)
         global_step += 1
         losses.append(loss.item())
         if global_step % job.train.max_steps_per_epoch == 0 or global_step == steps:

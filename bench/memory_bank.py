@@ -3,7 +3,7 @@
     python -m bench.memory_bank                       # full table (speed with pretrained encoders, quality with built-in)
     python -m bench.memory_bank --speed-steps 2 --quality-steps 60   # quicker
 
-Both parts run the product's own `training.loop.train_step` (the function Ray Train workers run) in one
+Both parts run the product's own `training.loop.optimise` (the step Ray Train workers run) in one
 process, on real decoded ml100k_mm batches, with an in-process bank (`LocalMemoryBankClient`): Ray start-up
 would otherwise dominate and the comparison is about encoder cost per step.
 Speed: EfficientNet-Lite0 at 96 px + MiniLM at 32 tokens, everything unfrozen, batch 16, history 10/20/50:
@@ -24,13 +24,13 @@ import torch
 from encoders.config import resolve_text_model_path
 from jobs.config import build_config
 from memory.client import LocalMemoryBankClient
-from model.build import build_recommender, encoder_parameters
+from model.build import build_recommender
 from pipeline.config import DataConfig
 from pipeline.sequences import leave_one_out, time_split
 from pipeline.sources import ITEMS_FILE, load_manifest, prepare_dataset, read_interactions
 from pipeline.stages import ItemContentDecoder
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
-from training.loop import _make_loss, train_step
+from training.loop import _make_loss, make_optimizer, optimise
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = [("recompute", 1.0), ("bank", 1.0), ("bank", 0.2)]
@@ -71,8 +71,7 @@ def run_mode(job, mode, fraction, train, decoder, num_items, steps, batch_size, 
     job.memory.mode, job.memory.encode_fraction = mode, fraction
     decoder.with_history_content = mode == "recompute"
     model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
-    backbone, rest = encoder_parameters(model)
-    optimizer = torch.optim.AdamW([{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}])
+    optimizer = make_optimizer(model, job)  # (train.weight_decay 0.01 = AdamW's default, which this bench used)
     bank = initial_bank(job, model, decoder, num_items)
     loss_fn = _make_loss(job, popularity)
     rng = np.random.default_rng(seed)
@@ -84,11 +83,8 @@ def run_mode(job, mode, fraction, train, decoder, num_items, steps, batch_size, 
                        "user": train.user[rows]})
         batch = {k: torch.as_tensor(v) for k, v in raw.items()}
         started = time.perf_counter()
-        loss, info = train_step(model, model, batch, bank, loss_fn, job, num_items, torch.device("cpu"), step)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        bank.update(info["unique_ids"], info["unique_content"], step=step)
+        # no gradient clipping: as measured (BENCHMARKS.md); the step is otherwise the training loop's own
+        optimise(model, model, batch, bank, loss_fn, optimizer, job, num_items, torch.device("cpu"), step, grad_clip=0.0)
         if step > 0 or steps == 1:  # the first step pays one-off allocation costs
             seconds += time.perf_counter() - started
             samples += batch_size

@@ -144,11 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
 
     model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
-    backbone, rest = encoder_parameters(model)
-    optimizer = torch.optim.AdamW(
-        [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}],
-        weight_decay=job.train.weight_decay,
-    )
+    optimizer = make_optimizer(model, job)
     popularity = np.load(paths.popularity)
     loss_fn = _make_loss(job, popularity)
 
@@ -226,13 +222,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 _mark_fault_injected(loop_config)
                 print(f"[train] fault injection: killing rank 0 at step {global_step}", flush=True)
                 os._exit(1)
-            loss, step_info = train_step(ddp_model, model, batch, bank, loss_fn, job, num_items, device, global_step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if job.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), job.train.grad_clip)
-            optimizer.step()
-            bank.update(step_info["unique_ids"], step_info["unique_content"], step=global_step)
+            loss, step_info = optimise(ddp_model, model, batch, bank, loss_fn, optimizer, job, num_items, device,
+                                       global_step, grad_clip=job.train.grad_clip)
             global_step += 1
             if job.memory.refresh_every_steps and global_step % job.memory.refresh_every_steps == 0 and rank == 0:
                 # periodic refresh: re-encode the whole catalogue so no bank entry is older than N steps
@@ -295,6 +286,31 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.log_metrics(metrics, step=epoch + 1)
         else:
             ray.train.report(metrics)
+
+
+def make_optimizer(model: Recommender, job: JobConfig) -> torch.optim.Optimizer:
+    """AdamW: the content backbones' trainable layers at `train.encoder_lr`, everything else at `train.lr`."""
+    backbone, rest = encoder_parameters(model)
+    return torch.optim.AdamW(
+        [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}],
+        weight_decay=job.train.weight_decay,
+    )
+
+
+def optimise(ddp_model, model: Recommender, batch: dict, bank, loss_fn, optimizer: torch.optim.Optimizer,
+             job: JobConfig, num_items: int, device: torch.device, step: int,
+             grad_clip: float) -> tuple[torch.Tensor, dict]:
+    """One optimisation step as every trainer here runs it (the Ray Train loop and the in-process benchmarks):
+    `train_step` (forward + loss), backward, gradient clipping when `grad_clip` > 0, the optimiser step, and the
+    write-back of the batch's fresh item vectors to the bank (LEMUR: written whenever an item is encoded)."""
+    loss, info = train_step(ddp_model, model, batch, bank, loss_fn, job, num_items, device, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(ddp_model.parameters(), grad_clip)
+    optimizer.step()
+    bank.update(info["unique_ids"], info["unique_content"], step=step)
+    return loss, info
 
 
 def train_step(ddp_model, model: Recommender, batch: dict, bank, loss_fn, job: JobConfig, num_items: int,
