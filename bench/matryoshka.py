@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         f"{args.steps} steps x batch {args.batch_size} per model, loss={args.loss}, sequence={args.sequence_model}")
 
     runs = []
-    plans = [("matryoshka", sizes[-1], sizes)] + [("single", s, ()) for s in sizes]
+    plans = [("matryoshka", sizes[-1], sizes)] * (not args.singles_only) + [("single", s, ()) for s in sizes]
     for kind, dim, nested in plans:
         job = bench_job(dim, nested, args)
         log(f"[bench] training {kind} dim={dim}" + (f" sizes={list(nested)}" if nested else ""))
@@ -155,6 +155,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if args.out:  # partial results survive an interrupted benchmark
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(runs, indent=2))
 
+    settings = {k: v for k, v in vars(args).items()}
+    if args.singles_only:  # seed-to-seed spread of the single-size models: no comparison to make
+        return {"settings": settings, "runs": runs, "comparison": [], "summary": None,
+                "machine": {"torch_threads": args.threads, "note": "shared 2-core CPU machine; wall times are noisy"}}
     matryoshka, singles = runs[0], runs[1:]
     rows = []
     for single in singles:
@@ -173,11 +177,15 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "all_sizes_within_3pct": all(r["relative_ndcg_gap"] >= -0.03 for r in rows),
     }
     summary["goal_met"] = summary["all_sizes_within_3pct"] and summary["cost_ratio_cpu"] < 0.5
-    return {"settings": {k: v for k, v in vars(args).items()}, "runs": runs, "comparison": rows, "summary": summary,
+    return {"settings": settings, "runs": runs, "comparison": rows, "summary": summary,
             "machine": {"torch_threads": args.threads, "note": "shared 2-core CPU machine; wall times are noisy"}}
 
 
 def format_table(result: dict) -> str:
+    if result["summary"] is None:
+        return "\n".join(f"{r['kind']} dim={r['dim']}: NDCG@10 {r['per_size'][str(r['dim'])]['ndcg@10']:.4f} "
+                         f"Recall@10 {r['per_size'][str(r['dim'])]['recall@10']:.4f} ({r['train_cpu_s']:.0f} cpu s)"
+                         for r in result["runs"])
     lines = [f"{'size':>5} {'NDCG@10 MRL':>12} {'NDCG@10 single':>15} {'rel. gap':>9} "
              f"{'Recall@10 MRL':>14} {'Recall@10 single':>17}"]
     for r in result["comparison"]:
@@ -209,6 +217,8 @@ def main() -> None:
     parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are not inflated by spin-waits)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--singles-only", action="store_true",
+                        help="train only the single-size models (e.g. other seeds, to see their seed-to-seed spread)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     started = time.perf_counter()
