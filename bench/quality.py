@@ -156,6 +156,8 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="extra override for every trained method (e.g. train.encoder_lr=1e-3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs in OUT's .partial.json (an interrupted run) and train only the missing ones")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -166,10 +168,15 @@ def main() -> int:
     from training.driver import init_ray, run_training
 
     init_ray()  # one Ray session for every run; run_training reuses it
-    runs: list[dict] = []
+    partial = args.out.with_suffix(".partial.json")
+    runs: list[dict] = json.loads(partial.read_text()) if args.resume and partial.exists() else []
+    if runs:
+        print(f"[bench] resuming: {len(runs)} runs from {partial}", flush=True)
     started_all = time.perf_counter()
     for seed in seeds:
         for method in methods:
+            if any(run["method"] == method and run["seed"] == seed for run in runs):
+                continue
             job = method_config(method, seed, args)
             started = time.perf_counter()
             outcome = run_training(job, log=lambda line: print(line, flush=True))
@@ -180,14 +187,14 @@ def main() -> int:
                          "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
             print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
                 f"{s}/{m}={metrics[s][m]:.4f}" for s in SUBSETS for m in METRICS), flush=True)
-            args.out.with_suffix(".partial.json").write_text(json.dumps(runs, indent=2))  # survives an interruption
+            partial.write_text(json.dumps(runs, indent=2))  # survives an interruption (--resume)
             if not any(run["method"] == POPULARITY and run["seed"] == seed for run in runs):
                 subsets = subset_popularity(outcome.run_dir, job)
                 runs.append({"method": POPULARITY, "seed": seed, "wall_seconds": 0.0, "metrics": {
                     "test": {m: float(outcome.baseline[m]) for m in METRICS},
                     **{s: {m: float(v[m]) for m in METRICS} for s, v in subsets.items()},
                 }})
-    order = [POPULARITY, *methods]
+    order = [POPULARITY, *methods, *(m for m in METHODS if m not in methods)]  # resumed runs may add methods
     runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
     summary = summarise(runs)
     first = method_config(methods[0], seeds[0], args)
@@ -200,7 +207,7 @@ def main() -> int:
         "protocol": {"data": "ml100k_mm", "split": "leave_one_out", "ranking": "full catalogue",
                      "cold_item_fraction": args.cold_fraction, "cold_seed": args.cold_seed, "steps": args.steps,
                      "batch_size": args.batch_size, "image_size": args.image_size, "text_length": args.text_length,
-                     "extra_overrides": args.overrides, "methods": {m: METHODS[m] for m in methods},
+                     "extra_overrides": args.overrides, "methods": {m: METHODS[m] for m in dict.fromkeys(run["method"] for run in runs) if m in METHODS},
                      "common_overrides": common_overrides(args), "test_users": counts},
         "summary": summary,
         "runs": runs,
@@ -208,7 +215,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
+    partial.unlink(missing_ok=True)
     print(f"\nml100k_mm leave-one-out, full ranking; {args.steps} steps x {args.batch_size}; seeds {seeds}; "
           f"test users {counts}")
     print(format_table(summary))
