@@ -59,7 +59,7 @@ def tiny() -> JobConfig:
 def movielens() -> JobConfig:
     """All of ml100k_mm with the pretrained encoders (EfficientNet-Lite0 + MiniLM), top layers unfrozen.
 
-    Sized for a 2-core CPU: 24 minutes end to end measured (BENCHMARKS.md).
+    Sized for a 2-core CPU: 22-24 minutes end to end measured (BENCHMARKS.md).
     """
     c = JobConfig(preset="movielens")
     c.data.max_history = 50
