@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
@@ -22,14 +23,9 @@ from pipeline.sequences import Examples
 
 log = logging.getLogger(__name__)
 
-# Cheap reads: Ray Data's listing/read tasks default to 1 CPU each, which starves a 2-core machine.
-READ_CPUS = 0.25
-
 
 def write_examples(examples: Examples, path: Path) -> Path:
     """Examples -> one parquet file with a fixed-length list column `history` (ids only, no content)."""
-    import pyarrow as pa
-
     path.parent.mkdir(parents=True, exist_ok=True)
     length = examples.history.shape[1]
     table = pa.table(
@@ -193,21 +189,23 @@ def _decode(ds: ray.data.Dataset, items_path: Path, id_column: str, cfg: DataCon
     )
 
 
+def id_blocks(table: pa.Table, actors: int, batch_size: int) -> ray.data.Dataset:
+    """A small id table (read in this process) as a dataset of ready-cut blocks, in row order.
+
+    No listing, read or repartition tasks run: every Ray Data task that finds no idle worker starts a Python
+    worker process, ~3 s of CPU each on a 2-core machine, and a parquet read plus a repartition started 12 of
+    them per pass (raylet warnings, `bench/pipeline.py`). One block feeds one decode actor at a time, so enough
+    blocks are cut that every actor works.
+    """
+    bounds = np.linspace(0, table.num_rows, decode_blocks(table.num_rows, actors, batch_size) + 1).astype(np.int64)
+    return ray.data.from_arrow([table.slice(start, end - start) for start, end in zip(bounds[:-1], bounds[1:])])
+
+
 def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: ContentSpec,
                   batch_size: int, shuffle: bool = True, with_history_content: bool = False) -> ray.data.Dataset:
     """Training examples with their target item's content (and, for memory.mode=recompute, every history
-    item's content); a new random order each epoch.
-
-    The id table (a few int columns per example, which the driver built anyway) is read here and handed to Ray
-    as ready-cut blocks, so no listing, read or repartition tasks run: every Ray Data task that finds no idle
-    worker starts a Python worker process, ~3 s of CPU each on a 2-core machine, and a parquet read plus a
-    repartition started 12 of them per pass (raylet warnings, `bench/pipeline.py`).
-    """
-    table = pq.read_table(examples_path)
-    # One block feeds one decode actor at a time: cut enough blocks that every actor works.
-    bounds = np.linspace(0, table.num_rows, decode_blocks(table.num_rows, cfg.decode_actors, batch_size) + 1)
-    bounds = bounds.astype(np.int64)
-    ds = ray.data.from_arrow([table.slice(start, end - start) for start, end in zip(bounds[:-1], bounds[1:])])
+    item's content); a new random order each epoch."""
+    ds = id_blocks(pq.read_table(examples_path), cfg.decode_actors, batch_size)
     if shuffle:
         ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
     return _decode(ds, items_path, "target", cfg, spec, batch_size, with_history_content)
@@ -234,10 +232,9 @@ def decoded_catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec
     """The same rows as `catalog_dataset(...).materialize()`, decoded in this process, one block per batch.
 
     For catalogues small enough to hold decoded (`data.driver_decode_max_mb`): the decode itself is seconds,
-    while a Ray Data pass first starts a listing task and an actor pool.
+    while a Ray Data pass first starts an actor pool.
     """
     from ray.data.extensions import ArrowTensorArray
-    import pyarrow as pa
 
     return ray.data.from_arrow([
         pa.table({name: ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
@@ -248,6 +245,5 @@ def decoded_catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec
 
 def catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec, batch_size: int = 256) -> ray.data.Dataset:
     """Every catalogue item with its content, in item_index order chunks (for bank fills and evaluation)."""
-    ds = ray.data.read_parquet(str(items_path), columns=["item_index"], num_cpus=READ_CPUS)
-    ds = ds.repartition(decode_blocks(pq.ParquetFile(items_path).metadata.num_rows, cfg.decode_actors, batch_size))
+    ds = id_blocks(pq.read_table(items_path, columns=["item_index"]), cfg.decode_actors, batch_size)
     return _decode(ds, items_path, "item_index", cfg, spec, batch_size)
