@@ -11,7 +11,7 @@ from encoders.fusion import ItemEncoder
 from model.config import ModelConfig
 from model.lru import LRUSequenceModel
 from model.matryoshka import MatryoshkaLinear
-from model.recommender import Recommender
+from model.recommender import Recommender, nests_with
 from model.sequence import SASRec
 
 SEQUENCE_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
@@ -40,7 +40,7 @@ def build_recommender(
     )
     sizes = model.matryoshka_sizes
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
-    nested = bool(sizes) and tuple(getattr(sequence_model, "sizes", ())) == tuple(sizes)
+    nested = nests_with(sequence_model, sizes)
     # Matryoshka user vectors. A nested sequence model (LRU): block i of the head reads the state prefix of
     # size s_i, so the whole size-s path is s wide. Otherwise (SASRec): block i reads the whole state.
     user_head = MatryoshkaLinear(model.dim, model.dim, sizes, in_sizes=sizes if nested else None) if sizes else None

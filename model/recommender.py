@@ -43,6 +43,11 @@ class StepOutput:
     unique_content: torch.Tensor  # [U, D] their fresh content vectors (written back to the bank)
 
 
+def nests_with(sequence_model: nn.Module, sizes: Sequence[int]) -> bool:
+    """Whether `sequence_model` is built nested over exactly these Matryoshka sizes (the LRU with `sizes`)."""
+    return bool(sizes) and tuple(getattr(sequence_model, "sizes", ())) == tuple(sizes)
+
+
 class Recommender(nn.Module):
     def __init__(self, *, item_encoder: ItemEncoder, sequence_model: nn.Module,
                  user_head: nn.Module | None = None, matryoshka_sizes: Sequence[int] = ()) -> None:
@@ -55,8 +60,7 @@ class Recommender(nn.Module):
         if self.matryoshka_sizes and not isinstance(user_head, MatryoshkaLinear):
             raise ValueError("a Matryoshka recommender needs a MatryoshkaLinear user_head, so user vectors nest")
         # The sequence model nests with the item space: its size-s slice is an s-wide model.
-        self.nested_backbone = bool(self.matryoshka_sizes) and \
-            tuple(getattr(sequence_model, "sizes", ())) == self.matryoshka_sizes
+        self.nested_backbone = nests_with(sequence_model, self.matryoshka_sizes)
         if self.nested_backbone and user_head.in_sizes != self.matryoshka_sizes:
             raise ValueError("a nested sequence model needs a user_head whose blocks read the state prefixes "
                              f"(in_sizes={list(self.matryoshka_sizes)}), got in_sizes={list(user_head.in_sizes)}")
