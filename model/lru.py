@@ -257,8 +257,6 @@ class LRUSequenceModel(nn.Module):
         self.dim = dim
         self.max_len = max_len
         self.sizes = validate_sizes(sizes, dim, require_full=True) if sizes else ()
-        self._settings = dict(num_layers=num_layers, dropout=dropout, r_min=r_min, r_max=r_max,
-                              max_phase=max_phase, use_parallel_scan=use_parallel_scan)
         self.input_norm = _norm(dim, self.sizes)
         self.input_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -290,7 +288,10 @@ class LRUSequenceModel(nn.Module):
         recurrence's lambdas are per channel), which is what lets one checkpoint be shipped at any size.
         """
         _check_nested(self.sizes, size, "this LRU sequence model")
-        small = LRUSequenceModel(size, self.max_len, sizes=self.sizes[: self.sizes.index(size) + 1], **self._settings)
+        # The ring settings (r_min, r_max, max_phase) only initialise parameters that are copied over below.
+        small = LRUSequenceModel(size, self.max_len, num_layers=len(self.blocks), dropout=self.input_dropout.p,
+                                 use_parallel_scan=self.blocks[0].lru.use_parallel_scan,
+                                 sizes=self.sizes[: self.sizes.index(size) + 1])
         own = self.state_dict()
         small.load_state_dict({name: own[name][tuple(slice(0, n) for n in value.shape)]
                                for name, value in small.state_dict().items()})
