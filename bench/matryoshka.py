@@ -136,7 +136,8 @@ def run(args: argparse.Namespace, log=print) -> dict:
         f"{args.steps} steps x batch {args.batch_size} per model, loss={args.loss}, sequence={args.sequence_model}")
 
     runs = []
-    plans = [("matryoshka", sizes[-1], sizes)] * (not args.singles_only) + [("single", s, ()) for s in sizes]
+    plans = [] if args.singles_only else [("matryoshka", sizes[-1], sizes)]
+    plans += [("single", s, ()) for s in sizes]
     for kind, dim, nested in plans:
         job = bench_job(dim, nested, args)
         log(f"[bench] training {kind} dim={dim}" + (f" sizes={list(nested)}" if nested else ""))
@@ -155,10 +156,10 @@ def run(args: argparse.Namespace, log=print) -> dict:
         if args.out:  # partial results survive an interrupted benchmark
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(runs, indent=2))
 
-    settings = {k: v for k, v in vars(args).items()}
+    result = {"settings": dict(vars(args)), "runs": runs, "comparison": [], "summary": None,
+              "machine": {"torch_threads": args.threads, "note": "shared 2-core CPU machine; wall times are noisy"}}
     if args.singles_only:  # seed-to-seed spread of the single-size models: no comparison to make
-        return {"settings": settings, "runs": runs, "comparison": [], "summary": None,
-                "machine": {"torch_threads": args.threads, "note": "shared 2-core CPU machine; wall times are noisy"}}
+        return result
     matryoshka, singles = runs[0], runs[1:]
     rows = []
     for single in singles:
@@ -177,8 +178,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         "all_sizes_within_3pct": all(r["relative_ndcg_gap"] >= -0.03 for r in rows),
     }
     summary["goal_met"] = summary["all_sizes_within_3pct"] and summary["cost_ratio_cpu"] < 0.5
-    return {"settings": settings, "runs": runs, "comparison": rows, "summary": summary,
-            "machine": {"torch_threads": args.threads, "note": "shared 2-core CPU machine; wall times are noisy"}}
+    return {**result, "comparison": rows, "summary": summary}
 
 
 def format_table(result: dict) -> str:
