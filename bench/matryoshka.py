@@ -59,6 +59,8 @@ def bench_job(dim: int, sizes: tuple[int, ...], args: argparse.Namespace) -> Job
     job.model = dataclasses.replace(
         job.model, dim=dim, num_heads=2, num_layers=1, use_id_embedding=True, sequence_model=args.sequence_model,
         loss=args.loss, matryoshka_sizes=sizes, modalities=tuple(m for m in args.modalities.split(",") if m),
+        ffn_multiplier=args.ffn_multiplier,
+        matryoshka_weights=tuple(float(w) for w in args.weights.split(",") if w) if sizes else (),
     )
     job.train = dataclasses.replace(job.train, batch_size=args.batch_size, max_steps_per_epoch=args.steps_per_epoch,
                                     epochs=math.ceil(args.steps / args.steps_per_epoch), eval_ks=(10, 20),
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
 
     runs = []
     plans = [] if args.singles_only else [("matryoshka", sizes[-1], sizes)]
-    plans += [("single", s, ()) for s in sizes]
+    plans += [] if args.matryoshka_only else [("single", s, ()) for s in sizes]
     for kind, dim, nested in plans:
         job = bench_job(dim, nested, args)
         log(f"[bench] training {kind} dim={dim}" + (f" sizes={list(nested)}" if nested else ""))
@@ -151,34 +153,92 @@ def run(args: argparse.Namespace, log=print) -> dict:
         }
         log(f"[bench]   {timings['train_wall_s']:.0f}s wall, {timings['train_cpu_s']:.0f}s cpu; " + ", ".join(
             f"s{s}: ndcg@10={v['ndcg@10']:.4f}" for s, v in per_size.items()))
-        runs.append({"kind": kind, "dim": dim, "sizes": list(scored), **timings,
+        runs.append({"kind": kind, "dim": dim, "sizes": list(scored), "seed": args.seed, **timings,
                      "per_size": {str(s): v for s, v in per_size.items()}})
         if args.out:  # partial results survive an interrupted benchmark
             Path(args.out).with_suffix(".partial.json").write_text(json.dumps(runs, indent=2))
 
-    result = {"settings": dict(vars(args)), "runs": runs, "comparison": [], "summary": None,
+    result = {"settings": dict(vars(args)), "runs": runs,
               "machine": {"torch_threads": args.threads, "note": "shared 2-core CPU machine; wall times are noisy"}}
-    if args.singles_only:  # seed-to-seed spread of the single-size models: no comparison to make
-        return result
-    matryoshka, singles = runs[0], runs[1:]
+    return {**result, **compare(runs)}
+
+
+# Settings that must agree between result files for their runs to be compared or averaged (seed may differ;
+# sizes and weights define the Matryoshka model, so they must agree among the files that hold one).
+SAME_SETTINGS = ("steps", "steps_per_epoch", "batch_size", "max_history", "loss", "sequence_model",
+                 "modalities", "encoders", "ffn_multiplier")
+
+
+def _settings(result: dict) -> dict:
+    """A result file's settings, with the defaults of options added since older files were written."""
+    return {"ffn_multiplier": 4, "weights": "", **result["settings"]}
+
+
+def combine(paths: list[str]) -> dict:
+    """Runs of several result files (e.g. one per seed, run side by side) -> one comparison over all of them.
+
+    Refuses files whose settings differ (other than the seed), and Matryoshka runs trained with other loss weights.
+    """
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    reference = _settings(results[0])
+    methods = {(_settings(r)["sizes"], _settings(r)["weights"]) for r in results
+               if any(run["kind"] == "matryoshka" for run in r["runs"])}
+    if len(methods) > 1:
+        raise SystemExit(f"the Matryoshka runs in {paths} differ in (sizes, loss weights) {sorted(methods)}: "
+                         "not one method")
+    runs = []
+    for path, result in zip(paths, results):
+        settings = _settings(result)
+        differ = [key for key in SAME_SETTINGS if settings.get(key) != reference.get(key)]
+        if differ:
+            raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(differ)}): "
+                             "its numbers are not comparable")
+        runs += [{"seed": settings["seed"], **run} for run in result["runs"]]
+    sizes, weights = methods.pop() if methods else (reference["sizes"], "")
+    return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": paths,
+                         "sizes": sizes, "weights": weights},
+            "runs": runs, **compare(runs)}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def compare(runs: list[dict]) -> dict:
+    """Matryoshka vs single-size runs, each averaged over the seeds present -> comparison rows + summary.
+
+    No comparison (summary None) unless both kinds are present. Cost: mean CPU seconds of one Matryoshka run
+    vs the sum over sizes of the mean CPU seconds of one single-size run.
+    """
+    matryoshka = [r for r in runs if r["kind"] == "matryoshka"]
+    singles = {}
+    for r in runs:
+        if r["kind"] == "single":
+            singles.setdefault(r["dim"], []).append(r)
+    if not matryoshka or not singles:
+        return {"comparison": [], "summary": None}
     rows = []
-    for single in singles:
-        size = single["dim"]
-        m, s = matryoshka["per_size"][str(size)], single["per_size"][str(size)]
-        rows.append({"size": size, "matryoshka_ndcg@10": m["ndcg@10"], "single_ndcg@10": s["ndcg@10"],
-                     "matryoshka_recall@10": m["recall@10"], "single_recall@10": s["recall@10"],
-                     "relative_ndcg_gap": (m["ndcg@10"] - s["ndcg@10"]) / s["ndcg@10"] if s["ndcg@10"] else float("nan")})
-    summed_wall = sum(r["train_wall_s"] for r in singles)
-    summed_cpu = sum(r["train_cpu_s"] for r in singles)
-    summary = {
-        "matryoshka_train_wall_s": matryoshka["train_wall_s"], "singles_train_wall_s_sum": summed_wall,
-        "matryoshka_train_cpu_s": matryoshka["train_cpu_s"], "singles_train_cpu_s_sum": summed_cpu,
-        "cost_ratio_cpu": matryoshka["train_cpu_s"] / summed_cpu,
-        "cost_ratio_wall": matryoshka["train_wall_s"] / summed_wall,
-        "all_sizes_within_3pct": all(r["relative_ndcg_gap"] >= -0.03 for r in rows),
-    }
+    served = set(matryoshka[0]["sizes"])
+    singles = {size: ones for size, ones in singles.items() if size in served}
+    for size, ones in sorted(singles.items()):
+        row = {"size": size, "matryoshka_runs": len(matryoshka), "single_runs": len(ones)}
+        for metric in ("ndcg@10", "recall@10"):
+            m_mean, m_std = _mean_std([r["per_size"][str(size)][metric] for r in matryoshka])
+            s_mean, s_std = _mean_std([r["per_size"][str(size)][metric] for r in ones])
+            row.update({f"matryoshka_{metric}": m_mean, f"matryoshka_{metric}_std": m_std,
+                        f"single_{metric}": s_mean, f"single_{metric}_std": s_std})
+        row["relative_ndcg_gap"] = (row["matryoshka_ndcg@10"] - row["single_ndcg@10"]) / row["single_ndcg@10"] \
+            if row["single_ndcg@10"] else float("nan")
+        rows.append(row)
+    summary = {"matryoshka_train_wall_s": float(np.mean([r["train_wall_s"] for r in matryoshka])),
+               "matryoshka_train_cpu_s": float(np.mean([r["train_cpu_s"] for r in matryoshka])),
+               "singles_train_wall_s_sum": sum(float(np.mean([r["train_wall_s"] for r in ones])) for ones in singles.values()),
+               "singles_train_cpu_s_sum": sum(float(np.mean([r["train_cpu_s"] for r in ones])) for ones in singles.values())}
+    summary["cost_ratio_cpu"] = summary["matryoshka_train_cpu_s"] / summary["singles_train_cpu_s_sum"]
+    summary["cost_ratio_wall"] = summary["matryoshka_train_wall_s"] / summary["singles_train_wall_s_sum"]
+    summary["all_sizes_within_3pct"] = all(r["relative_ndcg_gap"] >= -0.03 for r in rows)
     summary["goal_met"] = summary["all_sizes_within_3pct"] and summary["cost_ratio_cpu"] < 0.5
-    return {**result, "comparison": rows, "summary": summary}
+    return {"comparison": rows, "summary": summary}
 
 
 def format_table(result: dict) -> str:
@@ -186,11 +246,16 @@ def format_table(result: dict) -> str:
         return "\n".join(f"{r['kind']} dim={r['dim']}: NDCG@10 {r['per_size'][str(r['dim'])]['ndcg@10']:.4f} "
                          f"Recall@10 {r['per_size'][str(r['dim'])]['recall@10']:.4f} ({r['train_cpu_s']:.0f} cpu s)"
                          for r in result["runs"])
-    lines = [f"{'size':>5} {'NDCG@10 MRL':>12} {'NDCG@10 single':>15} {'rel. gap':>9} "
-             f"{'Recall@10 MRL':>14} {'Recall@10 single':>17}"]
+    def cell(r: dict, name: str) -> str:  # mean, with its seed-to-seed std when several runs were averaged
+        runs = r[f"{name.split('_')[0]}_runs"]
+        return f"{r[name]:.4f}" + (f" ± {r[name + '_std']:.4f}" if runs > 1 else "")
+
+    lines = [f"{'size':>5} {'runs':>5} {'NDCG@10 MRL':>16} {'NDCG@10 single':>16} {'rel. gap':>9} "
+             f"{'Recall@10 MRL':>16} {'Recall@10 single':>17}"]
     for r in result["comparison"]:
-        lines.append(f"{r['size']:>5} {r['matryoshka_ndcg@10']:>12.4f} {r['single_ndcg@10']:>15.4f} "
-                     f"{r['relative_ndcg_gap']:>+9.1%} {r['matryoshka_recall@10']:>14.4f} {r['single_recall@10']:>17.4f}")
+        lines.append(f"{r['size']:>5} {r['matryoshka_runs']:>2}/{r['single_runs']:<2} {cell(r, 'matryoshka_ndcg@10'):>16} "
+                     f"{cell(r, 'single_ndcg@10'):>16} {r['relative_ndcg_gap']:>+9.1%} "
+                     f"{cell(r, 'matryoshka_recall@10'):>16} {cell(r, 'single_recall@10'):>17}")
     s = result["summary"]
     lines.append(f"training cost: Matryoshka {s['matryoshka_train_wall_s']:.0f}s wall / {s['matryoshka_train_cpu_s']:.0f}s cpu;"
                  f" single-size runs summed {s['singles_train_wall_s_sum']:.0f}s wall / {s['singles_train_cpu_s_sum']:.0f}s cpu"
@@ -217,12 +282,21 @@ def main() -> None:
     parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are not inflated by spin-waits)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--singles-only", action="store_true",
-                        help="train only the single-size models (e.g. other seeds, to see their seed-to-seed spread)")
+    parser.add_argument("--ffn-multiplier", type=int, default=4,
+                        help="feed-forward width / dim in every sequence-model block (model.ffn_multiplier; fMRLRec: 1)")
+    parser.add_argument("--weights", default="", help="Matryoshka loss weight per size, e.g. 1,1,2 ('' = equal)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--singles-only", action="store_true",
+                      help="train only the single-size models (e.g. other seeds, to see their seed-to-seed spread)")
+    only.add_argument("--matryoshka-only", action="store_true",
+                      help="train only the Matryoshka model (compare with singles from other files via --combine)")
+    parser.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
+                        help="train nothing: compare the runs of these result files (say, one per seed), "
+                             "averaged over seeds, and write the comparison to --out")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     started = time.perf_counter()
-    result = run(args)
+    result = combine(args.combine) if args.combine else run(args)
     result["bench_wall_s"] = time.perf_counter() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,11 +16,12 @@ from model.sequence import SASRec
 
 SEQUENCE_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "sasrec": lambda c, max_len: SASRec(
-        dim=c.dim, max_len=max_len, num_layers=c.num_layers, num_heads=c.num_heads, dropout=c.dropout
+        dim=c.dim, max_len=max_len, num_layers=c.num_layers, num_heads=c.num_heads, dropout=c.dropout,
+        ffn_multiplier=c.ffn_multiplier,
     ),
     # fMRLRec's LRU nests with the item space: its size-s slice is a real s-wide sequence model.
     "lru": lambda c, max_len: LRUSequenceModel(dim=c.dim, max_len=max_len, num_layers=c.num_layers, dropout=c.dropout,
-                                               sizes=c.matryoshka_sizes),
+                                               sizes=c.matryoshka_sizes, ffn_multiplier=c.ffn_multiplier),
 }
 
 

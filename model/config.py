@@ -26,6 +26,9 @@ class ModelConfig:
     sequence_model: str = "sasrec"
     num_layers: int = 2
     num_heads: int = 2
+    # Feed-forward hidden width = ffn_multiplier * dim, in every SASRec or LRU block. 4 is the transformer
+    # convention; fMRLRec's LRU uses 1 (square layers), about a third of the 4x block's compute at dim 512.
+    ffn_multiplier: int = 4
     dropout: float = 0.2
     loss: str = "sampled_softmax"
     temperature: float = 0.05  # scores are cosine similarities divided by this
@@ -62,8 +65,8 @@ class ModelConfig:
             raise ValueError(f"model.sequence_model={self.sequence_model!r}; valid: {', '.join(SEQUENCE_MODELS)}")
         if self.loss not in LOSSES:
             raise ValueError(f"model.loss={self.loss!r}; valid: {', '.join(LOSSES)}")
-        if self.dim < 1 or self.num_layers < 1 or self.num_heads < 1:
-            raise ValueError("model.dim, model.num_layers and model.num_heads must be >= 1")
+        if self.dim < 1 or self.num_layers < 1 or self.num_heads < 1 or self.ffn_multiplier < 1:
+            raise ValueError("model.dim, model.num_layers, model.num_heads and model.ffn_multiplier must be >= 1")
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
         if not 0 <= self.dropout < 1:

@@ -15,7 +15,7 @@ associative scan (what makes the LRU train like a transformer); tests compare th
 
 Nested (fMRLRec): given Matryoshka ``sizes``, every layer is block-lower-triangular over those sizes -- the
 LRU's B (state block k reads the input prefix ``x[..., :s_k]``) and C (output block k reads the state prefix),
-the feed-forward's ``MatryoshkaLinear`` layers (hidden sizes scaled by 4) and per-block LayerNorms -- so the
+the feed-forward's ``MatryoshkaLinear`` layers (hidden sizes scaled by ``ffn_multiplier``) and per-block LayerNorms -- so the
 first s outputs of the whole model are exactly a size-s LRU model run on the first s inputs, with the same
 parameters. ``forward(..., size=s)`` runs that size-s model alone (s-wide compute: how a small size is served).
 
@@ -163,16 +163,30 @@ class LRU(nn.Module):
         out, state = (self.dim, self.state_dim) if size is None else (size, size)
         b_mask, c_mask = self.b_mask[:state, :out], self.c_mask[:out, :state]
         gain = torch.exp(self.gamma_log[:state])[:, None]
-        B = torch.complex(self.B_re[:state, :out] * b_mask, self.B_im[:state, :out] * b_mask) * gain  # [H, D]
-        C = torch.complex(self.C_re[:out, :state] * c_mask, self.C_im[:out, :state] * c_mask)  # [D, H]
-        drive = x.to(B.dtype) @ B.T  # [B, L, H] complex
+        # x is real and only Re(C h) is used, so both projections run as real matmuls: B x = B_re x + i B_im x
+        # (2 real products, not the 4 of a complex one) and Re(C h) = C_re Re(h) - C_im Im(h) (2, not 4).
+        # `forward_complex` is the same map written with complex tensors; tests compare the two.
+        drive = torch.complex(x @ (self.B_re[:state, :out] * b_mask * gain).T,
+                              x @ (self.B_im[:state, :out] * b_mask * gain).T)  # [B, L, H] complex
         scan = lru_scan_parallel if self.use_parallel_scan else lru_scan_reference
         states = scan(self.lambdas()[:state], drive)  # [B, L, H]
-        return (states @ C.T).real + self.D[:out] * x
+        C_re, C_im = self.C_re[:out, :state] * c_mask, self.C_im[:out, :state] * c_mask  # [D, H]
+        return states.real @ C_re.T - states.imag @ C_im.T + self.D[:out] * x
+
+    def forward_complex(self, x: Tensor) -> Tensor:
+        """[B, L, D] -> [B, L, D]: ``forward`` computed with complex B and C (reference for the real-matmul form)."""
+        gain = torch.exp(self.gamma_log)[:, None]
+        B = torch.complex(self.B_re * self.b_mask, self.B_im * self.b_mask) * gain  # [H, D]
+        C = torch.complex(self.C_re * self.c_mask, self.C_im * self.c_mask)  # [D, H]
+        states = lru_scan_reference(self.lambdas(), x.to(B.dtype) @ B.T)
+        return (states @ C.T).real + self.D * x
 
 
 class GatedFeedForward(nn.Module):
-    """GELU-gated feed-forward (GEGLU): [*, D] -> [*, D]; nested with ``sizes`` (hidden sizes scaled alike)."""
+    """GELU-gated feed-forward (GEGLU): [*, D] -> [*, D]; nested with ``sizes`` (hidden sizes scaled alike).
+
+    ``hidden_dim`` defaults to 4 * dim (the transformer convention); fMRLRec's LRU uses dim (square layers).
+    """
 
     def __init__(self, dim: int, hidden_dim: int | None = None, dropout: float = 0.1,
                  sizes: tuple[int, ...] = ()) -> None:
@@ -212,13 +226,14 @@ class LRUBlock(nn.Module):
         max_phase: float = 2 * math.pi,
         use_parallel_scan: bool = True,
         sizes: tuple[int, ...] = (),
+        ffn_multiplier: int = 4,
     ) -> None:
         super().__init__()
         self.lru_norm = _norm(dim, sizes)
         self.lru = LRU(dim, r_min=r_min, r_max=r_max, max_phase=max_phase, use_parallel_scan=use_parallel_scan,
                        sizes=sizes)
         self.ffn_norm = _norm(dim, sizes)
-        self.ffn = GatedFeedForward(dim, dropout=dropout, sizes=sizes)
+        self.ffn = GatedFeedForward(dim, ffn_multiplier * dim, dropout=dropout, sizes=sizes)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, padding_mask: Tensor, size: int | None = None) -> Tensor:
@@ -252,15 +267,18 @@ class LRUSequenceModel(nn.Module):
         max_phase: float = 6.283,
         use_parallel_scan: bool = True,
         sizes: tuple[int, ...] = (),
+        ffn_multiplier: int = 4,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.max_len = max_len
+        self.ffn_multiplier = ffn_multiplier
         self.sizes = validate_sizes(sizes, dim, require_full=True) if sizes else ()
         self.input_norm = _norm(dim, self.sizes)
         self.input_dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            LRUBlock(dim, dropout, r_min, r_max, max_phase, use_parallel_scan, self.sizes) for _ in range(num_layers)
+            LRUBlock(dim, dropout, r_min, r_max, max_phase, use_parallel_scan, self.sizes, ffn_multiplier)
+            for _ in range(num_layers)
         )
 
     def forward(self, item_vectors: Tensor, padding_mask: Tensor, size: int | None = None) -> Tensor:
@@ -291,7 +309,7 @@ class LRUSequenceModel(nn.Module):
         # The ring settings (r_min, r_max, max_phase) only initialise parameters that are copied over below.
         small = LRUSequenceModel(size, self.max_len, num_layers=len(self.blocks), dropout=self.input_dropout.p,
                                  use_parallel_scan=self.blocks[0].lru.use_parallel_scan,
-                                 sizes=self.sizes[: self.sizes.index(size) + 1])
+                                 sizes=self.sizes[: self.sizes.index(size) + 1], ffn_multiplier=self.ffn_multiplier)
         own = self.state_dict()
         small.load_state_dict({name: own[name][tuple(slice(0, n) for n in value.shape)]
                                for name, value in small.state_dict().items()})

@@ -11,14 +11,15 @@ from torch import nn
 
 
 class CausalSelfAttentionBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int, dropout: float, ffn_multiplier: int = 4) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        hidden = ffn_multiplier * dim
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
 
@@ -35,13 +36,14 @@ class CausalSelfAttentionBlock(nn.Module):
 
 
 class SASRec(nn.Module):
-    def __init__(self, *, dim: int, max_len: int, num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2) -> None:
+    def __init__(self, *, dim: int, max_len: int, num_layers: int = 2, num_heads: int = 2, dropout: float = 0.2,
+                 ffn_multiplier: int = 4) -> None:
         super().__init__()
         self.max_len = max_len
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.positions.weight, std=0.02)
         self.input_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(CausalSelfAttentionBlock(dim, num_heads, dropout) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(CausalSelfAttentionBlock(dim, num_heads, dropout, ffn_multiplier) for _ in range(num_layers))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,22 @@ def test_lru_parallel_and_sequential_layers_agree() -> None:
     torch.testing.assert_close(parallel, lru(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sizes", [(), (4, 16)])
+def test_real_matmul_projections_equal_the_complex_formula(sizes: tuple[int, ...]) -> None:
+    """forward's real-arithmetic B x and Re(C h) compute the complex-tensor LRU exactly, values and gradients."""
+    lru = LRU(16, sizes=sizes)
+    x = torch.randn(3, 9, 16, requires_grad=True)
+    grads = []
+    for run in (lru.forward, lru.forward_complex):
+        out = run(x)
+        (out * torch.linspace(-1, 1, 16)).sum().backward()
+        grads.append((out.detach(), x.grad.clone(), lru.B_im.grad.clone(), lru.C_im.grad.clone(), lru.nu_log.grad.clone()))
+        x.grad = None
+        lru.zero_grad()
+    for fast, reference in zip(*grads):
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-4)
+
+
 def _model(**kwargs: object) -> LRUSequenceModel:
     model = LRUSequenceModel(dim=16, max_len=32, num_layers=2, **kwargs)
     # Fresh LayerNorms map a zero vector to zero; a trained one maps it to its bias. Give
@@ -152,10 +168,11 @@ def _nested_inputs(batch: int = 3, length: int = 7, dim: int = 32) -> tuple[Tens
     return x * mask[..., None], mask
 
 
-@pytest.mark.parametrize("num_layers", [1, 2])
-def test_nested_model_slice_property_every_size(num_layers: int) -> None:
+@pytest.mark.parametrize("num_layers, ffn_multiplier", [(1, 4), (2, 4), (2, 1)])
+def test_nested_model_slice_property_every_size(num_layers: int, ffn_multiplier: int) -> None:
     """Run alone at size s on x[..., :s], the nested model gives exactly the first s outputs of the full one."""
-    model = LRUSequenceModel(32, max_len=7, num_layers=num_layers, sizes=SIZES).eval()
+    model = LRUSequenceModel(32, max_len=7, num_layers=num_layers, sizes=SIZES, ffn_multiplier=ffn_multiplier).eval()
+    assert model.blocks[0].ffn.gate.out_features == ffn_multiplier * 32
     x, mask = _nested_inputs()
     with torch.no_grad():
         full = model(x, mask)
