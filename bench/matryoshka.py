@@ -104,7 +104,7 @@ def train_one(job: JobConfig, splits: Splits, content: CatalogueContent, num_ite
     global_step = 0
     refresh()
     order = rng.permutation(len(splits.train))
-    cursor, losses = 0, []
+    cursor, losses, per_size_losses = 0, [], []
     model.train()
     while global_step < steps:
         if cursor + job.train.batch_size > len(order):
@@ -116,12 +116,16 @@ def train_one(job: JobConfig, splits: Splits, content: CatalogueContent, num_ite
                            grad_clip=job.train.grad_clip)
         global_step += 1
         losses.append(loss.item())
+        per_size_losses.append(getattr(loss_fn, "last_per_size", {}))
         if global_step % job.train.max_steps_per_epoch == 0 or global_step == steps:
             table = refresh()  # the loop's end-of-epoch catalogue pass
             log(f"  step {global_step}/{steps} loss {np.mean(losses[-job.train.max_steps_per_epoch:]):.4f} "
                 f"({time.perf_counter() - wall:.0f}s)")
     timings = {"train_wall_s": time.perf_counter() - wall, "train_cpu_s": time.process_time() - cpu,
-               "final_loss": float(np.mean(losses[-50:]))}
+               "final_loss": float(np.mean(losses[-50:])),
+               # the Matryoshka model's training loss at each size (its final_loss is their weighted sum)
+               "final_loss_per_size": {str(size): float(np.mean([p[size] for p in per_size_losses[-50:]]))
+                                       for size in per_size_losses[-1]}}
     return model.eval(), table, timings
 
 
