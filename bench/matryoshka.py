@@ -1,7 +1,11 @@
 """Benchmark: one Matryoshka (fMRLRec) model vs separate models trained at single sizes, same budget each.
 
     python -m bench.matryoshka                       # sizes 32,128,512, 600 steps per model
-    python -m bench.matryoshka --sizes 32,64,128 --steps 250 --steps-per-epoch 125 --modalities text  # as run
+    python -m bench.matryoshka --sizes 32,128,512 --steps 1500 --steps-per-epoch 750 --modalities text \
+        --sequence-model lru --ffn-multiplier 1 --seed 0 --out bench/results/matryoshka_lru_ffn1.json  # as run
+    # more seeds, one file each (two can run side by side on two cores), then one seed-averaged comparison:
+    python -m bench.matryoshka ... --matryoshka-only --seed 1 --out .../mrl_seed1.json   # or --singles-only
+    python -m bench.matryoshka --combine FILE.json [FILE.json ...] --out combined.json
 
 Each model trains for the same number of steps on ALL ml100k_mm users (leave-one-out), then is scored on the
 test split with full ranking over the catalogue. The Matryoshka model (model.dim = largest size,

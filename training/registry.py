@@ -29,6 +29,7 @@ CHALLENGER = "challenger"
 TAG_CHECKPOINT = "checkpoint_path"
 TAG_DATA_WATERMARK = "data_watermark"
 TAG_TRAINED_THROUGH = "trained_through"
+TAG_SIZES = "matryoshka_sizes"  # the vector sizes the checkpoint serves (comma-separated; one size = no Matryoshka)
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
 
 
@@ -66,6 +67,15 @@ def git_commit() -> str:
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     return "unknown"
+
+
+def served_sizes(checkpoint_path: str | Path) -> list[int]:
+    """The vector sizes a checkpoint serves, from its state.json ([] for checkpoints written before they were kept)."""
+    import json
+
+    path = Path(checkpoint_path) / "state.json"
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    return [int(s) for s in state.get("matryoshka_sizes", [])]
 
 
 def registered_root(storage_path: str | Path, model_name: str) -> Path:
@@ -137,7 +147,9 @@ class ModelRegistry:
         if self.storage_path is None:
             raise RegistryError("ModelRegistry(storage_path=...) is needed to register: it owns the checkpoint copy")
         checkpoint_path = pin_checkpoint(checkpoint_path, registered_root(self.storage_path, self.name), run_id)
+        sizes = served_sizes(checkpoint_path)
         all_tags = {
+            **({TAG_SIZES: ",".join(map(str, sizes))} if sizes else {}),
             TAG_CHECKPOINT: str(checkpoint_path),
             TAG_DATA_WATERMARK: str(int(data_watermark)),
             TAG_TRAINED_THROUGH: str(int(trained_through)),

@@ -241,7 +241,7 @@ def test_model_uri_parsing():
 def _fake_checkpoint(directory: Path, payload: bytes) -> Path:
     directory.mkdir(parents=True)
     (directory / "model.pt").write_bytes(payload)
-    (directory / "state.json").write_text(json.dumps({"watermark": 1000}))
+    (directory / "state.json").write_text(json.dumps({"watermark": 1000, "matryoshka_sizes": [32, 128, 512]}))
     (directory / "bank").mkdir()
     (directory / "bank" / "shard0.npz").write_bytes(payload[::-1])
     return directory
@@ -305,6 +305,7 @@ def test_champion_survives_ray_checkpoint_rotation(tmp_path):
     assert champion.version == info.version
     assert (champion.checkpoint_path / "model.pt").read_bytes() == b"champion-weights"
     assert champion.tags["metric.ndcg_at_10"] == "0.1"
+    assert champion.tags["matryoshka_sizes"] == "32,128,512"  # the version says which sizes it serves
 
 
 # --------------------------------------------------------------------------- the scheduled commands
