@@ -65,6 +65,7 @@ def bench_job(dim: int, sizes: tuple[int, ...], args: argparse.Namespace) -> Job
         loss=args.loss, matryoshka_sizes=sizes, modalities=tuple(m for m in args.modalities.split(",") if m),
         ffn_multiplier=args.ffn_multiplier,
         matryoshka_weights=tuple(float(w) for w in args.weights.split(",") if w) if sizes else (),
+        matryoshka_zero_outer_head=bool(sizes) and args.zero_outer_head,
     )
     job.train = dataclasses.replace(job.train, batch_size=args.batch_size, max_steps_per_epoch=args.steps_per_epoch,
                                     epochs=math.ceil(args.steps / args.steps_per_epoch), eval_ks=(10, 20),
@@ -171,15 +172,18 @@ def run(args: argparse.Namespace, log=print) -> dict:
     return {**result, **compare(runs)}
 
 
-# Settings that must agree between result files for their runs to be compared or averaged (seed may differ;
-# sizes and weights define the Matryoshka model, so they must agree among the files that hold one).
+# Settings that must agree between result files for their runs to be compared or averaged (seed may differ).
 SAME_SETTINGS = ("steps", "steps_per_epoch", "batch_size", "max_history", "loss", "sequence_model",
                  "modalities", "encoders", "ffn_multiplier")
 
 
+# What defines the Matryoshka model itself: these must agree among the files that hold one.
+METHOD_SETTINGS = ("sizes", "weights", "zero_outer_head")
+
+
 def _settings(result: dict) -> dict:
     """A result file's settings, with the defaults of options added since older files were written."""
-    return {"ffn_multiplier": 4, "weights": "", **result["settings"]}
+    return {"ffn_multiplier": 4, "weights": "", "zero_outer_head": False, **result["settings"]}
 
 
 def combine(paths: list[str]) -> dict:
@@ -189,10 +193,10 @@ def combine(paths: list[str]) -> dict:
     """
     results = [json.loads(Path(p).read_text()) for p in paths]
     reference = _settings(results[0])
-    methods = {(_settings(r)["sizes"], _settings(r)["weights"]) for r in results
+    methods = {tuple(_settings(r)[key] for key in METHOD_SETTINGS) for r in results
                if any(run["kind"] == "matryoshka" for run in r["runs"])}
     if len(methods) > 1:
-        raise SystemExit(f"the Matryoshka runs in {paths} differ in (sizes, loss weights) {sorted(methods)}: "
+        raise SystemExit(f"the Matryoshka runs in {paths} differ in {METHOD_SETTINGS}: {sorted(methods)}: "
                          "not one method")
     runs = []
     for path, result in zip(paths, results):
@@ -202,9 +206,8 @@ def combine(paths: list[str]) -> dict:
             raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(differ)}): "
                              "its numbers are not comparable")
         runs += [{"seed": settings["seed"], **run} for run in result["runs"]]
-    sizes, weights = methods.pop() if methods else (reference["sizes"], "")
-    return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": paths,
-                         "sizes": sizes, "weights": weights},
+    method = dict(zip(METHOD_SETTINGS, methods.pop())) if methods else {}
+    return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": paths, **method},
             "runs": runs, **compare(runs)}
 
 
@@ -293,6 +296,8 @@ def main() -> None:
     parser.add_argument("--ffn-multiplier", type=int, default=4,
                         help="feed-forward width / dim in every sequence-model block (model.ffn_multiplier; fMRLRec: 1)")
     parser.add_argument("--weights", default="", help="Matryoshka loss weight per size, e.g. 1,1,2 ('' = equal)")
+    parser.add_argument("--zero-outer-head", action="store_true",
+                        help="model.matryoshka_zero_outer_head: the user head's blocks beyond the first start at zero")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--singles-only", action="store_true",
                       help="train only the single-size models (e.g. other seeds, to see their seed-to-seed spread)")

@@ -40,6 +40,9 @@ class ModelConfig:
     task: str = "retrieval"  # retrieval: next-item softmax; ctr: LEMUR's click BCE + grouped contrastive
     ctr_contrastive_weight: float = 1.0
     matryoshka_weights: tuple[float, ...] = ()  # one loss weight per size; () = all 1.0
+    # Start the user head's blocks beyond the first size at zero: every user vector starts as the smallest size's,
+    # zero-padded, and the wider blocks learn what to add to it (item vectors keep their usual init).
+    matryoshka_zero_outer_head: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -80,8 +83,9 @@ class ModelConfig:
     def _check_matryoshka(self) -> None:
         sizes, weights = self.matryoshka_sizes, self.matryoshka_weights
         if not sizes:
-            if weights:
-                raise ValueError("model.matryoshka_weights is set but model.matryoshka_sizes is empty")
+            if weights or self.matryoshka_zero_outer_head:
+                raise ValueError("model.matryoshka_weights / model.matryoshka_zero_outer_head is set but "
+                                 "model.matryoshka_sizes is empty")
             return
         try:
             validate_sizes(sizes, self.dim, require_full=True)

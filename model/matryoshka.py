@@ -116,8 +116,10 @@ class MatryoshkaLinear(nn.Module):
         sizes: Sequence[int],
         in_sizes: Sequence[int] | None = None,
         bias: bool = True,
+        zero_outer: bool = False,
     ) -> None:
         super().__init__()
+        self.zero_outer = zero_outer
         self.in_features = in_features
         self.out_features = out_features
         self.sizes = validate_sizes(sizes, out_features, require_full=True)
@@ -139,9 +141,15 @@ class MatryoshkaLinear(nn.Module):
     def reset_parameters(self) -> None:
         # nn.Linear's default scale, but with each block's own fan-in: a block that reads
         # an 8-wide prefix should not be initialised as if it read all 1024 inputs.
+        # zero_outer: every block after the first starts at zero, so at initialisation each size's output is the
+        # smallest size's, zero-padded; the larger blocks then learn what to add (gradients reach them as long as
+        # whatever their output meets downstream is not zero too).
         with torch.no_grad():
             self.weight.zero_()
-            for (start, end), in_size in zip(_block_bounds(self.sizes), self.in_sizes):
+            if self.bias is not None:
+                self.bias.zero_()
+            bounds = list(zip(_block_bounds(self.sizes), self.in_sizes))
+            for (start, end), in_size in bounds[:1] if self.zero_outer else bounds:
                 bound = 1.0 / math.sqrt(in_size)
                 self.weight[start:end, :in_size].uniform_(-bound, bound)
                 if self.bias is not None:
@@ -182,7 +190,7 @@ class MatryoshkaLinear(nn.Module):
         in_sizes = self.in_sizes if self.in_nested else None
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"sizes={self.sizes}, in_sizes={in_sizes}"
+            f"sizes={self.sizes}, in_sizes={in_sizes}" + (", zero_outer=True" if self.zero_outer else "")
         )
 
 

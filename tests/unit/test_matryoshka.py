@@ -80,6 +80,16 @@ def test_linear_init_scale_uses_block_fan_in() -> None:
     assert layer.weight[4:].abs().max() <= 0.125  # 1/sqrt(64)
 
 
+def test_linear_zero_outer_starts_every_size_as_the_smallest_and_still_learns_the_rest() -> None:
+    layer = MatryoshkaLinear(8, 8, (2, 4, 8), in_sizes=(2, 4, 8), zero_outer=True)
+    x = torch.randn(5, 8)
+    out = layer(x)
+    assert out[:, 2:].abs().max() == 0 and out[:, :2].abs().min() > 0
+    (out * torch.randn(5, 8)).sum().backward()  # a downstream partner that is not zero (here: random)
+    assert layer.weight.grad[2:4, :4].abs().min() > 0 and layer.weight.grad[4:].abs().min() > 0
+    assert layer.weight.grad[:2, 2:].abs().max() == 0  # the nesting still holds
+
+
 def test_layer_norm_slice_property_and_reference() -> None:
     norm = MatryoshkaLayerNorm(16, SIZES)
     with torch.no_grad():

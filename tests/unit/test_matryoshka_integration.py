@@ -75,10 +75,11 @@ def test_config_overrides_from_the_command_line():
 # ---------------------------------------------------------------------------------------- recommender
 
 
-def build_model(sizes: tuple[int, ...] = SIZES, sequence_model: str = "sasrec", use_id: bool = True) -> Recommender:
+def build_model(sizes: tuple[int, ...] = SIZES, sequence_model: str = "sasrec", use_id: bool = True,
+                **model: object) -> Recommender:
     job = tiny()
     model_config = dataclasses.replace(job.model, matryoshka_sizes=sizes, sequence_model=sequence_model,
-                                       use_id_embedding=use_id)
+                                       use_id_embedding=use_id, **model)
     torch.manual_seed(0)
     model = build_recommender(model_config, job.image, job.text, num_items=NUM_ITEMS, max_history=HISTORY)
     return model.eval()
@@ -214,6 +215,19 @@ def test_training_gradient_reaches_every_block():
         grad = layer.weight.grad
         assert grad[:8].abs().sum() > 0 and grad[16:].abs().sum() > 0
         assert torch.count_nonzero(grad * (1 - layer.mask)) == 0  # masked (upper) blocks never learn
+
+
+def test_zero_outer_head_starts_users_at_the_smallest_size_and_trains_the_outer_blocks():
+    model = build_model(sequence_model="lru", matryoshka_zero_outer_head=True).train()
+    batch, history = content_batch(6), histories(6)
+    out = model(target_ids=torch.arange(1, 7), history_ids=history,
+                history_content=torch.randn(6, HISTORY, 32), **batch)
+    raw = model.raw_user_vectors(history, torch.randn(6, HISTORY, 32))
+    assert raw[:, SIZES[0]:].abs().max() == 0 and raw[:, : SIZES[0]].abs().sum() > 0
+    NestedSizesLoss(SampledSoftmaxLoss(temperature=0.1), SIZES)(out.user, out.positive, torch.arange(1, 7)).backward()
+    assert model.user_head.weight.grad[SIZES[0]:].abs().sum() > 0  # item vectors' outer dims are not zero
+    with pytest.raises(ValueError, match="matryoshka_zero_outer_head is set but model.matryoshka_sizes is empty"):
+        ModelConfig(dim=32, matryoshka_zero_outer_head=True)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
