@@ -175,8 +175,6 @@ def run(args: argparse.Namespace, log=print) -> dict:
 # Settings that must agree between result files for their runs to be compared or averaged (seed may differ).
 SAME_SETTINGS = ("steps", "steps_per_epoch", "batch_size", "max_history", "loss", "sequence_model",
                  "modalities", "encoders", "ffn_multiplier")
-
-
 # What defines the Matryoshka model itself: these must agree among the files that hold one.
 METHOD_SETTINGS = ("sizes", "weights", "zero_outer_head")
 
@@ -189,7 +187,7 @@ def _settings(result: dict) -> dict:
 def combine(paths: list[str]) -> dict:
     """Runs of several result files (e.g. one per seed, run side by side) -> one comparison over all of them.
 
-    Refuses files whose settings differ (other than the seed), and Matryoshka runs trained with other loss weights.
+    Refuses files whose settings differ (other than the seed), and Matryoshka runs of different METHOD_SETTINGS.
     """
     results = [json.loads(Path(p).read_text()) for p in paths]
     reference = _settings(results[0])
