@@ -239,10 +239,10 @@ def compare(runs: list[dict]) -> dict:
         row["relative_ndcg_gap"] = (row["matryoshka_ndcg@10"] - row["single_ndcg@10"]) / row["single_ndcg@10"] \
             if row["single_ndcg@10"] else float("nan")
         rows.append(row)
-    summary = {"matryoshka_train_wall_s": float(np.mean([r["train_wall_s"] for r in matryoshka])),
-               "matryoshka_train_cpu_s": float(np.mean([r["train_cpu_s"] for r in matryoshka])),
-               "singles_train_wall_s_sum": sum(float(np.mean([r["train_wall_s"] for r in ones])) for ones in singles.values()),
-               "singles_train_cpu_s_sum": sum(float(np.mean([r["train_cpu_s"] for r in ones])) for ones in singles.values())}
+    summary = {}
+    for key in ("train_wall_s", "train_cpu_s"):
+        summary[f"matryoshka_{key}"] = _mean_std([r[key] for r in matryoshka])[0]
+        summary[f"singles_{key}_sum"] = sum(_mean_std([r[key] for r in ones])[0] for ones in singles.values())
     summary["cost_ratio_cpu"] = summary["matryoshka_train_cpu_s"] / summary["singles_train_cpu_s_sum"]
     summary["cost_ratio_wall"] = summary["matryoshka_train_wall_s"] / summary["singles_train_wall_s_sum"]
     summary["all_sizes_within_3pct"] = all(r["relative_ndcg_gap"] >= -0.03 for r in rows)
@@ -262,8 +262,8 @@ def format_table(result: dict) -> str:
     lines = [f"{'size':>5} {'runs':>5} {'NDCG@10 MRL':>16} {'NDCG@10 single':>16} {'rel. gap':>9} "
              f"{'Recall@10 MRL':>16} {'Recall@10 single':>17}"]
     for r in result["comparison"]:
-        lines.append(f"{r['size']:>5} {r['matryoshka_runs']:>2}/{r['single_runs']:<2} {cell(r, 'matryoshka_ndcg@10'):>16} "
-                     f"{cell(r, 'single_ndcg@10'):>16} {r['relative_ndcg_gap']:>+9.1%} "
+        lines.append(f"{r['size']:>5} {r['matryoshka_runs']:>2}/{r['single_runs']:<2} "
+                     f"{cell(r, 'matryoshka_ndcg@10'):>16} {cell(r, 'single_ndcg@10'):>16} {r['relative_ndcg_gap']:>+9.1%} "
                      f"{cell(r, 'matryoshka_recall@10'):>16} {cell(r, 'single_recall@10'):>17}")
     s = result["summary"]
     lines.append(f"training cost: Matryoshka {s['matryoshka_train_wall_s']:.0f}s wall / {s['matryoshka_train_cpu_s']:.0f}s cpu;"

@@ -27,7 +27,7 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 2
     # Feed-forward hidden width = ffn_multiplier * dim, in every SASRec or LRU block. 4 is the transformer
-    # convention; fMRLRec's LRU uses 1 (square layers), about a third of the 4x block's compute at dim 512.
+    # convention; fMRLRec's LRU uses 1 (square layers), which halves a dim-512 LRU training step here (1.14 -> 0.60 s).
     ffn_multiplier: int = 4
     dropout: float = 0.2
     loss: str = "sampled_softmax"

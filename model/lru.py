@@ -15,9 +15,10 @@ associative scan (what makes the LRU train like a transformer); tests compare th
 
 Nested (fMRLRec): given Matryoshka ``sizes``, every layer is block-lower-triangular over those sizes -- the
 LRU's B (state block k reads the input prefix ``x[..., :s_k]``) and C (output block k reads the state prefix),
-the feed-forward's ``MatryoshkaLinear`` layers (hidden sizes scaled by ``ffn_multiplier``) and per-block LayerNorms -- so the
-first s outputs of the whole model are exactly a size-s LRU model run on the first s inputs, with the same
-parameters. ``forward(..., size=s)`` runs that size-s model alone (s-wide compute: how a small size is served).
+the feed-forward's ``MatryoshkaLinear`` layers (hidden sizes scaled by ``ffn_multiplier``) and per-block
+LayerNorms -- so the first s outputs of the whole model are exactly a size-s LRU model run on the first s
+inputs, with the same parameters. ``forward(..., size=s)`` runs that size-s model alone (s-wide compute: how a
+small size is served).
 
 ``LRUSequenceModel`` implements the shared sequence-model interface:
 ``forward(item_vectors [B, L, D], padding_mask [B, L] bool, True = real) -> [B, L, D]``,
@@ -272,7 +273,6 @@ class LRUSequenceModel(nn.Module):
         super().__init__()
         self.dim = dim
         self.max_len = max_len
-        self.ffn_multiplier = ffn_multiplier
         self.sizes = validate_sizes(sizes, dim, require_full=True) if sizes else ()
         self.input_norm = _norm(dim, self.sizes)
         self.input_dropout = nn.Dropout(dropout)
@@ -307,9 +307,11 @@ class LRUSequenceModel(nn.Module):
         """
         _check_nested(self.sizes, size, "this LRU sequence model")
         # The ring settings (r_min, r_max, max_phase) only initialise parameters that are copied over below.
+        block = self.blocks[0]
         small = LRUSequenceModel(size, self.max_len, num_layers=len(self.blocks), dropout=self.input_dropout.p,
-                                 use_parallel_scan=self.blocks[0].lru.use_parallel_scan,
-                                 sizes=self.sizes[: self.sizes.index(size) + 1], ffn_multiplier=self.ffn_multiplier)
+                                 use_parallel_scan=block.lru.use_parallel_scan,
+                                 sizes=self.sizes[: self.sizes.index(size) + 1],
+                                 ffn_multiplier=block.ffn.gate.out_features // self.dim)
         own = self.state_dict()
         small.load_state_dict({name: own[name][tuple(slice(0, n) for n in value.shape)]
                                for name, value in small.state_dict().items()})

@@ -43,7 +43,9 @@ class SASRec(nn.Module):
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.positions.weight, std=0.02)
         self.input_dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(CausalSelfAttentionBlock(dim, num_heads, dropout, ffn_multiplier) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(
+            CausalSelfAttentionBlock(dim, num_heads, dropout, ffn_multiplier) for _ in range(num_layers)
+        )
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
