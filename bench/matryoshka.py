@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -66,6 +67,8 @@ def bench_job(dim: int, sizes: tuple[int, ...], args: argparse.Namespace) -> Job
         ffn_multiplier=args.ffn_multiplier,
         matryoshka_weights=tuple(float(w) for w in args.weights.split(",") if w) if sizes else (),
         matryoshka_zero_outer_head=bool(sizes) and args.zero_outer_head,
+        matryoshka_nested_backbone=not (sizes and args.full_backbone),
+        matryoshka_block_norm=bool(sizes) and args.block_norm,
     )
     job.train = dataclasses.replace(job.train, batch_size=args.batch_size, max_steps_per_epoch=args.steps_per_epoch,
                                     epochs=math.ceil(args.steps / args.steps_per_epoch), eval_ks=(10, 20),
@@ -134,7 +137,7 @@ def train_one(job: JobConfig, splits: Splits, content: CatalogueContent, num_ite
     return model.eval(), table, timings
 
 
-def run(args: argparse.Namespace, log=print) -> dict:
+def run(args: argparse.Namespace, log=functools.partial(print, flush=True)) -> dict:
     sizes = tuple(int(s) for s in args.sizes.split(","))
     torch.set_num_threads(args.threads)
     prepared = Path(args.prepared_dir).resolve()
@@ -176,36 +179,42 @@ def run(args: argparse.Namespace, log=print) -> dict:
 SAME_SETTINGS = ("steps", "steps_per_epoch", "batch_size", "max_history", "loss", "sequence_model",
                  "modalities", "encoders", "ffn_multiplier")
 # What defines the Matryoshka model itself: these must agree among the files that hold one.
-METHOD_SETTINGS = ("sizes", "weights", "zero_outer_head")
+METHOD_SETTINGS = ("sizes", "weights", "zero_outer_head", "full_backbone", "block_norm")
 
 
 def _settings(result: dict) -> dict:
     """A result file's settings, with the defaults of options added since older files were written."""
-    return {"ffn_multiplier": 4, "weights": "", "zero_outer_head": False, **result["settings"]}
+    return {"ffn_multiplier": 4, "weights": "", "zero_outer_head": False, "full_backbone": False, "block_norm": False,
+            **result["settings"]}
 
 
-def combine(paths: list[str]) -> dict:
+def combine(paths: list[str], singles_from: list[str] = ()) -> dict:
     """Runs of several result files (e.g. one per seed, run side by side) -> one comparison over all of them.
 
-    Refuses files whose settings differ (other than the seed), and Matryoshka runs of different METHOD_SETTINGS.
+    `singles_from`: more files of which only the single-size runs count (say, files that also hold a Matryoshka
+    model of another method). Refuses files whose settings differ (other than the seed), and Matryoshka runs of
+    different METHOD_SETTINGS.
     """
-    results = [json.loads(Path(p).read_text()) for p in paths]
-    reference = _settings(results[0])
-    methods = {tuple(_settings(r)[key] for key in METHOD_SETTINGS) for r in results
-               if any(run["kind"] == "matryoshka" for run in r["runs"])}
+    sources = [(p, json.loads(Path(p).read_text()), False) for p in paths]
+    sources += [(p, json.loads(Path(p).read_text()), True) for p in singles_from]
+    reference = _settings(sources[0][1])
+    methods = {tuple(_settings(r)[key] for key in METHOD_SETTINGS) for _, r, singles in sources
+               if not singles and any(run["kind"] == "matryoshka" for run in r["runs"])}
     if len(methods) > 1:
         raise SystemExit(f"the Matryoshka runs in {paths} differ in {METHOD_SETTINGS}: {sorted(methods)}: "
-                         "not one method")
+                         "not one method (pass files of another method with --singles-from)")
     runs = []
-    for path, result in zip(paths, results):
+    for path, result, singles in sources:
         settings = _settings(result)
         differ = [key for key in SAME_SETTINGS if settings.get(key) != reference.get(key)]
         if differ:
-            raise SystemExit(f"{path} was run with other settings than {paths[0]} ({', '.join(differ)}): "
+            raise SystemExit(f"{path} was run with other settings than {sources[0][0]} ({', '.join(differ)}): "
                              "its numbers are not comparable")
-        runs += [{"seed": settings["seed"], **run} for run in result["runs"]]
+        runs += [{"seed": settings["seed"], **run} for run in result["runs"]
+                 if not singles or run["kind"] == "single"]
     method = dict(zip(METHOD_SETTINGS, methods.pop())) if methods else {}
-    return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": paths, **method},
+    return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": paths,
+                         "singles_from": list(singles_from), **method},
             "runs": runs, **compare(runs)}
 
 
@@ -296,6 +305,11 @@ def main() -> None:
     parser.add_argument("--weights", default="", help="Matryoshka loss weight per size, e.g. 1,1,2 ('' = equal)")
     parser.add_argument("--zero-outer-head", action="store_true",
                         help="model.matryoshka_zero_outer_head: the user head's blocks beyond the first start at zero")
+    parser.add_argument("--full-backbone", action="store_true",
+                        help="model.matryoshka_nested_backbone=false: the Matryoshka model's LRU is full width "
+                             "(only the loss, item projection and user head nest; Kusupati et al.'s MRL)")
+    parser.add_argument("--block-norm", action="store_true",
+                        help="model.matryoshka_block_norm: item/user vectors normalised per nested block")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--singles-only", action="store_true",
                       help="train only the single-size models (e.g. other seeds, to see their seed-to-seed spread)")
@@ -304,10 +318,14 @@ def main() -> None:
     parser.add_argument("--combine", nargs="+", metavar="RESULT_JSON",
                         help="train nothing: compare the runs of these result files (say, one per seed), "
                              "averaged over seeds, and write the comparison to --out")
+    parser.add_argument("--singles-from", nargs="+", default=[], metavar="RESULT_JSON",
+                        help="with --combine: also these files, of which only the single-size runs count")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     started = time.perf_counter()
-    result = combine(args.combine) if args.combine else run(args)
+    if args.singles_from and not args.combine:
+        parser.error("--singles-from needs --combine")
+    result = combine(args.combine, args.singles_from) if args.combine else run(args)
     result["bench_wall_s"] = time.perf_counter() - started
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,10 @@ SEQUENCE_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
         ffn_multiplier=c.ffn_multiplier,
     ),
     # fMRLRec's LRU nests with the item space: its size-s slice is a real s-wide sequence model.
-    "lru": lambda c, max_len: LRUSequenceModel(dim=c.dim, max_len=max_len, num_layers=c.num_layers, dropout=c.dropout,
-                                               sizes=c.matryoshka_sizes, ffn_multiplier=c.ffn_multiplier),
+    "lru": lambda c, max_len: LRUSequenceModel(
+        dim=c.dim, max_len=max_len, num_layers=c.num_layers, dropout=c.dropout, ffn_multiplier=c.ffn_multiplier,
+        sizes=c.matryoshka_sizes if c.matryoshka_nested_backbone else (),
+    ),
 }
 
 
@@ -47,7 +49,7 @@ def build_recommender(
     user_head = MatryoshkaLinear(model.dim, model.dim, sizes, in_sizes=sizes if nested else None,
                                  zero_outer=model.matryoshka_zero_outer_head) if sizes else None
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,
-                       user_head=user_head, matryoshka_sizes=sizes)
+                       user_head=user_head, matryoshka_sizes=sizes, block_norm=model.matryoshka_block_norm)
 
 
 def encoder_parameters(recommender: Recommender) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -43,6 +43,14 @@ class ModelConfig:
     # Start the user head's blocks beyond the first size at zero: every user vector starts as the smallest size's,
     # zero-padded, and the wider blocks learn what to add to it (item vectors keep their usual init).
     matryoshka_zero_outer_head: bool = False
+    # LRU only (SASRec is always full width). True (fMRLRec): the LRU's layers are block-lower-triangular over
+    # the sizes, so a size-s user vector is computed by an s-wide model alone. False (Kusupati et al.'s MRL): a
+    # full-width LRU; only the loss and the item projection / user head nest, so a size-s user vector costs the
+    # full sequence model, and what shrinks with s is the vectors stored and searched.
+    matryoshka_nested_backbone: bool = True
+    # Normalise item and user vectors per nested block, each block holding a norm share proportional to its
+    # width (`model.matryoshka.block_normalize`), instead of one L2 norm over the whole vector.
+    matryoshka_block_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -83,9 +91,13 @@ class ModelConfig:
     def _check_matryoshka(self) -> None:
         sizes, weights = self.matryoshka_sizes, self.matryoshka_weights
         if not sizes:
-            if weights or self.matryoshka_zero_outer_head:
-                raise ValueError("model.matryoshka_weights / model.matryoshka_zero_outer_head is set but "
-                                 "model.matryoshka_sizes is empty")
+            changed = [name for name, is_set in (("matryoshka_weights", bool(weights)),
+                                                 ("matryoshka_zero_outer_head", self.matryoshka_zero_outer_head),
+                                                 ("matryoshka_nested_backbone", not self.matryoshka_nested_backbone),
+                                                 ("matryoshka_block_norm", self.matryoshka_block_norm))
+                       if is_set]
+            if changed:
+                raise ValueError(f"model.{' / model.'.join(changed)} is set but model.matryoshka_sizes is empty")
             return
         try:
             validate_sizes(sizes, self.dim, require_full=True)

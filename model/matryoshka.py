@@ -27,6 +27,7 @@ __all__ = [
     "validate_sizes",
     "scale_sizes",
     "truncate",
+    "block_normalize",
     "nested_mask",
     "MatryoshkaLinear",
     "MatryoshkaLayerNorm",
@@ -81,6 +82,24 @@ def truncate(x: Tensor, size: int) -> Tensor:
     if not 0 < size <= x.shape[-1]:
         raise ValueError(f"cannot truncate a last dim of {x.shape[-1]} to size {size}")
     return x[..., :size]
+
+
+def block_normalize(x: Tensor, sizes: Sequence[int]) -> Tensor:
+    """[*, s] (s one of ``sizes``) -> [*, s] unit vectors whose every nested block carries a fixed share of the
+    norm: block (s_{i-1}, s_i] is L2-normalised and scaled by sqrt(width / s), so each dim holds the same share
+    (1/s) on average, as in an isotropic vector.
+
+    Plain normalisation lets training pile the norm into the first block (which every size's loss shapes), so
+    the wider sizes' extra dims barely move their scores; here they must. Truncating to a smaller size t and
+    renormalising equals ``block_normalize(x[..., :t], sizes)`` (the shares scale together), so block-normalised
+    full vectors are served at any size like plainly normalised ones.
+    """
+    width = x.shape[-1]
+    if width not in sizes:
+        raise ValueError(f"cannot block-normalise a last dim of {width}: not one of the sizes {list(sizes)}")
+    bounds = _block_bounds([s for s in sizes if s <= width])
+    return torch.cat([F.normalize(x[..., start:end], dim=-1) * math.sqrt((end - start) / width)
+                      for start, end in bounds], dim=-1)
 
 
 def _block_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.fusion import ItemEncoder
-from model.matryoshka import MatryoshkaLinear, matryoshka_loss, truncate, validate_sizes
+from model.matryoshka import MatryoshkaLinear, block_normalize, matryoshka_loss, truncate, validate_sizes
 
 
 def at_size(vectors: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -50,7 +50,8 @@ def nests_with(sequence_model: nn.Module, sizes: Sequence[int]) -> bool:
 
 class Recommender(nn.Module):
     def __init__(self, *, item_encoder: ItemEncoder, sequence_model: nn.Module,
-                 user_head: nn.Module | None = None, matryoshka_sizes: Sequence[int] = ()) -> None:
+                 user_head: nn.Module | None = None, matryoshka_sizes: Sequence[int] = (),
+                 block_norm: bool = False) -> None:
         super().__init__()
         self.item_encoder = item_encoder
         self.sequence_model = sequence_model
@@ -59,6 +60,9 @@ class Recommender(nn.Module):
             if matryoshka_sizes else ()
         if self.matryoshka_sizes and not isinstance(user_head, MatryoshkaLinear):
             raise ValueError("a Matryoshka recommender needs a MatryoshkaLinear user_head, so user vectors nest")
+        if block_norm and not self.matryoshka_sizes:
+            raise ValueError("block_norm needs matryoshka_sizes: it normalises each nested block separately")
+        self.block_norm = block_norm  # item and user vectors: `block_normalize` instead of plain L2
         # The sequence model nests with the item space: its size-s slice is an s-wide model.
         self.nested_backbone = nests_with(sequence_model, self.matryoshka_sizes)
         if self.nested_backbone and user_head.in_sizes != self.matryoshka_sizes:
@@ -84,7 +88,11 @@ class Recommender(nn.Module):
 
     def item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """content [*, >=size] + id embedding of ids [*] -> normalised item vectors [*, size or D]"""
-        return F.normalize(self.raw_item_vectors(content, ids, size), dim=-1)
+        return self.normalize(self.raw_item_vectors(content, ids, size))
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """Unnormalised [*, s] item or user vectors -> unit vectors (plain L2, or per block with block_norm)."""
+        return block_normalize(raw, self.matryoshka_sizes) if self.block_norm else F.normalize(raw, dim=-1)
 
     def raw_user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
                          size: int | None = None) -> torch.Tensor:
@@ -111,7 +119,7 @@ class Recommender(nn.Module):
     def user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
                      size: int | None = None) -> torch.Tensor:
         """history_ids [B, L] (0 = padding), history_content [B, L, D] -> normalised user vectors [B, size or D]"""
-        return F.normalize(self.raw_user_vectors(history_ids, history_content, size), dim=-1)
+        return self.normalize(self.raw_user_vectors(history_ids, history_content, size))
 
     def forward(
         self,

@@ -72,3 +72,20 @@ def test_combine_merges_files_and_refuses_other_settings(tmp_path) -> None:
         _run("matryoshka", 128, 2, {32: 0.04, 128: 0.05}, 100.0)]}))
     with pytest.raises(SystemExit, match="not one method"):
         combine([paths[0], str(other)])
+
+
+def test_combine_takes_only_the_single_size_runs_of_singles_from_files(tmp_path) -> None:
+    mine, theirs = tmp_path / "mine.json", tmp_path / "theirs.json"
+    mine.write_text(json.dumps({"settings": _settings(0, full_backbone=True), "runs": [
+        _run("matryoshka", 128, 0, {32: 0.06, 128: 0.05}, 100.0)]}))
+    theirs.write_text(json.dumps({"settings": _settings(0), "runs": [  # another method's Matryoshka + singles
+        _run("matryoshka", 128, 0, {32: 0.01, 128: 0.01}, 500.0),
+        _run("single", 32, 0, {32: 0.05}, 10.0), _run("single", 128, 0, {128: 0.05}, 90.0)]}))
+    with pytest.raises(SystemExit, match="not one method"):
+        combine([str(mine), str(theirs)])
+    result = combine([str(mine)], singles_from=[str(theirs)])
+    assert [r["kind"] for r in result["runs"]] == ["matryoshka", "single", "single"]
+    assert result["settings"]["full_backbone"] is True and result["settings"]["singles_from"] == [str(theirs)]
+    small, large = result["comparison"]
+    assert small["relative_ndcg_gap"] == pytest.approx(0.2) and large["relative_ndcg_gap"] == pytest.approx(0.0)
+    assert result["summary"]["cost_ratio_cpu"] == pytest.approx(1.0)  # 100 vs 10 + 90: the other model is not counted

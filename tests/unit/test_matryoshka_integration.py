@@ -21,6 +21,7 @@ from jobs.overrides import ConfigError
 from model.build import build_recommender
 from model.config import ModelConfig
 from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
+from model.matryoshka import block_normalize
 from model.recommender import NestedSizesLoss, Recommender, at_size
 from pipeline.sequences import Examples
 from training.evaluate import evaluate_ranking, score_users, size_table, write_size_report
@@ -103,12 +104,13 @@ def histories(batch: int, seed: int = 1) -> torch.Tensor:
     return history
 
 
-@pytest.mark.parametrize("sequence_model", ["sasrec", "lru"])
+@pytest.mark.parametrize("sequence_model, nested", [("sasrec", True), ("lru", True), ("lru", False)])
 @torch.inference_mode()
-def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model):
-    model = build_model(sequence_model=sequence_model)
+def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model, nested):
+    model = build_model(sequence_model=sequence_model, matryoshka_nested_backbone=nested)
     assert model.supported_sizes == SIZES
-    assert model.nested_backbone == (sequence_model == "lru")  # fMRLRec's LRU nests; SASRec stays full width
+    # fMRLRec's LRU nests unless told not to; SASRec always stays full width
+    assert model.nested_backbone == (sequence_model == "lru" and nested)
     batch = content_batch(5)
     content = model.item_encoder.encode_content(**batch)  # [5, 32]
     table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(2))
@@ -163,6 +165,58 @@ def test_off_by_default_keeps_the_plain_architecture():
     assert not any(name.startswith("user_head") for name in model.state_dict())
     with pytest.raises(ValueError, match="need a Matryoshka projection"):
         model.item_encoder.encode_content(**content_batch(2), size=8)
+
+
+def test_full_backbone_lru_is_dense_and_its_small_sizes_read_every_state_dim():
+    """matryoshka_nested_backbone=False: a plain full-width LRU, a head whose every block reads the whole state."""
+    model = build_model(sequence_model="lru", matryoshka_nested_backbone=False)
+    nested = build_model(sequence_model="lru")
+    assert model.sequence_model.sizes == () and nested.sequence_model.sizes == SIZES
+    assert model.user_head.in_sizes != SIZES and nested.user_head.in_sizes == SIZES
+    # the dense LRU masks out no weights (the nested one zeroes the upper blocks of B, C and its feed-forward)
+    def masked_out(m: Recommender) -> int:
+        return sum(int((buffer == 0).sum()) for name, buffer in m.sequence_model.named_buffers()
+                   if name.endswith("mask"))
+    assert masked_out(nested) > 0 and masked_out(model) == 0
+    history, table = histories(3), torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        before = model.raw_user_vectors(history, table[history], SIZES[0])
+        table[:, SIZES[-1] - 1] += 1.0  # the last input dim: outside the size-8 prefix
+        after = model.raw_user_vectors(history, table[history], SIZES[0])
+    assert not torch.allclose(before, after)  # a full-width backbone: size 8 depends on every input dim
+    with pytest.raises(ValueError, match="matryoshka_nested_backbone is set but model.matryoshka_sizes is empty"):
+        ModelConfig(dim=32, matryoshka_nested_backbone=False)
+
+
+def test_block_normalize_fixes_each_blocks_norm_share_and_truncates_like_plain_vectors():
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(6))
+    x[:, :8] *= 100.0  # a first block that would hold almost all of a plain L2 norm
+    unit_vectors = block_normalize(x, SIZES)
+    torch.testing.assert_close(unit_vectors.norm(dim=-1), torch.ones(5))
+    shares = [unit_vectors[:, a:b].pow(2).sum(-1) for a, b in ((0, 8), (8, 16), (16, 32))]
+    for share, width in zip(shares, (8, 8, 16)):
+        torch.testing.assert_close(share, torch.full((5,), width / 32))
+    assert F.normalize(x, dim=-1)[:, :8].pow(2).sum(-1).min() > 0.99  # plain L2: the first block has it all
+    for size in SIZES:  # serving a smaller size = truncate + renormalise, as for plain vectors
+        torch.testing.assert_close(at_size(unit_vectors, size), block_normalize(x[:, :size], SIZES))
+    with pytest.raises(ValueError, match="not one of the sizes"):
+        block_normalize(x[:, :12], SIZES)
+
+
+@torch.inference_mode()
+def test_block_norm_recommender_serves_every_size_from_the_full_vectors():
+    model = build_model(sequence_model="lru", matryoshka_nested_backbone=False, matryoshka_block_norm=True)
+    content = model.item_encoder.encode_content(**content_batch(5))
+    history, ids = histories(4), torch.arange(1, 6)
+    table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(2))
+    full_item, full_user = model.item_vectors(content, ids), model.user_vectors(history, table[history])
+    torch.testing.assert_close(full_item[:, :8].pow(2).sum(-1), torch.full((5,), 0.25))
+    for size in SIZES:
+        torch.testing.assert_close(model.item_vectors(content, ids, size), at_size(full_item, size))
+        torch.testing.assert_close(model.user_vectors(history, table[history], size), at_size(full_user, size),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="matryoshka_block_norm is set but model.matryoshka_sizes is empty"):
+        ModelConfig(dim=32, matryoshka_block_norm=True)
 
 
 # ------------------------------------------------------------------------------------------------ loss
