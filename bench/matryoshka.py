@@ -212,6 +212,10 @@ def combine(paths: list[str], singles_from: list[str] = ()) -> dict:
                              "its numbers are not comparable")
         runs += [{"seed": settings["seed"], **run} for run in result["runs"]
                  if not singles or run["kind"] == "single"]
+    seen = [(r["kind"], r["dim"], r["seed"]) for r in runs]
+    twice = sorted({key for key in seen if seen.count(key) > 1})
+    if twice:
+        raise SystemExit(f"runs (kind, dim, seed) {twice} occur in more than one file: one seed would count twice")
     method = dict(zip(METHOD_SETTINGS, methods.pop())) if methods else {}
     return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": paths,
                          "singles_from": list(singles_from), **method},

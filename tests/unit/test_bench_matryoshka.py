@@ -89,3 +89,5 @@ def test_combine_takes_only_the_single_size_runs_of_singles_from_files(tmp_path)
     small, large = result["comparison"]
     assert small["relative_ndcg_gap"] == pytest.approx(0.2) and large["relative_ndcg_gap"] == pytest.approx(0.0)
     assert result["summary"]["cost_ratio_cpu"] == pytest.approx(1.0)  # 100 vs 10 + 90: the other model is not counted
+    with pytest.raises(SystemExit, match=r"\('single', 32, 0\).*count twice"):
+        combine([str(mine)], singles_from=[str(theirs), str(theirs)])
