@@ -32,6 +32,8 @@ import functools
 import json
 import math
 import time
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +190,7 @@ def _settings(result: dict) -> dict:
             **result["settings"]}
 
 
-def combine(paths: list[str], singles_from: list[str] = ()) -> dict:
+def combine(paths: Sequence[str], singles_from: Sequence[str] = ()) -> dict:
     """Runs of several result files (e.g. one per seed, run side by side) -> one comparison over all of them.
 
     `singles_from`: more files of which only the single-size runs count (say, files that also hold a Matryoshka
@@ -212,12 +214,11 @@ def combine(paths: list[str], singles_from: list[str] = ()) -> dict:
                              "its numbers are not comparable")
         runs += [{"seed": settings["seed"], **run} for run in result["runs"]
                  if not singles or run["kind"] == "single"]
-    seen = [(r["kind"], r["dim"], r["seed"]) for r in runs]
-    twice = sorted({key for key in seen if seen.count(key) > 1})
+    twice = sorted(key for key, n in Counter((r["kind"], r["dim"], r["seed"]) for r in runs).items() if n > 1)
     if twice:
         raise SystemExit(f"runs (kind, dim, seed) {twice} occur in more than one file: one seed would count twice")
     method = dict(zip(METHOD_SETTINGS, methods.pop())) if methods else {}
-    return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": paths,
+    return {"settings": {**reference, "seed": sorted({r["seed"] for r in runs}), "combined_from": list(paths),
                          "singles_from": list(singles_from), **method},
             "runs": runs, **compare(runs)}
 

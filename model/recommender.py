@@ -9,7 +9,8 @@ Matryoshka (fMRLRec): with nested `matryoshka_sizes`, the item projection is a `
 so an item or user vector at size s is exactly the first s dims of the full one *before* normalisation.
 Normalising happens after truncation (`at_size`): a size-s vector is `normalize(raw[..., :s])`, which equals
 `normalize(normalize(raw)[..., :s])`, so full normalised vectors can be truncated and renormalised later.
-`NestedSizesLoss` trains every size at once on those truncated-then-renormalised vectors.
+`NestedSizesLoss` trains every size at once on those truncated-then-renormalised vectors. With `block_norm`
+(`Recommender.normalize`) each nested block is normalised on its own (`block_normalize`); the same identity holds.
 
 A nested sequence model (one with the same `sizes`, i.e. the LRU) makes the whole network a Matryoshka: it reads
 the raw (unnormalised) history item vectors, which its per-block input LayerNorm scales block by block, and the
