@@ -71,6 +71,7 @@ def bench_job(dim: int, sizes: tuple[int, ...], args: argparse.Namespace) -> Job
         matryoshka_zero_outer_head=bool(sizes) and args.zero_outer_head,
         matryoshka_nested_backbone=not (sizes and args.full_backbone),
         matryoshka_block_norm=bool(sizes) and args.block_norm,
+        matryoshka_user_head=not (sizes and args.no_user_head),
     )
     job.train = dataclasses.replace(job.train, batch_size=args.batch_size, max_steps_per_epoch=args.steps_per_epoch,
                                     epochs=math.ceil(args.steps / args.steps_per_epoch), eval_ks=(10, 20),
@@ -181,12 +182,13 @@ def run(args: argparse.Namespace, log=functools.partial(print, flush=True)) -> d
 SAME_SETTINGS = ("steps", "steps_per_epoch", "batch_size", "max_history", "loss", "sequence_model",
                  "modalities", "encoders", "ffn_multiplier")
 # What defines the Matryoshka model itself: these must agree among the files that hold one.
-METHOD_SETTINGS = ("sizes", "weights", "zero_outer_head", "full_backbone", "block_norm")
+METHOD_SETTINGS = ("sizes", "weights", "zero_outer_head", "full_backbone", "block_norm", "no_user_head")
 
 
 def _settings(result: dict) -> dict:
     """A result file's settings, with the defaults of options added since older files were written."""
     return {"ffn_multiplier": 4, "weights": "", "zero_outer_head": False, "full_backbone": False, "block_norm": False,
+            "no_user_head": False,
             **result["settings"]}
 
 
@@ -315,6 +317,9 @@ def main() -> None:
                              "(only the loss, item projection and user head nest; Kusupati et al.'s MRL)")
     parser.add_argument("--block-norm", action="store_true",
                         help="model.matryoshka_block_norm: item/user vectors normalised per nested block")
+    parser.add_argument("--no-user-head", action="store_true",
+                        help="model.matryoshka_user_head=false (with --full-backbone): the user vector is the "
+                             "LRU's last state truncated, as in the single-size models (no extra linear head)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--singles-only", action="store_true",
                       help="train only the single-size models (e.g. other seeds, to see their seed-to-seed spread)")

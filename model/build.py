@@ -47,7 +47,8 @@ def build_recommender(
     # Matryoshka user vectors. A nested sequence model (LRU): block i of the head reads the state prefix of
     # size s_i, so the whole size-s path is s wide. Otherwise (SASRec): block i reads the whole state.
     user_head = MatryoshkaLinear(model.dim, model.dim, sizes, in_sizes=sizes if nested else None,
-                                 zero_outer=model.matryoshka_zero_outer_head) if sizes else None
+                                 zero_outer=model.matryoshka_zero_outer_head) \
+        if sizes and model.matryoshka_user_head else None
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,
                        user_head=user_head, matryoshka_sizes=sizes, block_norm=model.matryoshka_block_norm)
 

@@ -51,6 +51,10 @@ class ModelConfig:
     # Normalise item and user vectors per nested block, each block holding a norm share proportional to its
     # width (`model.matryoshka.block_normalize`), instead of one L2 norm over the whole vector.
     matryoshka_block_norm: bool = False
+    # False: no user head; the user vector is the sequence model's last state, truncated to each size (Kusupati
+    # et al.'s MRL, where the final representation itself is nested). Needs a full-width backbone
+    # (matryoshka_nested_backbone=false with the LRU, or SASRec): a nested LRU's state prefix needs the head.
+    matryoshka_user_head: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -94,7 +98,8 @@ class ModelConfig:
             changed = [name for name, is_set in (("matryoshka_weights", bool(weights)),
                                                  ("matryoshka_zero_outer_head", self.matryoshka_zero_outer_head),
                                                  ("matryoshka_nested_backbone", not self.matryoshka_nested_backbone),
-                                                 ("matryoshka_block_norm", self.matryoshka_block_norm))
+                                                 ("matryoshka_block_norm", self.matryoshka_block_norm),
+                                                 ("matryoshka_user_head", not self.matryoshka_user_head))
                        if is_set]
             if changed:
                 raise ValueError(f"model.{' / model.'.join(changed)} is set but model.matryoshka_sizes is empty")
@@ -110,6 +115,9 @@ class ModelConfig:
                              f"model.matryoshka_sizes={list(sizes)}")
         if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
             raise ValueError(f"model.matryoshka_weights={list(weights)} must be >= 0 and not all zero")
+        if not self.matryoshka_user_head and self.sequence_model == "lru" and self.matryoshka_nested_backbone:
+            raise ValueError("model.matryoshka_user_head=false needs a full-width backbone: set "
+                             "model.matryoshka_nested_backbone=false (a nested LRU's state prefixes need the head)")
 
     @property
     def supported_sizes(self) -> tuple[int, ...]:

@@ -59,13 +59,18 @@ class Recommender(nn.Module):
         self.user_head = user_head  # [B, D] last state -> [B, D] user vector; None = the state itself
         self.matryoshka_sizes = validate_sizes(matryoshka_sizes, item_encoder.dim, require_full=True) \
             if matryoshka_sizes else ()
-        if self.matryoshka_sizes and not isinstance(user_head, MatryoshkaLinear):
-            raise ValueError("a Matryoshka recommender needs a MatryoshkaLinear user_head, so user vectors nest")
         if block_norm and not self.matryoshka_sizes:
             raise ValueError("block_norm needs matryoshka_sizes: it normalises each nested block separately")
         self.block_norm = block_norm  # item and user vectors: `block_normalize` instead of plain L2
         # The sequence model nests with the item space: its size-s slice is an s-wide model.
         self.nested_backbone = nests_with(sequence_model, self.matryoshka_sizes)
+        # Without a head the user vector is the full-width state, truncated: nested by construction. A head must
+        # be a MatryoshkaLinear (a plain one would mix every state dim into every output, prefix included, but
+        # its prefix outputs would not be trained as a smaller model), and a nested backbone needs one.
+        if self.matryoshka_sizes and not isinstance(user_head, MatryoshkaLinear) \
+                and (user_head is not None or self.nested_backbone):
+            raise ValueError("a Matryoshka recommender needs a MatryoshkaLinear user_head (or none, with a "
+                             "full-width sequence model), so user vectors nest")
         if self.nested_backbone and user_head.in_sizes != self.matryoshka_sizes:
             raise ValueError("a nested sequence model needs a user_head whose blocks read the state prefixes "
                              f"(in_sizes={list(self.matryoshka_sizes)}), got in_sizes={list(user_head.in_sizes)}")

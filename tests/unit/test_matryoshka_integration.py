@@ -104,10 +104,13 @@ def histories(batch: int, seed: int = 1) -> torch.Tensor:
     return history
 
 
-@pytest.mark.parametrize("sequence_model, nested", [("sasrec", True), ("lru", True), ("lru", False)])
+@pytest.mark.parametrize("sequence_model, nested, head", [("sasrec", True, True), ("lru", True, True),
+                                                         ("lru", False, True), ("lru", False, False),
+                                                         ("sasrec", True, False)])
 @torch.inference_mode()
-def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model, nested):
-    model = build_model(sequence_model=sequence_model, matryoshka_nested_backbone=nested)
+def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model, nested, head):
+    model = build_model(sequence_model=sequence_model, matryoshka_nested_backbone=nested, matryoshka_user_head=head)
+    assert (model.user_head is not None) == head
     assert model.supported_sizes == SIZES
     # fMRLRec's LRU nests unless told not to; SASRec always stays full width
     assert model.nested_backbone == (sequence_model == "lru" and nested)
@@ -384,3 +387,20 @@ def test_export_item_vectors_per_size(prepared_dir: Path, tmp_path: Path):
     assert manifest["sizes"] == list(SIZES) and manifest["num_items"] == num_items
     with pytest.raises(ValueError, match=r"supports \[8, 16, 32\]"):
         export_item_vectors(checkpoint, tmp_path / "bad", [12], prepared_dir=prepared_dir)
+
+
+@torch.inference_mode()
+def test_without_a_user_head_the_user_vector_is_the_full_width_state_truncated():
+    """matryoshka_user_head=False: no head parameters; every size's user vector is a prefix of the LRU's last state."""
+    model = build_model(sequence_model="lru", matryoshka_nested_backbone=False, matryoshka_user_head=False)
+    assert not any(name.startswith("user_head") for name in model.state_dict())
+    history, table = histories(3), torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(4))
+    real = history > 0
+    inputs = model.item_vectors(table[history], history) * real[..., None]
+    state = model.sequence_model(inputs, real)[:, -1]
+    for size in SIZES:
+        torch.testing.assert_close(model.raw_user_vectors(history, table[history], size), state[:, :size])
+    with pytest.raises(ValueError, match="matryoshka_user_head=false needs a full-width backbone"):
+        ModelConfig(dim=32, matryoshka_sizes=SIZES, sequence_model="lru", matryoshka_user_head=False)
+    with pytest.raises(ValueError, match="matryoshka_user_head is set but model.matryoshka_sizes is empty"):
+        ModelConfig(dim=32, matryoshka_user_head=False)
