@@ -118,6 +118,9 @@ class ModelConfig:
         if not self.matryoshka_user_head and self.sequence_model == "lru" and self.matryoshka_nested_backbone:
             raise ValueError("model.matryoshka_user_head=false needs a full-width backbone: set "
                              "model.matryoshka_nested_backbone=false (a nested LRU's state prefixes need the head)")
+        if not self.matryoshka_user_head and self.matryoshka_zero_outer_head:
+            raise ValueError("model.matryoshka_zero_outer_head initialises the user head, but "
+                             "model.matryoshka_user_head=false has none")
 
     @property
     def supported_sizes(self) -> tuple[int, ...]:

@@ -402,5 +402,8 @@ def test_without_a_user_head_the_user_vector_is_the_full_width_state_truncated()
         torch.testing.assert_close(model.raw_user_vectors(history, table[history], size), state[:, :size])
     with pytest.raises(ValueError, match="matryoshka_user_head=false needs a full-width backbone"):
         ModelConfig(dim=32, matryoshka_sizes=SIZES, sequence_model="lru", matryoshka_user_head=False)
+    with pytest.raises(ValueError, match="matryoshka_zero_outer_head initialises the user head"):
+        ModelConfig(dim=32, matryoshka_sizes=SIZES, sequence_model="lru", matryoshka_nested_backbone=False,
+                    matryoshka_user_head=False, matryoshka_zero_outer_head=True)
     with pytest.raises(ValueError, match="matryoshka_user_head is set but model.matryoshka_sizes is empty"):
         ModelConfig(dim=32, matryoshka_user_head=False)
