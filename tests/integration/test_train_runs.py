@@ -1,10 +1,12 @@
 """Real TorchTrainer runs of the tiny preset on the shared cluster: 2 workers (DDP on CPU) tracked in MLflow,
-resumed from their checkpoint, and killed mid-epoch.
+killed mid-epoch, and resumed from their checkpoint.
 
-The runs share one undisturbed 2-worker run (module fixture, 2 epochs): its MLflow record and Ray Data bank fill
-are checked, it is resumed for a third epoch, and a second run with the same seed whose rank 0 calls
-`os._exit(1)` at a step of epoch 2 on the first attempt only (`train.fail_at_step`, guarded by a marker file in
-the run folder) is compared with it. Also: asking for more workers than the cluster has fails before any work.
+The tests share one 2-worker run (module fixture, 2 epochs, the bank filled by a Ray Data pass) whose rank 0
+calls `os._exit(1)` at a step of epoch 2 on the first attempt only (`train.fail_at_step`, guarded by a marker
+file in the run folder): its MLflow record, its Ray Data bank fill and its recovery are checked, then it is
+resumed under the same run name for a third epoch. One run instead of an undisturbed run plus a faulty one: each
+Ray Train run costs ~1-2 minutes of fixed start-up on 2 cores. Also: asking for more workers than the cluster
+has fails before any work.
 """
 from __future__ import annotations
 
@@ -78,56 +80,42 @@ def _quiet(_line: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def undisturbed(ray_cluster, workspace):
+def faulty(ray_cluster, workspace):
+    """The run every test here reads: rank 0 dies at step FAIL_AT (epoch 2), Ray Train restarts the group once."""
     from training.driver import run_training
 
     # the LEMUR recipe's Ray Data batch-inference pass fills the bank before the two workers start
-    return run_training(_job(workspace, "clean", "memory.fill_with_ray_data=true"), log=_quiet)
+    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", f"train.fail_at_step={FAIL_AT}",
+               "train.max_failures=1")
+    started = time.perf_counter()
+    outcome = run_training(job, log=_quiet)
+    print(f"fault-injected 2-worker run: {time.perf_counter() - started:.1f}s")
+    return outcome
 
 
-def test_two_worker_run_is_tracked_and_its_bank_filled_by_ray_data(undisturbed):
+def test_two_worker_run_is_tracked_and_its_bank_filled_by_ray_data(faulty):
     from mlflow.tracking import MlflowClient
 
-    metrics = undisturbed.metrics
+    metrics = faulty.metrics
     for key in ("test_recall@10", "test_ndcg@10", "test_mrr", "val_ndcg@10", "samples_per_s"):
         assert math.isfinite(metrics[key]), key
-    assert 0.0 <= metrics["test_ndcg@10"] <= 1.0
+    assert 0.0 <= metrics["test_ndcg@10"] <= metrics["test_recall@10"] <= 1.0
+    assert metrics["test_recall@50"] > 0.0
     assert metrics["global_step"] == 2 * STEPS and metrics["epoch"] == 2
-    assert metrics["bank_filled_by_ray_data"] == 1.0  # by Ray Data actors, not by rank 0
-    assert metrics["bank_coverage"] == pytest.approx(1.0)  # every history lookup hit a filled entry
-    run = MlflowClient(undisturbed.tracking_uri).get_run(undisturbed.mlflow_run_id)
+    # epoch 1 (first attempt) started from the bank filled by Ray Data actors, not by rank 0; epoch 2 (after the
+    # restart) from the checkpoint's bank snapshot
+    assert _history(faulty, "bank_filled_by_ray_data") == [(1, 1.0), (2, 0.0)]
+    assert [value for _, value in _history(faulty, "bank_coverage")] == pytest.approx([1.0, 1.0])  # every lookup hit
+    run = MlflowClient(faulty.tracking_uri).get_run(faulty.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
     assert "test_ndcg_at_10" in run.data.metrics and "val_ndcg_at_10" in run.data.metrics
 
 
-def test_same_run_name_resumes_after_the_last_epoch_with_the_bank_restored_exactly(workspace, undisturbed):
-    from training.driver import run_training
-
-    # one worker this time: a checkpoint does not depend on the world size that wrote it
-    job = _job(workspace, "clean", "memory.fill_with_ray_data=true", "train.epochs=3", "train.num_workers=1")
-    job.train.run_name = undisturbed.run_name  # Ray Train hands the latest checkpoint back
-    resumed = run_training(job, log=_quiet)
-    assert resumed.metrics["resumed_from_epoch"] == 2
-    assert resumed.metrics["epoch"] == 3 and resumed.metrics["global_step"] == 3 * STEPS
-    assert resumed.metrics["bank_restored_exact"] == 1.0  # the bank came back exactly as checkpointed
-    assert resumed.metrics["bank_filled_by_ray_data"] == 0.0  # restored from the checkpoint, not refilled
-    # a finished MLflow run is not reopened: the extension is a new run under the same Ray run name
-    assert resumed.mlflow_run_id != undisturbed.mlflow_run_id
-
-
-def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(ray_cluster, workspace, undisturbed):
-    from ray.train import Result
-
-    from training.driver import run_training
+def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(faulty):
     from training.loop import STATE_FILE
 
-    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", f"train.fail_at_step={FAIL_AT}",
-               "train.max_failures=1")  # the undisturbed run's config plus the fault
-    started = time.perf_counter()
-    outcome = run_training(job, log=_quiet)
-    seconds = time.perf_counter() - started
-
+    outcome = faulty
     # the fault really fired (first attempt), and the run still finished
     assert (outcome.run_dir / "fault_injected").exists()
     assert outcome.checkpoint_path is not None
@@ -136,33 +124,39 @@ def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(ray_cluster, w
     assert outcome.metrics["resumed_from_epoch"] == 1
     assert outcome.metrics["bank_restored"] == 1.0
     assert outcome.metrics["bank_restored_exact"] == 1.0  # the killed attempt's partial bank writes are gone
-    assert undisturbed.metrics["resumed_from_epoch"] == 0 and undisturbed.metrics["bank_restored"] == 0.0
     assert _history(outcome, "resumed_from_epoch") == [(1, 0.0), (2, 1.0)]
-    state = json.loads((Path(Result.from_path(str(outcome.run_dir)).checkpoint.path) / STATE_FILE).read_text())
+    assert _history(outcome, "bank_restored") == [(1, 0.0), (2, 1.0)]
+    state = json.loads((Path(outcome.checkpoint_path) / STATE_FILE).read_text())
     # epoch 2 ran its full STEPS after the resume; the 2 steps of the killed attempt were not counted
     assert state["epoch"] == 1 and state["global_step"] == 2 * STEPS
     assert outcome.metrics["global_step"] == 2 * STEPS
 
     # no epoch counted twice in MLflow: exactly one record per epoch
     assert _history(outcome, "epoch") == [(1, 1.0), (2, 2.0)]
-    assert [step for step, _ in _history(outcome, "train_loss")] == [1, 2]
     assert [step for step, _ in _history(outcome, "val_recall_at_10")] == [1, 2]
+    # the restarted epoch 2 trained on from the epoch-1 weights: a fresh start would repeat epoch 1's loss
+    # (seen: 4.96 -> 4.40, and 4.35 after a third epoch; epoch 2 from the initial weights would be ~4.96 again)
+    (_, loss_1), (_, loss_2) = _history(outcome, "train_loss")
+    assert math.isfinite(loss_2) and loss_2 < loss_1 - 0.2, (loss_1, loss_2)
 
     # the data report reached MLflow as data.* metrics
     assert _history(outcome, "data.items_total") == [(0, float(CATALOGUE))]
     assert _history(outcome, "data.bad_item_fraction") == [(0, 0.0)]
 
-    # final numbers finite and in the range of the undisturbed run (same seed, but Ray Data shuffles differ)
-    loss, reference_loss = outcome.metrics["train_loss"], undisturbed.metrics["train_loss"]
-    assert math.isfinite(loss) and abs(loss - reference_loss) <= 0.1 * reference_loss, (loss, reference_loss)
-    for key in ("test_recall@50", "test_ndcg@10", "test_mrr"):
-        value, reference = outcome.metrics[key], undisturbed.metrics[key]
-        # 60 test users: one user moves recall by 0.017; seen here: recall@50 0.083 vs 0.150, loss 4.367 vs 4.386
-        assert math.isfinite(value) and 0.0 <= value <= 1.0, key
-        assert abs(value - reference) <= 0.1, (key, value, reference)
-    assert outcome.metrics["test_recall@50"] > 0.0
-    print(f"fault-injected run: {seconds:.1f}s; metrics {outcome.metrics['test_recall@10']:.4f} vs "
-          f"undisturbed {undisturbed.metrics['test_recall@10']:.4f}")
+
+def test_same_run_name_resumes_after_the_last_epoch_with_the_bank_restored_exactly(workspace, faulty):
+    from training.driver import run_training
+
+    # one worker this time: a checkpoint does not depend on the world size that wrote it
+    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.epochs=3", "train.num_workers=1")
+    job.train.run_name = faulty.run_name  # Ray Train hands the latest checkpoint back
+    resumed = run_training(job, log=_quiet)
+    assert resumed.metrics["resumed_from_epoch"] == 2
+    assert resumed.metrics["epoch"] == 3 and resumed.metrics["global_step"] == 3 * STEPS
+    assert resumed.metrics["bank_restored_exact"] == 1.0  # the bank came back exactly as checkpointed
+    assert resumed.metrics["bank_filled_by_ray_data"] == 0.0  # restored from the checkpoint, not refilled
+    # a finished MLflow run is not reopened: the extension is a new run under the same Ray run name
+    assert resumed.mlflow_run_id != faulty.mlflow_run_id
 
 
 def test_more_workers_than_the_cluster_has_fails_fast_naming_the_key(ray_cluster, workspace):
@@ -186,13 +180,13 @@ def test_more_workers_than_the_cluster_has_fails_fast_naming_the_key(ray_cluster
     assert time.perf_counter() - started < 60  # no Ray Train start, no catalogue decode
 
 
-def test_partial_checkpoint_from_a_crashed_upload_is_never_resumed_from(undisturbed):
+def test_partial_checkpoint_from_a_crashed_upload_is_never_resumed_from(faulty):
     """Ray Train copies a checkpoint straight into its final folder (not atomic), but resumes only from the
     checkpoints listed in checkpoint_manager_snapshot.json, written after an upload completes: a folder left by
     a crash mid-upload, even a newer one, is ignored."""
     from ray.train import Result
 
-    run_dir = undisturbed.run_dir
+    run_dir = faulty.run_dir
     registered = Path(Result.from_path(str(run_dir)).checkpoint.path)
     assert (run_dir / "checkpoint_manager_snapshot.json").is_file()
     partial = run_dir / "checkpoint_2099-01-01_00-00-00.000000"  # sorts after every real one

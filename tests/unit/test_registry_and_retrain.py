@@ -308,6 +308,56 @@ def test_champion_survives_ray_checkpoint_rotation(tmp_path):
     assert champion.tags["matryoshka_sizes"] == "32,128,512"  # the version says which sizes it serves
 
 
+def test_a_retrain_whose_training_dies_changes_nothing(prepared_dir, tmp_path, monkeypatch):
+    """New data is there and the challenger starts training, which dies (as `TorchTrainer.fit()` raises when a
+    worker dies and no retries are left): the retrain fails with that error and touches nothing. No new version,
+    no alias moved, the champion's pinned checkpoint byte for byte as it was, the lock released."""
+    import hashlib
+
+    from mlflow.tracking import MlflowClient
+
+    import training.driver
+    from jobs.config import build_config
+    from pipeline.sources import load_manifest
+    from training.registry import CHALLENGER, CHAMPION, ModelRegistry
+    from training.retrain import lock_path, run_retrain
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = build_config("tiny", [f"data.prepared_dir={prepared_dir}", f"train.storage_path={tmp_path / 'runs'}",
+                                f"tracking.tracking_uri={uri}", "retrain.steps=5", "retrain.metric=mrr"])
+    cut = load_manifest(prepared_dir)["watermark"] - 10 * 86400  # the champion saw all but the last 10 days
+    source = _fake_checkpoint(tmp_path / "runs" / "job" / "checkpoint_000001", b"champion-weights")
+    (source / "state.json").write_text(json.dumps({"config": job.to_dict(), "watermark": cut}))
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    registry = ModelRegistry(uri, job.tracking.registered_model, job.train.storage_path)
+    champion = registry.register(run_id=run_id, checkpoint_path=source, data_watermark=cut, trained_through=cut,
+                                 config_hash="abc", metrics={"mrr": 0.01})
+    registry.set_alias(CHAMPION, champion.version)
+
+    def digest(directory: Path) -> dict[str, str]:
+        return {str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(directory.rglob("*")) if f.is_file()}
+
+    pinned = digest(champion.checkpoint_path)
+    started: list[str] = []
+
+    def training_dies(challenger_job, log=print, splits=None):
+        started.append(challenger_job.train.init_checkpoint)
+        assert lock_path(job).exists()  # the retrain holds its lock while it trains
+        raise RuntimeError("Training failed due to worker errors: the actor died unexpectedly")
+
+    monkeypatch.setattr(training.driver, "run_training", training_dies)
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="worker errors"):
+        run_retrain(job, log=lines.append)
+    assert started == [str(champion.checkpoint_path)], lines  # it got as far as training, warm from the champion
+    assert [v.version for v in registry.versions()] == [champion.version]
+    assert registry.get(CHAMPION).version == champion.version and registry.get(CHALLENGER) is None
+    assert digest(champion.checkpoint_path) == pinned
+    assert not lock_path(job).exists()
+
+
 # --------------------------------------------------------------------------- the scheduled commands
 
 
