@@ -306,6 +306,7 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
     state = json.loads((Path(v2.tags["checkpoint_path"]) / "state.json").read_text())
     assert state["num_items"] == after["num_items"], "the challenger covers the grown catalogue"
     assert "warm start from" in retrain.stdout
+    assert _digest(v1_checkpoint) == v1_files  # warm-starting from the champion never writes to its files
 
     # ---- nothing new: the scheduled retrain is a no-op
     code, stdout, stderr = in_process("retrain no-op (in process)", "jobs.retrain", *common, "--prepare", *gate)

@@ -136,7 +136,9 @@ def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(faulty):
     assert [step for step, _ in _history(outcome, "val_recall_at_10")] == [1, 2]
     # the restarted epoch 2 trained on from the epoch-1 weights: a fresh start would repeat epoch 1's loss
     # (seen: 4.96 -> 4.40, and 4.35 after a third epoch; epoch 2 from the initial weights would be ~4.96 again)
-    (_, loss_1), (_, loss_2) = _history(outcome, "train_loss")
+    losses = _history(outcome, "train_loss")
+    assert [step for step, _ in losses] == [1, 2]
+    (_, loss_1), (_, loss_2) = losses
     assert math.isfinite(loss_2) and loss_2 < loss_1 - 0.2, (loss_1, loss_2)
 
     # the data report reached MLflow as data.* metrics
