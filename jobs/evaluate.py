@@ -54,7 +54,7 @@ def main() -> int:
     from pipeline.sources import ITEMS_FILE, load_manifest
     from training.driver import build_splits
     from training.offline_eval import DecodedCatalogue, checkpoint_job_config, evaluate_checkpoint, load_checkpoint
-    from training.tracking import Tracker, resolve_tracking_uri
+    from training.tracking import Tracker
 
     resolved = resolve_model_arguments(args)
     if resolved is None:

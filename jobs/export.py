@@ -34,7 +34,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from training.export import EXPORT_MANIFEST, export_item_vectors
-    from training.loop import MODEL_FILE, STATE_FILE
+    from training.checkpoint import MODEL_FILE, STATE_FILE
     from training.offline_eval import checkpoint_job_config
 
     resolved = resolve_model_arguments(args)

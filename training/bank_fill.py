@@ -22,12 +22,13 @@ class CatalogEncoder:
     def __init__(self, job_dict: dict, state_path: str, num_items: int, bank, step: int = 0) -> None:
         from jobs.config import JobConfig
         from model.build import build_recommender
+        from training.checkpoint import load_tensors
 
         torch.set_num_threads(1)
         job = JobConfig.from_dict(job_dict)
         self.model = build_recommender(job.model, job.image, job.text, num_items=num_items,
                                        max_history=job.data.max_history)
-        self.model.load_state_dict(torch.load(state_path, map_location="cpu"))
+        self.model.load_state_dict(load_tensors(state_path))
         self.model.eval()
         self.bank = bank
         self.step = step

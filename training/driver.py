@@ -31,7 +31,7 @@ from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
 from training.evaluate import popularity_metrics, write_size_report
 from training.loop import train_loop_per_worker
-from training.tracking import Tracker, resolve_tracking_uri
+from training.tracking import Tracker
 
 MEMORY_NAMESPACE = "mmrec"
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.sources import ITEMS_FILE, load_manifest
-from training.offline_eval import DecodedCatalogue, load_checkpoint, read_checkpoint_state
+from training.checkpoint import read_state
+from training.offline_eval import DecodedCatalogue, load_checkpoint
 
 EXPORT_MANIFEST = "export.json"
 
@@ -35,7 +36,7 @@ def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: 
     """
     checkpoint_dir = Path(checkpoint_dir)
     if prepared_dir is None:
-        prepared_dir = read_checkpoint_state(checkpoint_dir)["config"]["data"]["prepared_dir"]
+        prepared_dir = read_state(checkpoint_dir)["config"]["data"]["prepared_dir"]
     prepared_dir = Path(prepared_dir).resolve()
     items_path = prepared_dir / ITEMS_FILE
     if not items_path.exists():

@@ -8,7 +8,6 @@ Every rank calls `ray.train.report` (a barrier); only rank 0 writes checkpoints 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -27,14 +26,10 @@ from model.build import build_recommender, encoder_parameters
 from model.losses import CTRLoss, FullSoftmaxLoss, SampledSoftmaxLoss
 from model.recommender import NestedSizesLoss, Recommender
 from pipeline.stages import read_examples
+from training.checkpoint import (BANK_DIR, MODEL_FILE, OPTIMIZER_FILE, load_model_weights, load_tensors, read_state,
+                                 save_checkpoint, saved_bank_capacity)
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
 from training.tracking import Tracker
-
-MODEL_FILE = "model.pt"
-OPTIMIZER_FILE = "optimizer.pt"
-STATE_FILE = "state.json"
-BANK_DIR = "bank"
-
 
 @dataclass
 class WorkerPaths:
@@ -76,38 +71,6 @@ def _make_loss(job: JobConfig, popularity: np.ndarray):
     return base
 
 
-def save_checkpoint(directory: Path, model: Recommender, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
-
-
-def load_state(directory: Path) -> dict:
-    return json.loads((directory / STATE_FILE).read_text())
-
-
-ID_EMBEDDING_KEY = "item_encoder.id_embedding.weight"
-
-
-def load_model_weights(model: Recommender, path: Path) -> int:
-    """Load a saved state dict into `model`, which may have a larger catalogue than the saved one.
-
-    The item-id embedding [N_old+1, D] fills the first rows of the model's [N+1, D]; rows of items new to the
-    catalogue keep their fresh initialisation. Returns how many such new rows there are (0 = same catalogue).
-    """
-    state = torch.load(path, map_location="cpu")
-    new_rows = 0
-    saved = state.get(ID_EMBEDDING_KEY)
-    current = model.state_dict().get(ID_EMBEDDING_KEY)
-    if saved is not None and current is not None and saved.shape[0] < current.shape[0]:
-        merged = current.clone()
-        merged[: saved.shape[0]] = saved
-        state[ID_EMBEDDING_KEY] = merged
-        new_rows = current.shape[0] - saved.shape[0]
-    model.load_state_dict(state)
-    return new_rows
-
-
 def bank_matches_snapshot(bank, directory: Path) -> float:
     """After a restore: does the live bank hold exactly the snapshot's vectors and write steps?"""
     from memory.client import LocalMemoryBankClient
@@ -119,16 +82,6 @@ def bank_matches_snapshot(bank, directory: Path) -> float:
     ids = np.arange(bank.capacity)
     live, saved = bank.lookup(ids), reference.lookup(ids)
     return float(np.array_equal(live.vectors, saved.vectors) and np.array_equal(live.written_step, saved.written_step))
-
-
-def saved_bank_capacity(directory: Path) -> int | None:
-    """Capacity recorded in a saved bank snapshot (None when unreadable)."""
-    from memory.client import BANK_META_FILE
-
-    try:
-        return int(json.loads((directory / BANK_META_FILE).read_text())["capacity"])
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -163,15 +116,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                   flush=True)
     if checkpoint is None and not job.train.init_checkpoint and loop_config.get("init_model"):
         # the driver's initial weights, which its Ray Data pass used to fill the bank
-        model.load_state_dict(torch.load(loop_config["init_model"], map_location="cpu"))
+        model.load_state_dict(load_tensors(loop_config["init_model"]))
         bank_filled = bool(loop_config.get("bank_prefilled"))
     filled_by_ray_data = bank_filled and checkpoint is None
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             ckpt_dir = Path(ckpt_dir)
-            model.load_state_dict(torch.load(ckpt_dir / MODEL_FILE, map_location="cpu"))
-            optimizer.load_state_dict(torch.load(ckpt_dir / OPTIMIZER_FILE, map_location="cpu"))
-            state = load_state(ckpt_dir)
+            model.load_state_dict(load_tensors(ckpt_dir / MODEL_FILE))
+            optimizer.load_state_dict(load_tensors(ckpt_dir / OPTIMIZER_FILE))
+            state = read_state(ckpt_dir)
             start_epoch, global_step = state["epoch"] + 1, state["global_step"]
             if (ckpt_dir / BANK_DIR).exists():
                 # every rank must agree that the bank is filled, or rank 0 skips the fill barrier the others wait at

@@ -8,7 +8,6 @@ same code on the same item table.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,7 @@ from model.recommender import Recommender
 from pipeline.sequences import Examples
 from pipeline.stages import ContentSpec, decode_catalog
 from training.evaluate import encode_catalog, evaluate_ranking
-from training.loop import MODEL_FILE, STATE_FILE, load_model_weights
+from training.checkpoint import MODEL_FILE, load_model_weights, read_state
 
 
 @dataclass
@@ -32,13 +31,6 @@ class LoadedCheckpoint:
     job: JobConfig  # the config it was trained with
     state: dict  # its state.json
     new_items: int  # catalogue rows the checkpoint never saw
-
-
-def read_checkpoint_state(checkpoint_dir: Path) -> dict:
-    path = Path(checkpoint_dir) / STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint_dir} is not a training checkpoint (no {STATE_FILE})")
-    return json.loads(path.read_text())
 
 
 def _known_keys_only(cls: type, data: dict, prefix: str = "") -> tuple[dict, list[str]]:
@@ -74,7 +66,7 @@ def job_config_of(state: dict) -> JobConfig:
 def load_checkpoint(checkpoint_dir: Path, num_items: int | None = None) -> LoadedCheckpoint:
     """A checkpoint directory -> its model for a catalogue of `num_items` (default: the one it trained on)."""
     checkpoint_dir = Path(checkpoint_dir)
-    state = read_checkpoint_state(checkpoint_dir)
+    state = read_state(checkpoint_dir)
     job = job_config_of(state)
     trained_items = int(state["num_items"])
     num_items = trained_items if num_items is None else num_items
@@ -134,5 +126,5 @@ def checkpoint_job_config(checkpoint_dir: Path, overrides: Sequence[str] = ()) -
     from jobs.config import validate
     from jobs.overrides import apply_overrides
 
-    job = job_config_of(read_checkpoint_state(checkpoint_dir))
+    job = job_config_of(read_state(checkpoint_dir))
     return validate(apply_overrides(job, list(overrides)))

@@ -321,7 +321,8 @@ def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: b
     """
     from jobs.overrides import ConfigError
     from pipeline.sources import ITEMS_FILE, load_manifest, prepare_dataset
-    from training.offline_eval import job_config_of, read_checkpoint_state
+    from training.checkpoint import read_state
+    from training.offline_eval import job_config_of
     from training.registry import CHALLENGER, CHAMPION, ModelRegistry, RegistryError
     from training.tracking import resolve_tracking_uri
 
@@ -355,7 +356,7 @@ def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: b
             return RetrainOutcome("noop", f"nothing newer than the watermark {utc_iso(seen_through)}: nothing to do",
                                   champion)
 
-        champion_job = job_config_of(read_checkpoint_state(champion.checkpoint_path))
+        champion_job = job_config_of(read_state(champion.checkpoint_path))
         frame = read_for_retrain(prepared, champion.trained_through, job.data.max_users)
         unseen = frame.timestamp.to_numpy()[frame.timestamp.to_numpy() > seen_through]
         holdout_from = holdout_start(unseen, cfg.holdout_fraction)

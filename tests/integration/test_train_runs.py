@@ -113,7 +113,7 @@ def test_two_worker_run_is_tracked_and_its_bank_filled_by_ray_data(faulty):
 
 
 def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(faulty):
-    from training.loop import STATE_FILE
+    from training.checkpoint import STATE_FILE
 
     outcome = faulty
     # the fault really fired (first attempt), and the run still finished

@@ -85,12 +85,40 @@ def test_install_and_start_commands(cluster_config: dict):
     assert "cd ~/mmrec" in setup[project_step]
 
     head_start = " ".join(cluster_config["head_start_ray_commands"])
-    for flag in ("--head", "--port=6379", "--dashboard-host=0.0.0.0", "--autoscaling-config=~/ray_bootstrap_config.yaml"):
+    for flag in ("--head", "--port=6379", "--autoscaling-config=~/ray_bootstrap_config.yaml"):
         assert flag in shlex.split(head_start.replace(";", " ")), flag
     # The head advertises no CPUs to the autoscaler, so it must also start with none.
     assert cluster_config["available_node_types"]["head"]["resources"] == {"CPU": 0}
     assert "--num-cpus=0" in head_start
     assert "--address=$RAY_HEAD_IP:6379" in " ".join(cluster_config["worker_start_ray_commands"])
+
+
+def _start_words(commands: list[str]) -> list[list[str]]:
+    """Each `ray start` invocation of a start-command list, as shell words (env assignments included)."""
+    words = shlex.split(" ".join(commands).replace(";", " ; "))
+    starts, current = [], []
+    for word in words + [";"]:
+        if word == ";":
+            if "start" in current and "ray" in current:
+                starts.append(current)
+            current = []
+        else:
+            current.append(word)
+    return starts
+
+
+def test_job_server_binds_localhost_and_auth_fails_closed(cluster_config: dict):
+    """No node starts without token auth, and the head's dashboard / job server is not on a public interface."""
+    head = _start_words(cluster_config["head_start_ray_commands"])
+    workers = _start_words(cluster_config["worker_start_ray_commands"])
+    assert len(head) == 1 and len(workers) == 1
+    for start in head + workers:
+        # explicit token mode: Ray refuses to start a node in token mode without ~/.ray/auth_token
+        assert "RAY_AUTH_MODE=token" in start[: start.index("ray")], start
+    hosts = [w.split("=", 1)[1] for w in head[0] if w.startswith("--dashboard-host=")]
+    assert hosts in ([], ["127.0.0.1"], ["localhost"]), f"dashboard bound to {hosts}: use the ray dashboard tunnel"
+    assert "0.0.0.0" not in " ".join(cluster_config["head_start_ray_commands"])
+    assert cluster_config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
 
 
 def _typo_setup_command(config: dict) -> None:

@@ -199,7 +199,7 @@ def test_warm_start_copies_old_id_rows_and_keeps_new_ones(tmp_path: Path):
     from encoders.config import ImageEncoderConfig, TextEncoderConfig
     from model.build import build_recommender
     from model.config import ModelConfig
-    from training.loop import ID_EMBEDDING_KEY, load_model_weights
+    from training.checkpoint import ID_EMBEDDING_KEY, load_model_weights
 
     config = ModelConfig(dim=8, num_layers=1, num_heads=2, modalities=(), use_id_embedding=True)
     image, text = ImageEncoderConfig(), TextEncoderConfig()

@@ -1,0 +1,95 @@
+"""The training checkpoint: its file names, how it is written, and how it is read back safely (no Ray here).
+
+A checkpoint directory holds
+    model.pt       the recommender's state dict (tensors only)
+    optimizer.pt   the optimizer's state dict (tensors and numbers only)
+    state.json     epoch, global step, config, watermark, metrics, served sizes
+    bank/          the memory-bank snapshot (numpy .npz without pickles + meta.json)
+Every torch file is loaded with `weights_only=True`: a `model.pt` from elsewhere (a registry, `--checkpoint DIR`)
+cannot run code when it is opened, on any torch the project allows. A file that is not a plain tensor archive is
+refused with a `CheckpointError` (one line: the path and why).
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "state.json"
+BANK_DIR = "bank"
+ID_EMBEDDING_KEY = "item_encoder.id_embedding.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used: missing, not a checkpoint, or refused by the safe loader."""
+
+
+def load_tensors(path: str | Path) -> Any:
+    """A torch file of tensors (a state dict) -> its contents; anything that would need to run code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused, not a plain tensor checkpoint (loaded with weights_only=True): {reason[:200]}"
+        ) from None
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+
+def is_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / MODEL_FILE).is_file()
+
+
+def read_state(directory: str | Path) -> dict:
+    """A checkpoint's state.json (CheckpointError when the directory is not a training checkpoint)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a training checkpoint (no {STATE_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_model_weights(model: torch.nn.Module, path: Path) -> int:
+    """Load a saved state dict into `model`, which may have a larger catalogue than the saved one.
+
+    The item-id embedding [N_old+1, D] fills the first rows of the model's [N+1, D]; rows of items new to the
+    catalogue keep their fresh initialisation. Returns how many such new rows there are (0 = same catalogue).
+    """
+    state = load_tensors(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a state dict")
+    new_rows = 0
+    saved = state.get(ID_EMBEDDING_KEY)
+    current = model.state_dict().get(ID_EMBEDDING_KEY)
+    if saved is not None and current is not None and saved.shape[0] < current.shape[0]:
+        merged = current.clone()
+        merged[: saved.shape[0]] = saved
+        state[ID_EMBEDDING_KEY] = merged
+        new_rows = current.shape[0] - saved.shape[0]
+    model.load_state_dict(state)
+    return new_rows
+
+
+def saved_bank_capacity(directory: Path) -> int | None:
+    """Capacity recorded in a saved bank snapshot (None when unreadable)."""
+    from memory.client import BANK_META_FILE
+
+    try:
+        return int(json.loads((directory / BANK_META_FILE).read_text())["capacity"])
+    except (OSError, ValueError, KeyError):
+        return None
