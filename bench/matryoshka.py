@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.config import JobConfig, movielens, tiny
+from training.job_config import JobConfig, movielens, tiny
 from memory.client import LocalMemoryBankClient
 from model.build import build_recommender
 from pipeline.sequences import Splits, item_popularity
 from pipeline.sources import ITEMS_FILE, load_manifest
-from training.driver import build_splits
+from pipeline.splits import build_splits
 from training.evaluate import encode_catalog, evaluate_ranking
 from training.loop import _make_loss, make_optimizer, optimise
 from training.offline_eval import DecodedCatalogue, content_spec_of
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, log=functools.partial(print, flush=True)) -> d
     prepared = Path(args.prepared_dir).resolve()
     num_items = load_manifest(prepared)["num_items"]
     probe = bench_job(sizes[-1], sizes, args)
-    splits = build_splits(probe, prepared)
+    splits = build_splits(probe.data, prepared)
     catalogue = DecodedCatalogue(prepared / ITEMS_FILE, num_items)
     content = CatalogueContent(catalogue, probe)
     log(f"[bench] {len(splits.train)} train / {len(splits.test)} test examples (all users), {num_items} items; "

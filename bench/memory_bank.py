@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from encoders.config import resolve_text_model_path
-from jobs.config import build_config
+from training.job_config import build_config
 from memory.client import LocalMemoryBankClient
 from model.build import build_recommender
 from pipeline.config import DataConfig
 from pipeline.sequences import leave_one_out, time_split
 from pipeline.sources import ITEMS_FILE, load_manifest, prepare_dataset, read_interactions
-from pipeline.stages import ItemContentDecoder
+from pipeline.content import ItemContentDecoder
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
 from training.loop import _make_loss, make_optimizer, optimise
 

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.config import JobConfig, build_config
+from training.job_config import JobConfig, build_config
 from pipeline.sequences import Examples
 from pipeline.sources import ITEMS_FILE, load_manifest
-from pipeline.stages import ItemContentDecoder, train_dataset, write_examples
+from pipeline.content import ItemContentDecoder, write_examples
+from pipeline.stages import train_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
 
@@ -46,9 +47,9 @@ def sample_examples(num_items: int, rows: int, seed: int = 0) -> Examples:
 
 def single_process(examples: Examples, items_path: Path, job: JobConfig) -> dict[str, float]:
     """Rows/s of one Python process calling the decoder batch by batch (the reference)."""
-    from training.driver import content_spec
+    from training.offline_eval import content_spec_of
 
-    spec = content_spec(job)
+    spec = content_spec_of(job)
     started = time.perf_counter()
     decoder = ItemContentDecoder(str(items_path), "target", spec.image_size, spec.tokenizer_path, spec.max_length,
                                  job.data.max_image_pixels, cache_items=0)
@@ -64,10 +65,10 @@ def single_process(examples: Examples, items_path: Path, job: JobConfig) -> dict
 
 def ray_data(examples_path: Path, items_path: Path, job: JobConfig, shuffle: bool = True) -> dict[str, float]:
     """Rows/s of the product's Ray Data training stage, from dataset creation to the last batch."""
-    from training.driver import content_spec
+    from training.offline_eval import content_spec_of
 
     started = time.perf_counter()
-    ds = train_dataset(examples_path, items_path, job.data, content_spec(job), job.train.batch_size, shuffle=shuffle)
+    ds = train_dataset(examples_path, items_path, job.data, content_spec_of(job), job.train.batch_size, shuffle=shuffle)
     rows, first = 0, None
     for batch in ds.iter_batches(batch_size=job.train.batch_size, batch_format="numpy"):
         rows += len(batch["image"])

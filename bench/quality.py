@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.config import JobConfig, build_config
-from pipeline.stages import read_examples
+from training.job_config import JobConfig, build_config
+from pipeline.content import read_examples
 from training.evaluate import popularity_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
@@ -225,9 +225,9 @@ def main() -> int:
 
 
 def _subset_sizes(job: JobConfig) -> dict[str, int]:
-    from training.driver import build_splits
+    from pipeline.splits import build_splits
 
-    splits = build_splits(job, Path(job.data.prepared_dir).resolve())
+    splits = build_splits(job.data, Path(job.data.prepared_dir).resolve())
     return {"test": len(splits.test), "test_warm": len(getattr(splits, "test_warm", splits.test)),
             "test_cold": len(getattr(splits, "test_cold", ()))}
 

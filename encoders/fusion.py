@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.matryoshka import MatryoshkaLinear
+from matryoshka.layers import MatryoshkaLinear
 
 
 class ItemEncoder(nn.Module):

@@ -6,8 +6,8 @@ import logging
 import sys
 from typing import Callable
 
-from jobs.config import PRESETS, JobConfig, build_config
-from jobs.overrides import ConfigError
+from training.job_config import PRESETS, JobConfig, build_config
+from training.overrides import ConfigError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,8 +31,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_model_arguments(args: argparse.Namespace):
     """--model/--checkpoint -> (checkpoint dir, registry version or None); None after printing the error."""
-    from jobs.config import JobConfig
-    from jobs.overrides import apply_overrides
+    from training.job_config import JobConfig
+    from training.overrides import apply_overrides
     from training.registry import RegistryError, resolve_checkpoint
     from training.tracking import resolve_tracking_uri
 
@@ -52,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline.sources import ITEMS_FILE, load_manifest
-    from training.driver import build_splits
+    from pipeline.splits import build_splits
     from training.offline_eval import DecodedCatalogue, checkpoint_job_config, evaluate_checkpoint, load_checkpoint
     from training.tracking import Tracker
 
@@ -65,7 +65,7 @@ def main() -> int:
     job = checkpoint_job_config(checkpoint, args.overrides)
     prepared = Path(job.data.prepared_dir).resolve()
     manifest = load_manifest(prepared)
-    examples = getattr(build_splits(job, prepared), args.split)
+    examples = getattr(build_splits(job.data, prepared), args.split)
     print(f"[evaluate] {len(examples)} {args.split} examples from {prepared}; ranking {manifest['num_items']} items")
 
     started = time.perf_counter()

@@ -38,7 +38,8 @@ def main() -> int:
         print(json.dumps(job.to_dict(), indent=2))
         return 0
     from training.registry import RegistryError
-    from training.retrain import RetrainLockedError, run_retrain
+    from training.retrain.lock import RetrainLockedError
+    from training.retrain.run import run_retrain
 
     try:
         outcome = run_retrain(job, prepare=args.prepare)

@@ -10,7 +10,7 @@ from encoders.config import ImageEncoderConfig, TextEncoderConfig
 from encoders.fusion import ItemEncoder
 from model.config import ModelConfig
 from model.lru import LRUSequenceModel
-from model.matryoshka import MatryoshkaLinear
+from matryoshka.layers import MatryoshkaLinear
 from model.recommender import Recommender, nests_with
 from model.sequence import SASRec
 

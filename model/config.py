@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from model.matryoshka import validate_sizes
+from matryoshka.layers import validate_sizes
 
 MODALITIES = ("image", "text")
 SEQUENCE_MODELS = ("sasrec", "lru")
@@ -49,7 +49,7 @@ class ModelConfig:
     # full sequence model, and what shrinks with s is the vectors stored and searched.
     matryoshka_nested_backbone: bool = True
     # Normalise item and user vectors per nested block, each block holding a norm share proportional to its
-    # width (`model.matryoshka.block_normalize`), instead of one L2 norm over the whole vector.
+    # width (`matryoshka.layers.block_normalize`), instead of one L2 norm over the whole vector.
     matryoshka_block_norm: bool = False
     # False: no user head; the user vector is the sequence model's last state, truncated to each size (Kusupati
     # et al.'s MRL, where the final representation itself is nested). Needs a full-width backbone

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.matryoshka import MatryoshkaLayerNorm, MatryoshkaLinear, nested_mask, scale_sizes, validate_sizes
+from matryoshka.layers import MatryoshkaLayerNorm, MatryoshkaLinear, nested_mask, scale_sizes, validate_sizes
 
 __all__ = [
     "lru_scan_reference",

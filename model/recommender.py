@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.fusion import ItemEncoder
-from model.matryoshka import MatryoshkaLinear, block_normalize, matryoshka_loss, truncate, validate_sizes
+from matryoshka.layers import MatryoshkaLinear, block_normalize, matryoshka_loss, truncate, validate_sizes
 
 
 def at_size(vectors: torch.Tensor, size: int | None) -> torch.Tensor:

@@ -20,7 +20,7 @@ class CatalogEncoder:
     """`map_batches` callable: decoded catalogue content -> content vectors written to the bank."""
 
     def __init__(self, job_dict: dict, state_path: str, num_items: int, bank, step: int = 0) -> None:
-        from jobs.config import JobConfig
+        from training.job_config import JobConfig
         from model.build import build_recommender
         from training.checkpoint import load_tensors
 

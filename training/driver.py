@@ -18,19 +18,19 @@ import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from encoders.config import resolve_text_model_path
-from jobs.config import JobConfig
-from jobs.overrides import ConfigError, flatten
+from training.job_config import JobConfig
+from training.overrides import ConfigError, flatten
 from memory.client import create_memory_bank
-from pipeline.sequences import (ColdStartSplits, Splits, cold_start_split, item_popularity, leave_one_out,
-                                sample_cold_items, time_split)
-from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, read_interactions, report_metrics
-from pipeline.stages import (ContentSpec, catalog_dataset, decoded_catalog_bytes, decoded_catalog_dataset,
-                             train_dataset, write_examples)
+from pipeline.sequences import (ColdStartSplits, Splits, item_popularity)
+from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, report_metrics
+from pipeline.splits import build_splits
+from pipeline.content import decoded_catalog_bytes, write_examples
+from pipeline.stages import catalog_dataset, decoded_catalog_dataset, train_dataset
 from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
 from training.evaluate import popularity_metrics, write_size_report
 from training.loop import train_loop_per_worker
+from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
 MEMORY_NAMESPACE = "mmrec"
@@ -74,27 +74,6 @@ def quiet_ray_data() -> None:
     context.enable_operator_progress_bars = False
 
 
-def build_splits(job: JobConfig, prepared: Path) -> Splits:
-    interactions = read_interactions(prepared)
-    if job.data.max_users:
-        interactions = interactions[interactions.user_index < job.data.max_users]
-    split_at = None
-    if job.data.split == "time":
-        import pandas as pd
-
-        split_at = int(pd.Timestamp(job.data.time_split_at, tz="UTC").timestamp())
-    if job.data.cold_item_fraction > 0:  # cold-start evaluation: some items never seen in training
-        cold = sample_cold_items(load_manifest(prepared)["num_items"], job.data.cold_item_fraction, job.data.cold_seed)
-        return cold_start_split(interactions, job.data.max_history, cold, split_at)
-    if split_at is not None:
-        return time_split(interactions, job.data.max_history, split_at)
-    return leave_one_out(interactions, job.data.max_history)
-
-
-def content_spec(job: JobConfig) -> ContentSpec:
-    return ContentSpec(job.image.image_size, job.text.max_length, resolve_text_model_path(job.text.path))
-
-
 def _use_gpu(job: JobConfig) -> bool:
     if job.train.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= 1
@@ -130,7 +109,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
     work = run_dir / "data"
     work.mkdir(parents=True, exist_ok=True)
 
-    splits = splits if splits is not None else build_splits(job, prepared)
+    splits = splits if splits is not None else build_splits(job.data, prepared)
     log(f"[train] examples: train={len(splits.train)} validation={len(splits.validation)} test={len(splits.test)} "
         f"items={num_items}")
     if len(splits.train) == 0 or len(splits.test) == 0:
@@ -169,7 +148,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
             name=f"bank-{run_name}", capacity=num_items + 1, dim=job.model.dim, num_shards=job.memory.num_shards,
             namespace=MEMORY_NAMESPACE,
         )
-        spec = content_spec(job)
+        spec = content_spec_of(job)
         items_path = prepared / ITEMS_FILE
         # Decoded catalogue content never changes: when materialised it is decoded once and re-encoded every pass.
         started = time.perf_counter()

@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from jobs.config import JobConfig
+from training.job_config import JobConfig
 from model.build import build_recommender, encoder_parameters
 from model.losses import CTRLoss, FullSoftmaxLoss, SampledSoftmaxLoss
 from model.recommender import NestedSizesLoss, Recommender
-from pipeline.stages import read_examples
+from pipeline.content import read_examples
 from training.checkpoint import (BANK_DIR, MODEL_FILE, OPTIMIZER_FILE, load_model_weights, load_tensors, read_state,
                                  save_checkpoint, saved_bank_capacity)
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from encoders.config import resolve_text_model_path
-from jobs.config import JobConfig
+from training.job_config import JobConfig
 from model.build import build_recommender
 from model.recommender import Recommender
 from pipeline.sequences import Examples
-from pipeline.stages import ContentSpec, decode_catalog
+from pipeline.content import ContentSpec, decode_catalog
 from training.evaluate import encode_catalog, evaluate_ranking
 from training.checkpoint import MODEL_FILE, load_model_weights, read_state
 
@@ -123,8 +123,8 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, catalogue: DecodedCatalogue, e
 
 def checkpoint_job_config(checkpoint_dir: Path, overrides: Sequence[str] = ()) -> JobConfig:
     """The config a checkpoint was trained with, with `--set` overrides on top (data location, tracking, ...)."""
-    from jobs.config import validate
-    from jobs.overrides import apply_overrides
+    from training.job_config import validate
+    from training.overrides import apply_overrides
 
     job = job_config_of(read_state(checkpoint_dir))
     return validate(apply_overrides(job, list(overrides)))

@@ -6,8 +6,8 @@ from encoders.config import resolve_text_model_path
 from pipeline.config import DataConfig
 from pipeline.sequences import leave_one_out
 from pipeline.sources import ITEMS_FILE, read_interactions
-from pipeline.stages import (ContentSpec, catalog_dataset, decoded_catalog_bytes, decoded_catalog_dataset, read_examples,
-                             train_dataset, write_examples)
+from pipeline.content import ContentSpec, decoded_catalog_bytes, read_examples, write_examples
+from pipeline.stages import catalog_dataset, decoded_catalog_dataset, train_dataset
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import build_config
-from jobs.overrides import ConfigError
+from training.job_config import build_config
+from training.overrides import ConfigError
 from pipeline.sources import prepare_dataset
 
 pytestmark = pytest.mark.integration

@@ -266,7 +266,7 @@ def _jpeg(raw_data_dir: Path, item_id: int) -> bytes:
 def test_decoder_turns_bad_images_into_masks_never_dropped_rows(raw_data_dir, tmp_path):
     """Bytes that slipped past prepare (or a catalogue written by other tools) still never crash a batch."""
     from encoders.config import resolve_text_model_path
-    from pipeline.stages import ItemContentDecoder
+    from pipeline.content import ItemContentDecoder
 
     good = _jpeg(raw_data_dir, 1)
     images = [good, good[: len(good) // 2], b"not an image", png_header(30_000, 30_000), None]

@@ -105,16 +105,16 @@ def test_real_data_cold_split(prepared_dir):
 
 
 def test_driver_build_splits_wires_the_config(prepared_dir):
-    from jobs.config import build_config
+    from training.job_config import build_config
     from pipeline.sequences import ColdStartSplits
-    from training.driver import build_splits
+    from pipeline.splits import build_splits
 
     job = build_config("tiny", [f"data.prepared_dir={prepared_dir}", "data.cold_item_fraction=0.1",
                                 "data.cold_seed=3"])
-    split = build_splits(job, prepared_dir)
+    split = build_splits(job.data, prepared_dir)
     assert isinstance(split, ColdStartSplits)
     assert np.array_equal(split.cold_items, sample_cold_items(1682, 0.1, seed=3))
     assert not _items(split.train) & set(split.cold_items.tolist())
     assert len(split.test) == job.data.max_users == len(split.test_warm) + len(split.test_cold)
-    plain = build_splits(build_config("tiny", [f"data.prepared_dir={prepared_dir}"]), prepared_dir)
+    plain = build_splits(build_config("tiny", [f"data.prepared_dir={prepared_dir}"]).data, prepared_dir)
     assert not isinstance(plain, ColdStartSplits) and len(plain.train) > len(split.train)

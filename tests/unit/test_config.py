@@ -1,7 +1,7 @@
 import pytest
 
-from jobs.config import PRESETS, JobConfig, build_config
-from jobs.overrides import ConfigError, flatten
+from training.job_config import PRESETS, JobConfig, build_config
+from training.overrides import ConfigError, flatten
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from jobs.config import JobConfig, build_config, tiny
-from jobs.overrides import ConfigError
+from training.job_config import JobConfig, build_config, tiny
+from training.overrides import ConfigError
 from model.config import ModelConfig
 from tests.conftest import REPO_ROOT
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from model.matryoshka import (
+from matryoshka.layers import (
     MatryoshkaLayerNorm,
     MatryoshkaLinear,
     MatryoshkaLoss,

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jobs.config import build_config, tiny
-from jobs.overrides import ConfigError
+from training.job_config import build_config, tiny
+from training.overrides import ConfigError
 from model.build import build_recommender
 from model.config import ModelConfig
 from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
-from model.matryoshka import block_normalize
+from matryoshka.layers import block_normalize
 from model.recommender import NestedSizesLoss, Recommender, at_size
 from pipeline.sequences import Examples
 from training.evaluate import evaluate_ranking, score_users, size_table, write_size_report

@@ -9,7 +9,7 @@ from model.config import ModelConfig
 from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
 from model.recommender import replace_with_fresh, unique_first
 from model.sequence import SASRec
-from pipeline.stages import ItemContentDecoder
+from pipeline.content import ItemContentDecoder
 
 
 def test_sasrec_is_causal_and_ignores_left_padding():

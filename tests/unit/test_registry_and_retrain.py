@@ -15,16 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from training.retrain import (
-    RetrainConfig,
-    RetrainLock,
-    RetrainLockedError,
-    check_gate_metric,
-    decide_promotion,
-    holdout_start,
-    incremental_splits,
-    lock_is_stale,
-)
+from training.retrain.config import RetrainConfig, check_gate_metric
+from training.retrain.gate import decide_promotion
+from training.retrain.lock import RetrainLock, RetrainLockedError, lock_is_stale
+from training.retrain.selection import holdout_start, incremental_splits
 
 # --------------------------------------------------------------------------- lock
 
@@ -183,8 +177,8 @@ def test_retrain_config_checks():
 
 
 def test_retrain_section_is_in_the_job_config():
-    from jobs.config import build_config
-    from jobs.overrides import ConfigError
+    from training.job_config import build_config
+    from training.overrides import ConfigError
 
     job = build_config("tiny", ["retrain.steps=7", "retrain.margin=0.01"])
     assert (job.retrain.steps, job.retrain.margin) == (7, 0.01)
@@ -317,10 +311,10 @@ def test_a_retrain_whose_training_dies_changes_nothing(prepared_dir, tmp_path, m
     from mlflow.tracking import MlflowClient
 
     import training.driver
-    from jobs.config import build_config
+    from training.job_config import build_config
     from pipeline.sources import load_manifest
     from training.registry import CHALLENGER, CHAMPION, ModelRegistry
-    from training.retrain import lock_path, run_retrain
+    from training.retrain.run import lock_path, run_retrain
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     job = build_config("tiny", [f"data.prepared_dir={prepared_dir}", f"train.storage_path={tmp_path / 'runs'}",

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.config import tiny
+from training.job_config import tiny
 from model.build import build_recommender
 from training.checkpoint import (CheckpointError, load_model_weights, load_tensors, save_checkpoint, MODEL_FILE,
                                  OPTIMIZER_FILE)

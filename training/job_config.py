@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from encoders.config import ImageEncoderConfig, TextEncoderConfig
-from jobs.overrides import ConfigError, apply_overrides, from_dict, to_dict
+from training.overrides import ConfigError, apply_overrides, from_dict, to_dict
 from memory.config import MemoryConfig
 from model.config import ModelConfig
 from pipeline.config import DataConfig
 from training.config import TrackingConfig, TrainConfig
-from training.retrain import RetrainConfig
+from training.retrain.config import RetrainConfig
 
 
 @dataclass(kw_only=True)

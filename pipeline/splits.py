@@ -1,0 +1,24 @@
+"""The prepared dataset -> the configured train / validation / test split (no Ray, no model)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.config import DataConfig
+from pipeline.sequences import Splits, cold_start_split, leave_one_out, sample_cold_items, time_split
+from pipeline.sources import load_manifest, read_interactions
+
+
+def build_splits(cfg: DataConfig, prepared: Path) -> Splits:
+    """`data.split` (leave-one-out or by time), `data.max_users` and cold-item hold-out applied to the prepared data."""
+    interactions = read_interactions(prepared)
+    if cfg.max_users:
+        interactions = interactions[interactions.user_index < cfg.max_users]
+    split_at = int(pd.Timestamp(cfg.time_split_at, tz="UTC").timestamp()) if cfg.split == "time" else None
+    if cfg.cold_item_fraction > 0:  # cold-start evaluation: some items never seen in training
+        cold = sample_cold_items(load_manifest(prepared)["num_items"], cfg.cold_item_fraction, cfg.cold_seed)
+        return cold_start_split(interactions, cfg.max_history, cold, split_at)
+    if split_at is not None:
+        return time_split(interactions, cfg.max_history, split_at)
+    return leave_one_out(interactions, cfg.max_history)
