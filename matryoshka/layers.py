@@ -27,6 +27,7 @@ __all__ = [
     "validate_sizes",
     "scale_sizes",
     "truncate",
+    "at_size",
     "block_normalize",
     "nested_mask",
     "MatryoshkaLinear",
@@ -82,6 +83,11 @@ def truncate(x: Tensor, size: int) -> Tensor:
     if not 0 < size <= x.shape[-1]:
         raise ValueError(f"cannot truncate a last dim of {x.shape[-1]} to size {size}")
     return x[..., :size]
+
+
+def at_size(vectors: Tensor, size: int | None) -> Tensor:
+    """[*, D] -> [*, size]: the Matryoshka prefix, L2-normalised (size None = the whole vector)."""
+    return F.normalize(vectors if size is None else truncate(vectors, size), dim=-1)
 
 
 def block_normalize(x: Tensor, sizes: Sequence[int]) -> Tensor:

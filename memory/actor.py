@@ -33,11 +33,6 @@ def shard_capacity(capacity: int, num_shards: int, shard_index: int) -> int:
     return max(0, (capacity - shard_index + num_shards - 1) // num_shards)
 
 
-def shard_directory(directory: str | os.PathLike[str], shard_index: int) -> str:
-    """Where shard k keeps its part of a bank saved into `directory`."""
-    return os.path.join(os.fspath(directory), f"shard_{shard_index:03d}")
-
-
 def _was_restarted() -> bool:
     """True inside an actor that Ray is bringing back after its process died."""
     if not ray.is_initialized():

@@ -11,7 +11,6 @@ is still what makes the updates' errors surface, and what a different process mu
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -20,60 +19,13 @@ from typing import Any
 import numpy as np
 import ray
 
-from memory.actor import MemoryBankShard, shard_capacity, shard_directory
-from memory.bank import LookupResult, MemoryBank, as_id_array, as_vector_array, check_id_range
-
-BANK_META_FILE = "bank.json"
-
+from memory.actor import MemoryBankShard, shard_capacity
+from memory.bank import LookupResult, as_id_array, as_vector_array, check_id_range
+from memory.local import (BANK_META_FILE, LocalMemoryBankClient, RoundTripTimer, read_bank_meta,  # noqa: F401
+                          shard_directory, write_bank_meta)
 
 def shard_actor_name(name: str, shard_index: int) -> str:
     return f"{name}-shard{shard_index}"
-
-
-class _RoundTripTimer:
-    """Counters for logging "bank round-trip time per step"."""
-
-    def __init__(self) -> None:
-        self.last_lookup_seconds = 0.0
-        self.total_lookup_seconds = 0.0
-        self.num_lookups = 0
-        self.last_update_seconds = 0.0
-        self.total_update_seconds = 0.0
-        self.num_updates = 0
-
-    def timings(self) -> dict[str, float]:
-        return {
-            "last_lookup_seconds": self.last_lookup_seconds,
-            "total_lookup_seconds": self.total_lookup_seconds,
-            "num_lookups": float(self.num_lookups),
-            "mean_lookup_seconds": self.total_lookup_seconds / max(self.num_lookups, 1),
-            "last_update_seconds": self.last_update_seconds,
-            "total_update_seconds": self.total_update_seconds,
-            "num_updates": float(self.num_updates),
-        }
-
-    def _record_lookup(self, seconds: float) -> None:
-        self.last_lookup_seconds = seconds
-        self.total_lookup_seconds += seconds
-        self.num_lookups += 1
-
-    def _record_update(self, seconds: float) -> None:
-        self.last_update_seconds = seconds
-        self.total_update_seconds += seconds
-        self.num_updates += 1
-
-
-def _write_bank_meta(directory: Path, meta: dict[str, Any]) -> None:
-    tmp = directory / f".{BANK_META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / BANK_META_FILE)
-
-
-def _read_bank_meta(directory: Path) -> dict[str, Any]:
-    path = directory / BANK_META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no sharded memory bank saved in {directory} (missing {BANK_META_FILE})")
-    return json.loads(path.read_text())
 
 
 class MemoryBankClient:
@@ -105,7 +57,7 @@ class MemoryBankClient:
         self._handles = handles
         self._pending: list[ray.ObjectRef] = []
         self.max_pending_seen = 0
-        self.timer = _RoundTripTimer()
+        self.timer = RoundTripTimer()
 
     @classmethod
     def connect(
@@ -226,7 +178,7 @@ class MemoryBankClient:
         directory.mkdir(parents=True, exist_ok=True)
         self.flush()
         ray.get([h.save.remote(shard_directory(directory, k)) for k, h in enumerate(self.handles)])
-        _write_bank_meta(
+        write_bank_meta(
             directory, {"num_shards": self.num_shards, "capacity": self.capacity, "dim": self.dim}
         )
         return directory
@@ -234,7 +186,7 @@ class MemoryBankClient:
     def load(self, directory: str | os.PathLike[str]) -> None:
         """Replace every shard's content with a bank saved by `save` with the same layout."""
         directory = Path(directory).resolve()
-        meta = _read_bank_meta(directory)
+        meta = read_bank_meta(directory)
         layout = {"num_shards": self.num_shards, "capacity": self.capacity, "dim": self.dim}
         mismatched = {key: meta.get(key) for key in layout if meta.get(key) != layout[key]}
         if mismatched:
@@ -298,7 +250,7 @@ def create_memory_bank(
         raise ValueError(f"lifetime must be None or 'detached', got {lifetime!r}")
     if restore_from is not None:
         restore_path = Path(restore_from).resolve()
-        meta = _read_bank_meta(restore_path)
+        meta = read_bank_meta(restore_path)
         expected = {"num_shards": num_shards, "capacity": capacity, "dim": dim}
         if {key: meta.get(key) for key in expected} != expected:
             raise ValueError(f"saved bank in {restore_path} has {meta}, asked for {expected}")
@@ -341,90 +293,6 @@ def create_memory_bank(
     if reused and restore_from is not None:
         client.load(restore_path)
     return client
-
-
-class LocalMemoryBankClient:
-    """Same API as MemoryBankClient around one in-process MemoryBank (no Ray)."""
-
-    def __init__(
-        self, *, capacity: int, dim: int, snapshot_dir: str | None = None, restore_from: str | None = None
-    ) -> None:
-        self.capacity = capacity
-        self.dim = dim
-        self.num_shards = 1
-        self.snapshot_dir = snapshot_dir
-        self.max_pending_seen = 0
-        self.timer = _RoundTripTimer()
-        if MemoryBank.has_snapshot(snapshot_dir):
-            self.bank = MemoryBank.load(snapshot_dir, expected_capacity=capacity, expected_dim=dim)
-        elif restore_from is not None:
-            self.bank = MemoryBank.load(restore_from, expected_capacity=capacity, expected_dim=dim)
-        else:
-            self.bank = MemoryBank(capacity, dim)
-
-    @property
-    def pending_updates(self) -> int:
-        return 0
-
-    @property
-    def last_lookup_seconds(self) -> float:
-        return self.timer.last_lookup_seconds
-
-    def timings(self) -> dict[str, float]:
-        return self.timer.timings()
-
-    def lookup(self, ids: Any) -> LookupResult:
-        """[N] ids -> LookupResult ([N, D] vectors) in input order."""
-        started = time.perf_counter()
-        result = self.bank.lookup(ids)
-        self.timer._record_lookup(time.perf_counter() - started)
-        return result
-
-    def update(self, ids: Any, vectors: Any, step: int, wait: bool = False) -> None:
-        """Write [N] ids <- [N, D] vectors at `step` (always synchronous here)."""
-        started = time.perf_counter()
-        self.bank.update(ids, vectors, step)
-        self.timer._record_update(time.perf_counter() - started)
-
-    def flush(self) -> None:
-        return None
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Same layout as MemoryBankClient.save with one shard, so either client can load it."""
-        directory = Path(directory).resolve()
-        directory.mkdir(parents=True, exist_ok=True)
-        self.bank.save(shard_directory(directory, 0))
-        _write_bank_meta(directory, {"num_shards": 1, "capacity": self.capacity, "dim": self.dim})
-        return directory
-
-    def load(self, directory: str | os.PathLike[str]) -> None:
-        directory = Path(directory).resolve()
-        meta = _read_bank_meta(directory)
-        if meta.get("num_shards") != 1:
-            raise ValueError(f"saved bank in {directory} has {meta.get('num_shards')} shards; a local client needs 1")
-        self.bank = MemoryBank.load(shard_directory(directory, 0), expected_capacity=self.capacity, expected_dim=self.dim)
-
-    def snapshot(self, step: int) -> bool:
-        if self.snapshot_dir is None:
-            return False
-        self.bank.save(self.snapshot_dir, step=step)
-        return True
-
-    def stats(self) -> dict[str, Any]:
-        bank_stats = self.bank.stats()
-        return {
-            "fill_ratio": bank_stats["fill_ratio"],
-            "filled": bank_stats["filled"],
-            "capacity": self.capacity,
-            "dim": self.dim,
-            "num_shards": 1,
-            "bytes": bank_stats["bytes"],
-            "max_shard_bytes": bank_stats["bytes"],
-            "pending_updates": 0,
-        }
-
-    def destroy(self) -> None:
-        self.bank = MemoryBank(self.capacity, self.dim)
 
 
 __all__ = [

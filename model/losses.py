@@ -1,16 +1,22 @@
-"""Retrieval losses behind one small interface: (user, positive, candidates) -> scalar.
+"""Training objectives behind one small interface: (user, positive, candidates) -> scalar.
 
 `SampledSoftmaxLoss`: softmax over in-batch positives of the other rows (plus optional uniformly sampled
 negatives), with duplicate-item collisions masked and the logQ popularity correction available.
 `FullSoftmaxLoss`: cross-entropy over the whole catalogue (fMRLRec's choice; feasible when the catalogue fits).
+`CTRLoss`: LEMUR's click objective. `NestedSizesLoss`: any retrieval loss summed over Matryoshka sizes.
+`build_objective` is the one place where the model config picks and wraps them (`OBJECTIVES`).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from matryoshka.layers import at_size, matryoshka_loss, validate_sizes
 
 
 class RetrievalLoss(Protocol):
@@ -105,3 +111,55 @@ class CTRLoss:
         sims = sims.masked_fill(same_group & ~own, float("-inf"))
         contrastive = F.cross_entropy(sims, rows)
         return bce + self.contrastive_weight * contrastive
+
+
+class NestedSizesLoss:
+    """A retrieval loss summed over Matryoshka sizes: same call as the base loss, per-size values kept.
+
+    user [B, D], positive [B, D], positive_ids [B], negatives [K, D] | None, negative_ids [K] | None -> scalar.
+    At each size s every vector is truncated to s and renormalised (`at_size`), so the loss at s is exactly the
+    base loss of the size-s model; the total is sum_s weight_s * loss_s (fMRLRec uses equal weights).
+    """
+
+    def __init__(self, base_loss, sizes: Sequence[int], weights: Sequence[float] | None = None) -> None:
+        self.base_loss = base_loss
+        self.sizes = validate_sizes(sizes, max(sizes) if sizes else 0, require_full=True)
+        self.weights = tuple(weights) if weights else None
+        self.last_per_size: dict[int, float] = {}  # detached per-size losses of the latest call (for logging)
+
+    def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
+        def loss_at_size(size: int) -> torch.Tensor:
+            extra = None if negatives is None else at_size(negatives, size)
+            return self.base_loss(at_size(user, size), at_size(positive, size), positive_ids, extra, negative_ids)
+
+        total, per_size = matryoshka_loss(loss_at_size, self.sizes, self.weights)
+        self.last_per_size = {size: float(value.detach()) for size, value in per_size.items()}
+        return total
+
+
+def _sampled_softmax(cfg, popularity: np.ndarray) -> SampledSoftmaxLoss:
+    log_prob = None
+    if cfg.logq_correction:
+        smoothed = popularity + 1.0
+        log_prob = torch.as_tensor(np.log(smoothed / smoothed.sum()), dtype=torch.float32)
+    return SampledSoftmaxLoss(cfg.temperature, item_log_prob=log_prob, num_items=len(popularity) - 1)
+
+
+OBJECTIVES: dict[str, Callable] = {
+    "sampled_softmax": _sampled_softmax,
+    "full_softmax": lambda cfg, popularity: FullSoftmaxLoss(cfg.temperature),
+}
+
+
+def build_objective(cfg, popularity: np.ndarray):
+    """The model config (`model.task`, `model.loss`, Matryoshka sizes) + training item counts [N+1] -> objective.
+
+    Retrieval objectives share `RetrievalLoss`'s call; with Matryoshka sizes they are wrapped in
+    `NestedSizesLoss`. `task=ctr` gives `CTRLoss` (its own call: labels and groups instead of negatives).
+    """
+    if cfg.task == "ctr":
+        return CTRLoss(cfg.temperature, cfg.ctr_contrastive_weight)
+    base = OBJECTIVES[cfg.loss](cfg, popularity)
+    if cfg.matryoshka_sizes:  # fMRLRec: the same loss at every nested size, weighted and summed
+        return NestedSizesLoss(base, cfg.matryoshka_sizes, cfg.loss_weights)
+    return base

@@ -9,7 +9,7 @@ Matryoshka (fMRLRec): with nested `matryoshka_sizes`, the item projection is a `
 so an item or user vector at size s is exactly the first s dims of the full one *before* normalisation.
 Normalising happens after truncation (`at_size`): a size-s vector is `normalize(raw[..., :s])`, which equals
 `normalize(normalize(raw)[..., :s])`, so full normalised vectors can be truncated and renormalised later.
-`NestedSizesLoss` trains every size at once on those truncated-then-renormalised vectors. With `block_norm`
+`model.losses.NestedSizesLoss` trains every size at once on those truncated-then-renormalised vectors. With `block_norm`
 (`Recommender.normalize`) each nested block is normalised on its own (`block_normalize`); the same identity holds.
 
 A nested sequence model (one with the same `sizes`, i.e. the LRU) makes the whole network a Matryoshka: it reads
@@ -28,12 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.fusion import ItemEncoder
-from matryoshka.layers import MatryoshkaLinear, block_normalize, matryoshka_loss, truncate, validate_sizes
-
-
-def at_size(vectors: torch.Tensor, size: int | None) -> torch.Tensor:
-    """[*, D] -> [*, size]: the Matryoshka prefix, L2-normalised (size None = the whole vector)."""
-    return F.normalize(vectors if size is None else truncate(vectors, size), dim=-1)
+from matryoshka.layers import MatryoshkaLinear, at_size, block_normalize, truncate, validate_sizes  # noqa: F401 (at_size)
 
 
 @dataclass
@@ -206,27 +201,3 @@ def replace_with_fresh(
     pos = torch.searchsorted(fresh_ids, history_ids).clamp(max=fresh_ids.shape[0] - 1)
     hit = (fresh_ids[pos] == history_ids) & (history_ids > 0)
     return torch.where(hit[..., None], fresh_content[pos], history_content)
-
-
-class NestedSizesLoss:
-    """A retrieval loss summed over Matryoshka sizes: same call as the base loss, per-size values kept.
-
-    user [B, D], positive [B, D], positive_ids [B], negatives [K, D] | None, negative_ids [K] | None -> scalar.
-    At each size s every vector is truncated to s and renormalised (`at_size`), so the loss at s is exactly the
-    base loss of the size-s model; the total is sum_s weight_s * loss_s (fMRLRec uses equal weights).
-    """
-
-    def __init__(self, base_loss, sizes: Sequence[int], weights: Sequence[float] | None = None) -> None:
-        self.base_loss = base_loss
-        self.sizes = validate_sizes(sizes, max(sizes) if sizes else 0, require_full=True)
-        self.weights = tuple(weights) if weights else None
-        self.last_per_size: dict[int, float] = {}  # detached per-size losses of the latest call (for logging)
-
-    def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
-        def loss_at_size(size: int) -> torch.Tensor:
-            extra = None if negatives is None else at_size(negatives, size)
-            return self.base_loss(at_size(user, size), at_size(positive, size), positive_ids, extra, negative_ids)
-
-        total, per_size = matryoshka_loss(loss_at_size, self.sizes, self.weights)
-        self.last_per_size = {size: float(value.detach()) for size, value in per_size.items()}
-        return total

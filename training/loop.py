@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from training.job_config import JobConfig
 from model.build import build_recommender, encoder_parameters
 from model.losses import CTRLoss, FullSoftmaxLoss, SampledSoftmaxLoss
-from model.recommender import NestedSizesLoss, Recommender
+from model.losses import NestedSizesLoss
+from model.recommender import Recommender
 from pipeline.content import read_examples
 from training.checkpoint import (BANK_DIR, MODEL_FILE, OPTIMIZER_FILE, load_model_weights, load_tensors, read_state,
                                  save_checkpoint, saved_bank_capacity)

@@ -22,7 +22,8 @@ from model.build import build_recommender
 from model.config import ModelConfig
 from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
 from matryoshka.layers import block_normalize
-from model.recommender import NestedSizesLoss, Recommender, at_size
+from model.losses import NestedSizesLoss
+from model.recommender import Recommender, at_size
 from pipeline.sequences import Examples
 from training.evaluate import evaluate_ranking, score_users, size_table, write_size_report
 from training.metrics import RankingAccumulator, target_ranks

@@ -1,0 +1,321 @@
+"""The trainer: plain PyTorch (no Ray). It owns the step, the epoch, the catalogue pass and evaluation.
+
+Its parts come in by injection (`build_trainer` is the one place where the config picks them):
+- an *objective* (`model.losses`: sampled or full softmax, CTR; Matryoshka wraps any of them),
+- a *negatives* source (`InBatchNegatives`, `UniformNegatives`, `CatalogueNegatives`): extra candidates for
+  the objective beyond the batch's own positives,
+- a *history-content* source (`BankHistory`: LEMUR's memory bank; `RecomputeHistory`: every history item
+  encoded with gradients, the costly baseline),
+- the memory bank itself, through `memory.local.ItemBank`: one lookup and one asynchronous write per step.
+Whoever runs it (the Ray Train worker in `training.loop`, a benchmark, a test) feeds it batches and decides
+where checkpoints and metrics go. Step callbacks (`callbacks`) see every global step before it runs: tests
+inject faults through them.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from memory.local import ItemBank, LookupResult
+from model.build import build_recommender, encoder_parameters
+from model.losses import build_objective
+from model.recommender import Recommender
+from pipeline.sequences import Examples
+from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
+from training.job_config import JobConfig
+
+StepCallback = Callable[[int], None]  # called with the global step before that step runs
+
+
+def _writable(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.array(array, copy=True)).to(device)
+
+
+# --------------------------------------------------------------------------- history content
+
+
+@dataclass
+class HistoryContent:
+    """What a step knows before its forward pass: history content and the bank's view of its targets."""
+
+    history_content: torch.Tensor  # [B, L, D] (zeros when recomputed)
+    history_item_content: dict | None  # decoded content of every history item (recompute only)
+    target_cached: np.ndarray  # [B, D] the bank's vectors of the targets
+    target_found: np.ndarray  # [B] whether the bank had them
+    history_lookup: LookupResult | None  # the bank's view of the history items (bank mode only)
+
+
+class BankHistory:
+    """LEMUR: history items' content comes from the memory bank, no gradient; one lookup for history + targets."""
+
+    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device) -> HistoryContent:
+        history = batch["history"].long()
+        flat_history = history.reshape(-1).cpu().numpy()
+        lookup = bank.lookup(np.concatenate([flat_history, batch["target"].long().cpu().numpy()]))
+        n = flat_history.size
+        vectors = np.asarray(lookup.vectors)
+        history_lookup = LookupResult(vectors=vectors[:n], written_step=np.asarray(lookup.written_step)[:n],
+                                      found=np.asarray(lookup.found)[:n])
+        return HistoryContent(_writable(vectors[:n], device).view(*history.shape, -1), None, vectors[n:],
+                              np.asarray(lookup.found)[n:], history_lookup)
+
+
+class RecomputeHistory:
+    """Every history item is decoded and encoded with gradients (the costly baseline the bank replaces)."""
+
+    CONTENT_KEYS = ("image", "image_mask", "input_ids", "attention_mask", "text_mask")
+
+    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device) -> HistoryContent:
+        history = batch["history"].long()
+        lookup = bank.lookup(batch["target"].long().cpu().numpy())
+        return HistoryContent(torch.zeros(*history.shape, dim, device=device),
+                              {k: batch[f"history_{k}"] for k in self.CONTENT_KEYS},
+                              np.asarray(lookup.vectors), np.asarray(lookup.found), None)
+
+
+HISTORY_SOURCES = {"bank": BankHistory, "recompute": RecomputeHistory}
+
+
+# --------------------------------------------------------------------------- negatives
+
+
+class InBatchNegatives:
+    """No extra candidates: the other rows' positives are the negatives (inside the objective)."""
+
+    def sample(self, model: Recommender, bank: ItemBank, num_items: int, device: torch.device):
+        return None, None
+
+
+@dataclass
+class UniformNegatives:
+    """`count` items drawn uniformly from the catalogue, their vectors from the bank (no gradient to content)."""
+
+    count: int
+
+    def sample(self, model: Recommender, bank: ItemBank, num_items: int, device: torch.device):
+        ids = np.random.randint(1, num_items + 1, size=self.count)
+        vectors = model.item_vectors(_writable(bank.lookup(ids).vectors, device), torch.as_tensor(ids, device=device))
+        return vectors, torch.as_tensor(ids, device=device)
+
+
+class CatalogueNegatives:
+    """The whole catalogue [N+1, D] from the bank (full softmax; row 0 = padding)."""
+
+    def sample(self, model: Recommender, bank: ItemBank, num_items: int, device: torch.device):
+        table = _writable(bank.lookup(np.arange(num_items + 1)).vectors, device)
+        return model.item_vectors(table, torch.arange(num_items + 1, device=device)), None
+
+
+# --------------------------------------------------------------------------- epoch statistics
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    data_wait: float = 0.0
+    coverage_sum: float = 0.0
+    bank_seconds: float = 0.0
+    age_sum: float = 0.0
+    staleness_sum: float = 0.0
+    staleness_steps: int = 0
+    encoded_items: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, samples: int, info: dict) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.samples += samples
+        self.coverage_sum += info.get("coverage", 0.0)
+        self.bank_seconds += info["bank_seconds"]
+        self.age_sum += info.get("mean_age", 0.0)
+        self.encoded_items += info["encoded_items"]
+        if "staleness_cosine" in info:
+            self.staleness_sum += info["staleness_cosine"]
+            self.staleness_steps += 1
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def wait_fraction(self, seconds: float) -> float:
+        return self.data_wait / max(seconds, 1e-9)
+
+    def bank_metrics(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {
+            "bank_coverage": self.coverage_sum / steps,
+            "bank_lookup_ms_per_step": 1000 * self.bank_seconds / steps,
+            "bank_mean_age_steps": self.age_sum / steps,
+            "encoded_items_per_step": self.encoded_items / steps,
+            "bank_cosine_cached_fresh": (self.staleness_sum / self.staleness_steps if self.staleness_steps
+                                         else float("nan")),
+        }
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+STALENESS_SAMPLE = 64  # targets per step whose cached and fresh vectors are compared (bank staleness metric)
+
+
+class Trainer:
+    """Steps, epochs, catalogue passes and evaluation of one recommender, on whatever device it sits on.
+
+    `module` is what runs the forward pass (the model, or its DistributedDataParallel wrapper); `model` is the
+    plain `Recommender` inside it.
+    """
+
+    def __init__(self, model: Recommender, optimizer: torch.optim.Optimizer, objective, negatives, history,
+                 bank: ItemBank, job: JobConfig, num_items: int, *, device: torch.device = torch.device("cpu"),
+                 module: torch.nn.Module | None = None, callbacks: Sequence[StepCallback] = ()) -> None:
+        self.model, self.module = model, module if module is not None else model
+        self.optimizer, self.objective, self.negatives, self.history = optimizer, objective, negatives, history
+        self.bank, self.job, self.num_items, self.device = bank, job, num_items, device
+        self.callbacks = list(callbacks)
+        self.global_step = 0
+
+    # ---- one step
+
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """One forward pass + objective. -> (loss, info: the fresh item vectors to write back and bank stats)."""
+        job, model, device = self.job, self.model, self.device
+        targets = batch["target"].long()
+        target_np = targets.cpu().numpy()
+        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device)
+        encode_mask = cached_content = None
+        if job.memory.encode_fraction < 1.0:
+            # LEMUR's encoder sampling; rows whose item has no bank vector yet are always encoded
+            chosen = np.random.random_sample(len(target_np)) < job.memory.encode_fraction
+            encode_mask = torch.as_tensor(chosen | ~fetched.target_found, device=device)
+            cached_content = _writable(fetched.target_cached, device)
+        out = self.module(
+            target_ids=targets, image=batch["image"], image_mask=batch["image_mask"].bool(),
+            input_ids=batch["input_ids"].long(), attention_mask=batch["attention_mask"].long(),
+            text_mask=batch["text_mask"].bool(), history_ids=batch["history"].long(),
+            history_content=fetched.history_content, encode_mask=encode_mask, target_cached_content=cached_content,
+            history_item_content=fetched.history_item_content,
+        )
+        if job.model.task == "ctr":
+            labels = (batch["rating"].float() >= job.data.positive_rating).float()
+            loss = self.objective(out.user, out.positive, labels, batch["user"].long(), targets)
+        else:
+            negatives, negative_ids = self.negatives.sample(model, self.bank, self.num_items, device)
+            loss = self.objective(out.user, out.positive, targets, negatives, negative_ids)
+        unique_ids = out.unique_ids.cpu().numpy()
+        unique_content = out.unique_content.detach()
+        info = {"unique_ids": unique_ids, "unique_content": unique_content.cpu().numpy(),
+                "bank_seconds": self.bank.last_lookup_seconds, "encoded_items": int(unique_ids.size)}
+        if fetched.history_lookup is not None:
+            real = batch["history"].reshape(-1).cpu().numpy() > 0
+            found, written = fetched.history_lookup.found, fetched.history_lookup.written_step
+            info["coverage"] = float(found[real].mean()) if real.any() else 1.0
+            seen = real & found
+            info["mean_age"] = float((self.global_step - written[seen]).mean()) if seen.any() else 0.0
+        # staleness: cosine between the cached and the fresh vector of targets re-encoded this step
+        if unique_ids.size:
+            pos = np.clip(np.searchsorted(unique_ids, target_np), 0, unique_ids.size - 1)
+            rows = np.flatnonzero((unique_ids[pos] == target_np) & fetched.target_found)[:STALENESS_SAMPLE]
+            if rows.size:
+                cached = _writable(fetched.target_cached[rows], device)
+                info["staleness_cosine"] = float(F.cosine_similarity(cached, unique_content[pos[rows]], dim=-1).mean())
+        return loss, info
+
+    def step(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """forward + objective, backward, clipping, the optimiser step, and the write-back of the batch's fresh
+        item vectors to the bank (LEMUR: an item's vector is written whenever it is encoded)."""
+        for callback in self.callbacks:
+            callback(self.global_step)
+        loss, info = self.forward_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.job.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip)
+        self.optimizer.step()
+        self.bank.update(info["unique_ids"], info["unique_content"], step=self.global_step)
+        self.global_step += 1
+        return loss, info
+
+    # ---- one epoch
+
+    def train_epoch(self, batches: Iterable[dict], max_steps: int, *, catalogue: Callable[[], Iterable[dict]] | None = None,
+                    log: Callable[[EpochStats, int], None] | None = None) -> EpochStats:
+        """Up to `max_steps` steps over `batches`; `catalogue` (a source of decoded catalogue batches) serves the
+        periodic bank refresh (`memory.refresh_every_steps`); `log(stats, step)` after each step."""
+        self.module.train()
+        stats = EpochStats()
+        waited_since = time.perf_counter()
+        refresh_every = self.job.memory.refresh_every_steps
+        for step, batch in enumerate(batches):
+            if step >= max_steps:
+                break
+            stats.data_wait += time.perf_counter() - waited_since
+            loss, info = self.step(batch)
+            if refresh_every and self.global_step % refresh_every == 0 and catalogue is not None:
+                # periodic refresh: re-encode the whole catalogue so no bank entry is older than N steps
+                self.refresh_bank(self.encode_catalogue(catalogue()))
+                self.module.train()
+            stats.add(loss.item(), len(batch["target"]), info)
+            if log is not None:
+                log(stats, step)
+            waited_since = time.perf_counter()
+        self.bank.flush()
+        return stats
+
+    # ---- the catalogue and evaluation
+
+    def encode_catalogue(self, batches: Iterable[dict]) -> torch.Tensor:
+        """Decoded catalogue batches -> content table [N+1, D] (row 0 = padding), no gradient."""
+        return encode_catalog(self.model, batches, self.num_items, self.device)
+
+    def refresh_bank(self, content: torch.Tensor, wait: bool = False) -> None:
+        """Write every item's fresh content vector [N+1, D] to the bank at the current step."""
+        self.bank.update(np.arange(1, self.num_items + 1), content[1:].cpu().numpy(), step=self.global_step, wait=wait)
+
+    def evaluate(self, content: torch.Tensor, examples: Examples, *, all_sizes: bool = True) -> dict[str, float]:
+        """Full-ranking metrics (and AUC / GAUC for CTR) of `examples` against the content table."""
+        job = self.job
+        metrics = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks,
+                                   mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
+                                   sizes=job.model.matryoshka_sizes if all_sizes else ())
+        if job.model.task == "ctr" and all_sizes:
+            metrics.update(evaluate_ctr(self.model, content, examples, positive_rating=job.data.positive_rating,
+                                        batch_size=job.train.eval_batch_size))
+        return metrics
+
+
+def make_optimizer(model: Recommender, job: JobConfig) -> torch.optim.Optimizer:
+    """AdamW: the content backbones' trainable layers at `train.encoder_lr`, everything else at `train.lr`."""
+    backbone, rest = encoder_parameters(model)
+    return torch.optim.AdamW(
+        [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}],
+        weight_decay=job.train.weight_decay,
+    )
+
+
+def make_negatives(job: JobConfig):
+    if job.model.task != "ctr" and job.model.loss == "full_softmax":
+        return CatalogueNegatives()
+    if job.model.task != "ctr" and job.model.extra_negatives:
+        return UniformNegatives(job.model.extra_negatives)
+    return InBatchNegatives()
+
+
+def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: ItemBank, *,
+                  device: torch.device = torch.device("cpu"), model: Recommender | None = None,
+                  callbacks: Sequence[StepCallback] = ()) -> Trainer:
+    """The config's parts -> a Trainer (a fresh model from `build_recommender` unless one is given)."""
+    if model is None:
+        model = build_recommender(job.model, job.image, job.text, num_items=num_items,
+                                  max_history=job.data.max_history)
+    model = model.to(device)
+    return Trainer(model, make_optimizer(model, job), build_objective(job.model, popularity), make_negatives(job),
+                   HISTORY_SOURCES[job.memory.mode](), bank, job, num_items, device=device, callbacks=callbacks)
