@@ -22,6 +22,7 @@ from encoders.config import resolve_text_model_path
 from jobs.config import JobConfig
 from jobs.overrides import ConfigError, flatten
 from memory.client import create_memory_bank
+from pipeline.owned_dirs import check_no_overlap, require_replaceable
 from pipeline.sequences import (ColdStartSplits, Splits, cold_start_split, item_popularity, leave_one_out,
                                 sample_cold_items, time_split)
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, read_interactions, report_metrics
@@ -34,6 +35,30 @@ from training.loop import train_loop_per_worker
 from training.tracking import Tracker, resolve_tracking_uri
 
 MEMORY_NAMESPACE = "mmrec"
+RUN_MARKER = "mmrec_run.json"  # written into every run directory this driver creates
+RUN_WHAT = "a training run directory of this product (mmrec_run.json)"
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory this product made: its marker, or (runs from before the marker) its examples or Ray's
+    checkpoint snapshot."""
+    return any((path / name).is_file()
+               for name in (RUN_MARKER, "data/train.parquet", "checkpoint_manager_snapshot.json"))
+
+
+def claim_run_dir(run_dir: Path, *, prepared_dir: Path, raw_dir: Path) -> None:
+    """Make sure `run_dir` is ours before anything is written into it (`UnsafePathError` otherwise).
+
+    Ray Train's keep-last-N rotation deletes only the `checkpoint_*` folders its own snapshot in this directory
+    lists, and this driver overwrites only `data/` files it wrote; so the one thing to guard is which directory
+    `train.storage_path` / `train.run_name` name: new, empty, or a run of ours (resumed), and apart from the data.
+    """
+    for other, what in ((prepared_dir, "the prepared data data.prepared_dir"), (raw_dir, "the raw data data.raw_dir")):
+        check_no_overlap(run_dir, other, what="the run directory train.storage_path/train.run_name", other_what=what)
+    require_replaceable(run_dir, is_run_dir, RUN_WHAT, "written into")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_MARKER).exists():
+        (run_dir / RUN_MARKER).write_text(json.dumps({"written_by": "mmrec.train", "run_name": run_dir.name}))
 
 
 @dataclass
@@ -127,6 +152,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
     run_name = job.train.run_name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(job.train.storage_path).resolve()
     run_dir = storage / run_name
+    claim_run_dir(run_dir, prepared_dir=prepared, raw_dir=Path(job.data.raw_dir).resolve())
     work = run_dir / "data"
     work.mkdir(parents=True, exist_ok=True)
 
