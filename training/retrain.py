@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from pipeline.owned_dirs import pid_alive
 from pipeline.sequences import Examples, Splits, time_split
 from pipeline.sources import INTERACTIONS_DIR, read_interactions
 
@@ -85,16 +86,6 @@ def check_gate_metric(metric: str, eval_ks: tuple[int, ...]) -> None:
 
 class RetrainLockedError(RuntimeError):
     """Another retrain of the same model holds the lock."""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def lock_is_stale(holder: dict | None, *, age_s: float, stale_after_s: float, hostname: str,
@@ -158,10 +149,23 @@ class RetrainLock:
                 age = time.time() - self.path.stat().st_mtime
             except FileNotFoundError:
                 return True  # released meanwhile: try again
-            if not lock_is_stale(self.read_holder(), age_s=age, stale_after_s=self.stale_after_s,
-                                 hostname=self.hostname):
+            holder = self.read_holder()
+            if not lock_is_stale(holder, age_s=age, stale_after_s=self.stale_after_s, hostname=self.hostname):
                 return False
+            if not self._is_lock_file(holder):
+                raise RetrainLockedError(
+                    f"{self.path} is not a retrain lock (no pid/host/token), and taking the lock would delete it: "
+                    f"move or delete it yourself")
             self.path.unlink(missing_ok=True)
+            return True
+
+    def _is_lock_file(self, holder: dict | None) -> bool:
+        """A lock `acquire` wrote: its three keys, or empty (a holder killed between creating and writing it)."""
+        if holder is not None:
+            return {"pid", "host", "token"} <= holder.keys()
+        try:
+            return self.path.stat().st_size == 0
+        except FileNotFoundError:
             return True
 
     def release(self) -> None:
