@@ -10,6 +10,8 @@ the registry's checkpoint copies, a training run directory, and the staging fold
                                a folder without our marker, or of a run still alive, or of another host, stays
     swap_in(staging, target, owned)  replace target by a finished staging folder with two renames (target ->
                                `<target>.old`, staging -> target); `recover_interrupted_swap` undoes a crash between
+A staging folder of a run on another host (a shared file system) is left alone: this host cannot tell whether that
+run is alive. The marker is removed just before the final rename, so results never carry it.
 Refusals raise `UnsafePathError`: one line that names the path and says what to do; the jobs print it as
 `error: ...` and exit 2.
 """
@@ -128,7 +130,8 @@ def remove_dead_staging(target: Path, alive: Callable[[int], bool] = pid_alive) 
     if not target.parent.is_dir():
         return []
     removed = []
-    for path in sorted(target.parent.glob(_staging_prefix(target) + "*")):
+    prefix = _staging_prefix(target)  # matched literally: a target name may hold glob characters
+    for path in sorted(p for p in target.parent.iterdir() if p.name.startswith(prefix)):
         if path.is_dir() and not path.is_symlink() and _is_dead_staging(path, target, alive):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
