@@ -25,14 +25,15 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def run_main(main: Callable[[], int]) -> None:
-    """Exit non-zero with one clear line for expected failures (bad config, bad data, an unusable checkpoint);
-    tracebacks otherwise."""
+    """Exit non-zero with one clear line for expected failures (bad config, bad data, an unusable checkpoint, a
+    directory the product refuses to replace); tracebacks otherwise."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.owned_dirs import UnsafePathError
     from pipeline.sources import DataError
     from training.checkpoint import CheckpointError
 
     try:
         sys.exit(main())
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, CheckpointError, UnsafePathError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

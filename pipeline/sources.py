@@ -7,17 +7,19 @@ Canonical layout written by `prepare_dataset`:
                                       user_id (raw), user_index, item_id (raw), item_index, timestamp (int s),
                                       rating (float|null), row_order (position in the raw file; breaks ties)
     data_report.json                  every count of what was skipped, replaced or flagged
-    manifest.json                     sizes and the data watermark (newest timestamp)
+    manifest.json                     sizes, the data watermark (newest timestamp), written_by="mmrec.prepare"
 Item indices are stable across re-runs: a re-prepare keeps the mapping of items seen before and appends new ones,
 which incremental retraining relies on.
+
+Only a directory prepare recognisably wrote is ever replaced (see `is_prepared_dir` and `pipeline.owned_dirs`):
+an existing `data.prepared_dir` that holds anything else, or that is, is inside or contains the raw dir, is
+refused with `UnsafePathError` before any work.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +30,9 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
 from pipeline.decode import IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE, build_item_text, check_image_bytes
+from pipeline.owned_dirs import (WRITTEN_BY, backup_path, check_no_overlap, discard_staging, new_staging_dir, only_expected_entries,
+                                 read_json, remove_dead_staging, require_replaceable, swap_in)
+from pipeline.owned_dirs import recover_interrupted_swap as recover_owned_swap
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,11 @@ ITEMS_FILE = "items.parquet"
 INTERACTIONS_DIR = "interactions"
 REPORT_FILE = "data_report.json"
 MANIFEST_FILE = "manifest.json"
+PREPARED_ENTRIES = frozenset({ITEMS_FILE, INTERACTIONS_DIR, REPORT_FILE, MANIFEST_FILE})  # all prepare writes
+PREPARE_MARKER = "mmrec.prepare"  # the manifest's `written_by`
+# Manifests written before `written_by` existed are recognised by these keys (every version wrote all of them).
+_LEGACY_MANIFEST_KEYS = frozenset({"num_items", "num_users", "num_interactions", "watermark", "days", "raw_dir"})
+PREPARED_WHAT = "a prepared dataset written by jobs.prepare (its manifest.json and tables only)"
 
 
 class DataError(ValueError):
@@ -265,18 +275,29 @@ def _atomic_write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _backup_dir(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".old")
+def is_prepared_dir(path: Path) -> bool:
+    """Did prepare write this directory? Its manifest says so, and it holds nothing but what prepare writes."""
+    manifest = read_json(path / MANIFEST_FILE)
+    if manifest is None:
+        return False
+    recognised = manifest.get(WRITTEN_BY) == PREPARE_MARKER or _LEGACY_MANIFEST_KEYS <= manifest.keys()
+    return recognised and only_expected_entries(path, PREPARED_ENTRIES.__contains__)
 
 
 def recover_interrupted_swap(out_dir: Path) -> bool:
     """Put back the previous prepared dir if a crash hit between the two renames of the swap."""
-    backup = _backup_dir(out_dir)
-    if not out_dir.exists() and (backup / MANIFEST_FILE).exists():
-        os.replace(backup, out_dir)
-        log.warning("restored %s from %s (an earlier prepare was interrupted mid-swap)", out_dir, backup)
+    if recover_owned_swap(out_dir, is_prepared_dir):
+        log.warning("restored %s from %s.old (an earlier prepare was interrupted mid-swap)", out_dir, out_dir.name)
         return True
     return False
+
+
+def check_output_dir(raw_dir: Path, out_dir: Path) -> None:
+    """Refuse an output dir that overlaps the raw data or holds anything prepare did not write (`UnsafePathError`)."""
+    check_no_overlap(out_dir, raw_dir, what="data.prepared_dir", other_what="the raw data directory data.raw_dir")
+    require_replaceable(out_dir, is_prepared_dir, PREPARED_WHAT)
+    if out_dir.exists():  # the swap then removes `<out>.old` if there is one: it must be ours too
+        require_replaceable(backup_path(out_dir), is_prepared_dir, PREPARED_WHAT)
 
 
 def check_error_budgets(report: DataReport, cfg: DataConfig) -> None:
@@ -304,7 +325,10 @@ def prepare_dataset(cfg: DataConfig, raw_dir: Path, out_dir: Path) -> DataReport
     Schema problems (missing files or columns) raise `DataError` before anything is read in bulk; content
     problems are counted in the report and charged to the two error budgets (see `DataReport`).
     """
+    raw_dir, out_dir = Path(raw_dir).resolve(), Path(out_dir).resolve()
     recover_interrupted_swap(out_dir)
+    check_output_dir(raw_dir, out_dir)
+    remove_dead_staging(out_dir)
     check_raw_schema(raw_dir, cfg)
     report = DataReport()
     previous = None
@@ -316,8 +340,7 @@ def prepare_dataset(cfg: DataConfig, raw_dir: Path, out_dir: Path) -> DataReport
     if interactions.empty:
         raise DataError("no usable interactions left after validation; see the data report")
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir.parent))
+    staging = new_staging_dir(out_dir)
     try:
         items_table = pa.Table.from_pandas(items, preserve_index=False).cast(
             pa.schema(
@@ -344,20 +367,14 @@ def prepare_dataset(cfg: DataConfig, raw_dir: Path, out_dir: Path) -> DataReport
             "watermark": int(interactions.timestamp.max()),
             "days": sorted(days.unique().tolist()),
             "raw_dir": str(raw_dir),
+            WRITTEN_BY: PREPARE_MARKER,
         }
         _atomic_write_json(staging / REPORT_FILE, report.to_dict())
         _atomic_write_json(staging / MANIFEST_FILE, manifest)
-        if out_dir.exists():
-            # Two renames, not one: a crash between them leaves `<out>.old`, which the next run puts back.
-            backup = _backup_dir(out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out_dir, backup)
-            os.replace(staging, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        # Two renames, not one: a crash between them leaves `<out>.old`, which the next run puts back.
+        swap_in(staging, out_dir, is_prepared_dir, PREPARED_WHAT)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
     return report
 
 

@@ -4,6 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 USE_GPU = ("auto", "true", "false")
+# Folders of train.storage_path that the product itself owns beside the run directories.
+RESERVED_STORAGE_NAMES = ("registered", "locks")
+
+
+def check_plain_name(value: str, key: str, reserved: tuple[str, ...] = ()) -> None:
+    """A name used as one folder under train.storage_path: no path separators, no `.`/`..`, not reserved."""
+    if "/" in value or "\\" in value or value in (".", "..") or value in reserved:
+        raise ValueError(f"{key}={value!r} must be a plain folder name (no '/', not '.' or '..'"
+                         + (f", not {' or '.join(reserved)}" if reserved else "") + ")")
 
 
 @dataclass(kw_only=True)
@@ -46,6 +55,7 @@ class TrainConfig:
             raise ValueError("train.max_steps_per_epoch, train.max_failures and train.weight_decay must be >= 0")
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError("train.eval_ks must be positive cut-offs, e.g. 5,10,20,50")
+        check_plain_name(self.run_name, "train.run_name", RESERVED_STORAGE_NAMES)
 
 
 @dataclass(kw_only=True)
@@ -53,4 +63,7 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "mmrec"
     artifact_root: str = "mlartifacts"  # absolute location for new experiments (relative to cwd)
-    registered_model: str = "mmrec"
+    registered_model: str = "mmrec"  # also a folder name: <storage_path>/registered/<name>, locks/retrain-<name>.lock
+
+    def __post_init__(self) -> None:
+        check_plain_name(self.registered_model, "tracking.registered_model")

@@ -21,10 +21,11 @@ from ray.train.torch import TorchTrainer
 from training.job_config import JobConfig
 from training.overrides import ConfigError, flatten
 from memory.client import create_memory_bank
-from pipeline.sequences import (ColdStartSplits, Splits, item_popularity)
+from pipeline.content import decoded_catalog_bytes, write_examples
+from pipeline.owned_dirs import check_no_overlap, require_replaceable
+from pipeline.sequences import ColdStartSplits, Splits, item_popularity
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, report_metrics
 from pipeline.splits import build_splits
-from pipeline.content import decoded_catalog_bytes, write_examples
 from pipeline.stages import catalog_dataset, decoded_catalog_dataset, train_dataset
 from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
@@ -34,6 +35,30 @@ from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
 MEMORY_NAMESPACE = "mmrec"
+RUN_MARKER = "mmrec_run.json"  # written into every run directory this driver creates
+RUN_WHAT = "a training run directory of this product (mmrec_run.json)"
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory this product made: its marker, or (runs from before the marker) its examples or Ray's
+    checkpoint snapshot."""
+    return any((path / name).is_file()
+               for name in (RUN_MARKER, "data/train.parquet", "checkpoint_manager_snapshot.json"))
+
+
+def claim_run_dir(run_dir: Path, *, prepared_dir: Path, raw_dir: Path) -> None:
+    """Make sure `run_dir` is ours before anything is written into it (`UnsafePathError` otherwise).
+
+    Ray Train's keep-last-N rotation deletes only the `checkpoint_*` folders its own snapshot in this directory
+    lists, and this driver overwrites only `data/` files it wrote; so the one thing to guard is which directory
+    `train.storage_path` / `train.run_name` name: new, empty, or a run of ours (resumed), and apart from the data.
+    """
+    for other, what in ((prepared_dir, "the prepared data data.prepared_dir"), (raw_dir, "the raw data data.raw_dir")):
+        check_no_overlap(run_dir, other, what="the run directory train.storage_path/train.run_name", other_what=what)
+    require_replaceable(run_dir, is_run_dir, RUN_WHAT, "written into")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / RUN_MARKER).exists():
+        (run_dir / RUN_MARKER).write_text(json.dumps({"written_by": "mmrec.train", "run_name": run_dir.name}))
 
 
 @dataclass
@@ -106,6 +131,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
     run_name = job.train.run_name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(job.train.storage_path).resolve()
     run_dir = storage / run_name
+    claim_run_dir(run_dir, prepared_dir=prepared, raw_dir=Path(job.data.raw_dir).resolve())
     work = run_dir / "data"
     work.mkdir(parents=True, exist_ok=True)
 

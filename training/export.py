@@ -6,6 +6,8 @@ one parquet file per size, `item_vectors_s<size>.parquet` with columns
     item_index int64 (1..N, the training index), item_id string (the raw id), vector fixed_size_list<float32>[size]
 Vectors are L2-normalised at their size (scores are cosine similarities), so a nearest-neighbour index over
 the file serves the size-s model exactly. `export.json` beside them records what was written.
+An export directory is recognised by its export.json and holds nothing but what an export writes (`is_export_dir`);
+`jobs.export` builds it in a staging folder and replaces only a previous export, never anything else.
 """
 from __future__ import annotations
 
@@ -18,11 +20,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.owned_dirs import is_staging_dir, names_matching, only_expected_entries, require_replaceable
 from pipeline.sources import ITEMS_FILE, load_manifest
 from training.checkpoint import read_state
 from training.offline_eval import DecodedCatalogue, load_checkpoint
 
 EXPORT_MANIFEST = "export.json"
+EXPORT_MODEL_DIR = "model"
+EXPORT_WHAT = "an export written by jobs.export (export.json, item_vectors_s*.parquet, model/ only)"
+_is_export_entry = names_matching(["item_vectors_s"], [EXPORT_MANIFEST, EXPORT_MODEL_DIR])
+
+
+def is_export_dir(path: Path) -> bool:
+    """Did an export write this directory? It has export.json and nothing an export does not write."""
+    return (path / EXPORT_MANIFEST).is_file() and only_expected_entries(path, _is_export_entry)
 
 
 def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: Sequence[int] | None = None,
@@ -34,7 +45,9 @@ def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: 
     prepared_dir: the prepared dataset holding items.parquet; default: the checkpoint config's data.prepared_dir
         (relative to the current directory).
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    # Files are written over by name: only into a new or empty directory, a previous export, or a staging folder.
+    require_replaceable(out_dir, lambda p: is_export_dir(p) or is_staging_dir(p), EXPORT_WHAT, "written into")
     if prepared_dir is None:
         prepared_dir = read_state(checkpoint_dir)["config"]["data"]["prepared_dir"]
     prepared_dir = Path(prepared_dir).resolve()
@@ -55,7 +68,6 @@ def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: 
     ids = torch.arange(1, num_items + 1)
     items = pq.read_table(items_path, columns=["item_index", "item_id"]).to_pandas().set_index("item_index")
     item_ids = pa.array(items.loc[ids.numpy(), "item_id"].astype(str).tolist(), pa.string())
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.inference_mode():

@@ -3,8 +3,9 @@
 A registered version points at a copy of a Ray Train checkpoint directory (its `source` and its `checkpoint_path`
 tag) that the registry owns: `<train.storage_path>/registered/<model>/<run id>/<checkpoint name>`. Ray Train's
 keep-last-N rotation deletes checkpoints inside its run directory (also when a run with the same name resumes),
-so a registered version, above all the champion, must never point there. The copy is written to a temporary name
-and renamed, so a crash mid-copy leaves no half checkpoint behind a version. A version carries, as tags, what
+so a registered version, above all the champion, must never point there. The copy is written to a staging folder
+and renamed, so a crash mid-copy leaves no half checkpoint behind a version (the next registration removes the
+staging folders of dead runs); a target that exists but is not a complete copy is refused, never replaced. A version carries, as tags, what
 incremental retraining and operators need to know about it:
     data_watermark    newest interaction (unix s) in the data the version was made from, held-out window included
     trained_through   newest interaction it was trained on; the next retrain trains on what is newer than this
@@ -18,10 +19,10 @@ import os
 import re
 import shutil
 import subprocess
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.owned_dirs import discard_staging, new_staging_dir, remove_dead_staging, require_replaceable, swap_in
 from training.tracking import metric_key
 
 CHAMPION = "champion"
@@ -94,14 +95,20 @@ def pin_checkpoint(checkpoint_path: str | Path, root: Path, run_id: str) -> Path
     target = root / (run_id or "no-run") / source.name
     if source == target or (target / "model.pt").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{source.name}.{uuid.uuid4().hex[:8]}.tmp"
+    # Anything else at the target is not ours (copies appear whole, by rename): refused, never replaced.
+    require_replaceable(target, _never_owned, "a registered checkpoint copy (with model.pt)")
+    remove_dead_staging(target)
+    staging = new_staging_dir(target)
     try:
-        shutil.copytree(source, staging)
-        os.replace(staging, target)
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        swap_in(staging, target, _never_owned, "a registered checkpoint copy (with model.pt)")
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
     return target
+
+
+def _never_owned(path: Path) -> bool:
+    return False
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:

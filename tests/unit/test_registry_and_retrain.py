@@ -259,7 +259,7 @@ def test_pinned_copy_is_complete_idempotent_and_never_half_written(tmp_path, mon
     other = _fake_checkpoint(tmp_path / "run" / "checkpoint_000002", b"weights-2")
 
     def dies_half_way(src, dst, **kwargs):
-        Path(dst).mkdir(parents=True)
+        Path(dst).mkdir(parents=True, exist_ok=kwargs.get("dirs_exist_ok", False))  # as copytree does
         shutil.copyfile(Path(src) / "model.pt", Path(dst) / "model.pt")
         raise OSError("disk full")
 

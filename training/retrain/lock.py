@@ -11,19 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from pipeline.owned_dirs import pid_alive
+
 
 class RetrainLockedError(RuntimeError):
     """Another retrain of the same model holds the lock."""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def lock_is_stale(holder: dict | None, *, age_s: float, stale_after_s: float, hostname: str,
@@ -87,10 +79,23 @@ class RetrainLock:
                 age = time.time() - self.path.stat().st_mtime
             except FileNotFoundError:
                 return True  # released meanwhile: try again
-            if not lock_is_stale(self.read_holder(), age_s=age, stale_after_s=self.stale_after_s,
-                                 hostname=self.hostname):
+            holder = self.read_holder()
+            if not lock_is_stale(holder, age_s=age, stale_after_s=self.stale_after_s, hostname=self.hostname):
                 return False
+            if not self._is_lock_file(holder):
+                raise RetrainLockedError(
+                    f"{self.path} is not a retrain lock (no pid/host/token), and taking the lock would delete it: "
+                    f"move or delete it yourself")
             self.path.unlink(missing_ok=True)
+            return True
+
+    def _is_lock_file(self, holder: dict | None) -> bool:
+        """A lock `acquire` wrote: its three keys, or empty (a holder killed between creating and writing it)."""
+        if holder is not None:
+            return {"pid", "host", "token"} <= holder.keys()
+        try:
+            return self.path.stat().st_size == 0
+        except FileNotFoundError:
             return True
 
     def release(self) -> None:
