@@ -3,7 +3,7 @@
     python -m bench.memory_bank                       # full table (speed with pretrained encoders, quality with built-in)
     python -m bench.memory_bank --speed-steps 2 --quality-steps 60   # quicker
 
-Both parts run the product's own `training.loop.optimise` (the step Ray Train workers run) in one
+Both parts run the product's own trainer (`training.trainer`, what Ray Train workers run) in one
 process, on real decoded ml100k_mm batches, with an in-process bank (`LocalMemoryBankClient`): Ray start-up
 would otherwise dominate and the comparison is about encoder cost per step.
 Speed: EfficientNet-Lite0 at 96 px + MiniLM at 32 tokens, everything unfrozen, batch 16, history 10/20/50:
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,72 +22,65 @@ import torch
 
 from encoders.config import resolve_text_model_path
 from training.job_config import build_config
-from memory.client import LocalMemoryBankClient
+from memory.local import LocalMemoryBankClient
 from model.build import build_recommender
 from pipeline.config import DataConfig
 from pipeline.sequences import leave_one_out, time_split
 from pipeline.sources import ITEMS_FILE, load_manifest, prepare_dataset, read_interactions
 from pipeline.content import ItemContentDecoder
-from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
-from training.loop import _make_loss, make_optimizer, optimise
+from training.evaluate import encode_catalog, evaluate_ctr
+from training.offline_eval import DecodedCatalogue, content_spec_of
+from training.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = [("recompute", 1.0), ("bank", 1.0), ("bank", 0.2)]
 
 
-def catalogue_batches(decoder: ItemContentDecoder, num_items: int, batch: int = 256):
-    """Every catalogue item's decoded content, as the catalogue stream would deliver it (no Ray)."""
-    for start in range(1, num_items + 1, batch):
-        ids = np.arange(start, min(start + batch, num_items + 1))
-        yield {"item_index": torch.as_tensor(ids), **{k: torch.as_tensor(v) for k, v in decoder.content(ids).items()}}
+def catalogue(model, items_path: Path, job, num_items: int) -> torch.Tensor:
+    """Every item's content vector [N+1, D]: the product's in-process catalogue pass (decoded once per spec)."""
+    decoded = _DECODED.setdefault(str(items_path), DecodedCatalogue(items_path, num_items))
+    return encode_catalog(model, decoded.batches(content_spec_of(job)), num_items, torch.device("cpu"))
 
 
-def catalogue(model, decoder, num_items):
-    return encode_catalog(model, catalogue_batches(decoder, num_items), num_items, torch.device("cpu"))
-
-
-def fill(bank, model, decoder, num_items):
-    bank.update(np.arange(1, num_items + 1), catalogue(model, decoder, num_items)[1:].numpy(), step=0)
-    return bank
-
-
+_DECODED: dict[str, DecodedCatalogue] = {}
 _FILLED: dict[tuple, dict] = {}
 
 
-def initial_bank(job, model, decoder, num_items) -> LocalMemoryBankClient:
+def initial_bank(job, model, items_path: Path, num_items: int) -> LocalMemoryBankClient:
     """The bank filled with the initial item encoder; the same seed gives the same encoder, so fill it once."""
     key = (job.image.kind, job.image.image_size, job.text.kind, job.text.max_length, job.model.dim)
     bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)
     if key not in _FILLED:
-        _FILLED[key] = fill(bank, model, decoder, num_items).bank.state_dict()
+        bank.update(np.arange(1, num_items + 1), catalogue(model, items_path, job, num_items)[1:].numpy(), step=0)
+        _FILLED[key] = bank.bank.state_dict()
     bank.bank.load_state_dict({k: np.array(v, copy=True) for k, v in _FILLED[key].items()})
     return bank
 
 
-def run_mode(job, mode, fraction, train, decoder, num_items, steps, batch_size, popularity, seed=0):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    job.memory.mode, job.memory.encode_fraction = mode, fraction
-    decoder.with_history_content = mode == "recompute"
-    model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
-    optimizer = make_optimizer(model, job)  # (train.weight_decay 0.01 = AdamW's default, which this bench used)
-    bank = initial_bank(job, model, decoder, num_items)
-    loss_fn = _make_loss(job, popularity)
+def sampled_batches(decoder: ItemContentDecoder, train, batch_size: int, seed: int):
+    """Endless training batches: rows drawn with replacement, decoded as the Ray Data stage decodes them."""
     rng = np.random.default_rng(seed)
-    model.train()
-    seconds, samples = 0.0, 0
-    for step in range(steps):
+    while True:
         rows = rng.integers(0, len(train), batch_size)
         raw = decoder({"target": train.target[rows], "history": train.history[rows], "rating": train.rating[rows],
                        "user": train.user[rows]})
-        batch = {k: torch.as_tensor(v) for k, v in raw.items()}
-        started = time.perf_counter()
-        # no gradient clipping: as measured (BENCHMARKS.md); the step is otherwise the training loop's own
-        optimise(model, model, batch, bank, loss_fn, optimizer, job, num_items, torch.device("cpu"), step, grad_clip=0.0)
-        if step > 0 or steps == 1:  # the first step pays one-off allocation costs
-            seconds += time.perf_counter() - started
-            samples += batch_size
-    return model, samples / max(seconds, 1e-9)
+        yield {k: torch.as_tensor(v) for k, v in raw.items()}
+
+
+def run_mode(job, mode, fraction, train, decoder, items_path, num_items, steps, batch_size, popularity, seed=0):
+    """`steps` steps of the product's trainer in this process -> (trainer, samples/s of the steps after the first)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    job.memory.mode, job.memory.encode_fraction = mode, fraction
+    job.train.grad_clip = 0.0  # as measured (BENCHMARKS.md); (train.weight_decay 0.01 = AdamW's default, as used)
+    decoder.with_history_content = mode == "recompute"
+    model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
+    bank = initial_bank(job, model, items_path, num_items)
+    trainer = build_trainer(job, num_items, popularity, bank, model=model)
+    stats = trainer.train_epoch(sampled_batches(decoder, train, batch_size, seed), steps)
+    timed_steps = steps - 1 if steps > 1 else 1  # the first step pays one-off allocation costs
+    seconds = stats.step_seconds - (stats.first_step_seconds if steps > 1 else 0.0)
+    return trainer, timed_steps * batch_size / max(seconds, 1e-9)
 
 
 def main() -> None:
@@ -118,7 +110,8 @@ def main() -> None:
         popularity = np.bincount(train.target, minlength=num_items + 1).astype(float)
         row = {"history": length}
         for mode, fraction in MODES:
-            _, rate = run_mode(speed_job, mode, fraction, train, decoder, num_items, args.speed_steps, 16, popularity)
+            _, rate = run_mode(speed_job, mode, fraction, train, decoder, prepared / ITEMS_FILE, num_items,
+                               args.speed_steps, 16, popularity)
             row[f"{mode}@{fraction}"] = rate
             print(f"speed L={length} {mode} f={fraction}: {rate:.2f} samples/s", flush=True)
         row["bank_vs_recompute"] = row["bank@1.0"] / row["recompute@1.0"]
@@ -130,9 +123,10 @@ def main() -> None:
                                  resolve_text_model_path("minilm"), quality_job.text.max_length)
     popularity = np.bincount(splits.train.target, minlength=num_items + 1).astype(float)
     for mode, fraction in MODES if "quality" in parts else []:
-        model, rate = run_mode(quality_job, mode, fraction, splits.train, decoder, num_items, args.quality_steps, 64, popularity)
-        model.eval()
-        metrics = evaluate_ranking(model, catalogue(model, decoder, num_items), splits.validation, ks=(10,), mask_history=False)
+        trainer, rate = run_mode(quality_job, mode, fraction, splits.train, decoder, prepared / ITEMS_FILE, num_items,
+                                 args.quality_steps, 64, popularity)
+        metrics = trainer.evaluate(trainer.encode_catalogue(
+            _DECODED[str(prepared / ITEMS_FILE)].batches(content_spec_of(quality_job))), splits.validation)
         results["quality"].append({"mode": mode, "encode_fraction": fraction, "steps": args.quality_steps,
                                    "samples_per_s": rate, "val_ndcg@10": metrics["ndcg@10"], "val_recall@10": metrics["recall@10"]})
         print(f"quality {mode} f={fraction}: NDCG@10 {metrics['ndcg@10']:.4f} ({rate:.1f} samples/s)", flush=True)
@@ -142,9 +136,10 @@ def main() -> None:
     split_at = int(np.datetime64("1998-03-01T00:00:00").astype("datetime64[s]").astype(np.int64))
     ctr_splits = time_split(interactions, 20, split_at)
     for mode, fraction in MODES if "ctr" in parts else []:
-        model, rate = run_mode(ctr_job, mode, fraction, ctr_splits.train, decoder, num_items, args.quality_steps, 64, popularity)
-        model.eval()
-        metrics = evaluate_ctr(model, catalogue(model, decoder, num_items), ctr_splits.test, positive_rating=4.0)
+        trainer, rate = run_mode(ctr_job, mode, fraction, ctr_splits.train, decoder, prepared / ITEMS_FILE, num_items,
+                                 args.quality_steps, 64, popularity)
+        content = trainer.encode_catalogue(_DECODED[str(prepared / ITEMS_FILE)].batches(content_spec_of(ctr_job)))
+        metrics = evaluate_ctr(trainer.model, content, ctr_splits.test, positive_rating=4.0)
         results["ctr"].append({"mode": mode, "encode_fraction": fraction, "steps": args.quality_steps,
                                "samples_per_s": rate, **{f"test_{k}": v for k, v in metrics.items()}})
         print(f"ctr {mode} f={fraction}: GAUC {metrics['gauc']:.4f} AUC {metrics.get('auc', float('nan')):.4f}", flush=True)

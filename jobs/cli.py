@@ -1,4 +1,5 @@
-"""Shared command-line plumbing for the jobs: preset + `--set` overrides, and a clean failure message."""
+"""Shared command-line plumbing for the jobs: preset + `--set` overrides, `--model`/`--checkpoint` for the jobs that
+read a trained model, and a clean failure message. The job modules import this; nothing imports a job."""
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,31 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
     return build_config(args.preset, args.overrides)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="models:/NAME@ALIAS", help="a registered model version, by alias "
+                        "(models:/mmrec@champion) or number (models:/mmrec/3)")
+    source.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint directory (holds model.pt)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a value of the checkpoint's config (repeatable), e.g. "
+                             "--set data.prepared_dir=/data/prepared --set tracking.tracking_uri=sqlite:////abs/mlflow.db")
+
+
+def resolve_model_arguments(args: argparse.Namespace):
+    """--model/--checkpoint -> (checkpoint dir, registry version or None); None after printing the error."""
+    from training.job_config import JobConfig
+    from training.overrides import apply_overrides
+    from training.registry import RegistryError, resolve_checkpoint
+    from training.tracking import resolve_tracking_uri
+
+    try:
+        tracking_uri = resolve_tracking_uri(apply_overrides(JobConfig(), args.overrides).tracking)
+        return resolve_checkpoint(args.model, args.checkpoint, tracking_uri)
+    except RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -10,38 +10,12 @@ since training are ranked too (by content). Runs in this process: no Ray cluster
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from jobs.cli import run_main
+from jobs.cli import add_model_arguments, resolve_model_arguments, run_main
 
 SPLITS = ("test", "validation")
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", metavar="models:/NAME@ALIAS", help="a registered model version, by alias "
-                        "(models:/mmrec@champion) or number (models:/mmrec/3)")
-    source.add_argument("--checkpoint", metavar="DIR", help="a training checkpoint directory (holds model.pt)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a value of the checkpoint's config (repeatable), e.g. "
-                             "--set data.prepared_dir=/data/prepared --set tracking.tracking_uri=sqlite:////abs/mlflow.db")
-
-
-def resolve_model_arguments(args: argparse.Namespace):
-    """--model/--checkpoint -> (checkpoint dir, registry version or None); None after printing the error."""
-    from training.job_config import JobConfig
-    from training.overrides import apply_overrides
-    from training.registry import RegistryError, resolve_checkpoint
-    from training.tracking import resolve_tracking_uri
-
-    try:
-        tracking_uri = resolve_tracking_uri(apply_overrides(JobConfig(), args.overrides).tracking)
-        return resolve_checkpoint(args.model, args.checkpoint, tracking_uri)
-    except RegistryError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import run_main
-from jobs.evaluate import add_model_arguments, resolve_model_arguments
+from jobs.cli import add_model_arguments, resolve_model_arguments
 
 
 def main() -> int:

@@ -15,15 +15,16 @@ import ray
 import ray.data
 import torch
 
+from model.build import build_recommender
+from training.checkpoint import load_tensors
+from training.evaluate import encode_content_batch
+from training.job_config import JobConfig
+
 
 class CatalogEncoder:
     """`map_batches` callable: decoded catalogue content -> content vectors written to the bank."""
 
     def __init__(self, job_dict: dict, state_path: str, num_items: int, bank, step: int = 0) -> None:
-        from training.job_config import JobConfig
-        from model.build import build_recommender
-        from training.checkpoint import load_tensors
-
         torch.set_num_threads(1)
         job = JobConfig.from_dict(job_dict)
         self.model = build_recommender(job.model, job.image, job.text, num_items=num_items,
@@ -36,11 +37,7 @@ class CatalogEncoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(batch["item_index"], dtype=np.int64)
         with torch.inference_mode():
-            content = self.model.item_encoder.encode_content(
-                torch.as_tensor(batch["image"]), torch.as_tensor(batch["image_mask"]).bool(),
-                torch.as_tensor(batch["input_ids"]), torch.as_tensor(batch["attention_mask"]),
-                torch.as_tensor(batch["text_mask"]).bool(),
-            )
+            content = encode_content_batch(self.model, batch, torch.device("cpu"))
         self.bank.update(ids, content.numpy(), step=self.step, wait=True)
         return {"item_index": ids}
 

@@ -12,10 +12,13 @@ refused with a `CheckpointError` (one line: the path and why).
 from __future__ import annotations
 
 import json
+import math
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 MODEL_FILE = "model.pt"
@@ -87,9 +90,70 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> int:
 
 def saved_bank_capacity(directory: Path) -> int | None:
     """Capacity recorded in a saved bank snapshot (None when unreadable)."""
-    from memory.client import BANK_META_FILE
+    from memory.local import BANK_META_FILE
 
     try:
         return int(json.loads((directory / BANK_META_FILE).read_text())["capacity"])
     except (OSError, ValueError, KeyError):
         return None
+
+
+def bank_matches_snapshot(bank, directory: Path) -> float:
+    """After a restore: does the live bank hold exactly the snapshot's vectors and write steps? (nan: not checked)"""
+    from memory.local import LocalMemoryBankClient
+
+    if getattr(bank, "num_shards", 1) != 1:
+        return float("nan")  # the in-process reference reads single-shard snapshots only
+    reference = LocalMemoryBankClient(capacity=bank.capacity, dim=bank.dim)
+    reference.load(directory)
+    ids = np.arange(bank.capacity)
+    live, saved = bank.lookup(ids), reference.lookup(ids)
+    return float(np.array_equal(live.vectors, saved.vectors) and np.array_equal(live.written_step, saved.written_step))
+
+
+@dataclass
+class Restored:
+    """Where a training attempt starts: from scratch, a warm start, the driver's initial weights, or a resume."""
+
+    start_epoch: int = 0
+    resumed: bool = False  # from this run's own checkpoint (a restarted or re-run attempt)
+    bank_filled: bool = False  # the bank already holds every item (restored, or filled by the driver's pass)
+    bank_exact: float = math.nan  # 1.0: every restored bank vector equals the checkpoint's
+    filled_by_ray_data: bool = False
+
+
+def restore(trainer, *, resume_dir: Path | None, init_checkpoint: str = "", init_model: str = "",
+            bank_prefilled: bool = False, rank: int = 0, log: Callable[[str], None] = print) -> Restored:
+    """Load what this attempt starts from into `trainer` (its model, optimizer, global step and bank).
+
+    resume_dir: this run's latest checkpoint (model, optimizer, epoch, step, bank). Otherwise init_checkpoint:
+    another run's weights and bank (incremental retraining; a grown catalogue keeps new items' fresh id rows and
+    skips the wrong-sized bank). Otherwise init_model: the driver's initial weights, whose Ray Data pass already
+    filled the bank (`bank_prefilled`). Only rank 0 touches the bank.
+    """
+    model, bank, restored = trainer.model, trainer.bank, Restored()
+    if resume_dir is None and init_checkpoint:
+        init_dir = Path(init_checkpoint)
+        new_rows = load_model_weights(model, init_dir / MODEL_FILE)
+        if rank == 0 and (init_dir / BANK_DIR).exists() and saved_bank_capacity(init_dir / BANK_DIR) == bank.capacity:
+            bank.load(init_dir / BANK_DIR)  # the fill pass still runs: it covers every item of a grown catalogue
+        if rank == 0:
+            log(f"[train] warm start from {init_dir}" + (f" ({new_rows} new item-id rows)" if new_rows else ""))
+    elif resume_dir is None and init_model:
+        model.load_state_dict(load_tensors(init_model))
+        restored.bank_filled = restored.filled_by_ray_data = bank_prefilled
+    elif resume_dir is not None:
+        model.load_state_dict(load_tensors(resume_dir / MODEL_FILE))
+        trainer.optimizer.load_state_dict(load_tensors(resume_dir / OPTIMIZER_FILE))
+        state = read_state(resume_dir)
+        restored.start_epoch, trainer.global_step, restored.resumed = state["epoch"] + 1, state["global_step"], True
+        if (resume_dir / BANK_DIR).exists():
+            # every rank must agree that the bank is filled, or rank 0 skips the fill barrier the others wait at
+            restored.bank_filled = True
+            if rank == 0:
+                bank.load(resume_dir / BANK_DIR)
+                restored.bank_exact = bank_matches_snapshot(bank, resume_dir / BANK_DIR)
+        if rank == 0:
+            log(f"[train] resumed from checkpoint: epoch {restored.start_epoch}, step {trainer.global_step}, "
+                f"bank restored={restored.bank_filled}")
+    return restored

@@ -38,7 +38,6 @@ class TrainConfig:
     init_checkpoint: str = ""  # warm start: a checkpoint directory whose model (and bank) start this run
     keep_checkpoints: int = 2
     max_failures: int = 1
-    fail_at_step: int = -1  # fault injection for tests: kill rank 0 at this global step of the first attempt
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "num_workers", "keep_checkpoints", "eval_batch_size", "log_every"):

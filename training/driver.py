@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
 from training.evaluate import popularity_metrics, write_size_report
 from training.loop import train_loop_per_worker
+from training.trainer import StepCallback
 from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
@@ -123,8 +125,10 @@ def check_cluster_fits(job: JobConfig, use_gpu: bool) -> None:
             )
 
 
-def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> TrainingOutcome:
-    """Train one run. `splits` overrides the examples built from the prepared data (incremental retraining)."""
+def run_training(job: JobConfig, log=print, splits: Splits | None = None,
+                 callbacks: Sequence[StepCallback] = ()) -> TrainingOutcome:
+    """Train one run. `splits` overrides the examples built from the prepared data (incremental retraining);
+    `callbacks` run in every worker before each step (tests inject faults with `training.faults`)."""
     prepared = Path(job.data.prepared_dir).resolve()
     manifest = load_manifest(prepared)
     num_items = manifest["num_items"]
@@ -224,7 +228,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None) -> Tra
                 "tracking_uri": tracker.tracking_uri,
                 "mlflow_run_id": tracker.run_id,
                 "watermark": manifest["watermark"],
-                "fault_marker": str(run_dir / "fault_injected"),
+                "callbacks": list(callbacks),
                 "bank_prefilled": bank_prefilled,
                 "init_model": str(init_model) if bank_prefilled else "",
             },

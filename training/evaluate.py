@@ -25,6 +25,15 @@ from training.metrics import RankingAccumulator, auc, grouped_auc, history_mask,
 
 
 @torch.inference_mode()
+def encode_content_batch(model: Recommender, batch: dict, device: torch.device) -> torch.Tensor:
+    """One batch of decoded catalogue content (numpy or torch: image [n,3,S,S], masks [n], tokens [n,T]) ->
+    content vectors [n, D]. Every catalogue pass (training, the Ray Data bank fill, offline evaluation, export,
+    benchmarks) encodes through this one function."""
+    tensor = lambda key: torch.as_tensor(batch[key]).to(device)  # noqa: E731
+    return model.item_encoder.encode_content(tensor("image"), tensor("image_mask").bool(), tensor("input_ids"),
+                                             tensor("attention_mask"), tensor("text_mask").bool())
+
+
 def encode_catalog(model: Recommender, batches: Iterable[dict[str, torch.Tensor]], num_items: int,
                    device: torch.device) -> torch.Tensor:
     """Catalogue content batches (from `pipeline.stages.catalog_dataset`) -> content table [N+1, D], row 0 = 0."""
@@ -33,11 +42,8 @@ def encode_catalog(model: Recommender, batches: Iterable[dict[str, torch.Tensor]
     table = torch.zeros(num_items + 1, model.item_encoder.dim, device=device)
     seen = torch.zeros(num_items + 1, dtype=torch.bool, device=device)
     for batch in batches:
-        ids = batch["item_index"].to(device)
-        table[ids] = model.item_encoder.encode_content(
-            batch["image"].to(device), batch["image_mask"].to(device), batch["input_ids"].to(device),
-            batch["attention_mask"].to(device), batch["text_mask"].to(device),
-        )
+        ids = torch.as_tensor(batch["item_index"]).to(device)
+        table[ids] = encode_content_batch(model, batch, device)
         seen[ids] = True
     model.train(was_training)
     missing = int((~seen[1:]).sum())

@@ -126,6 +126,8 @@ class EpochStats:
     staleness_sum: float = 0.0
     staleness_steps: int = 0
     encoded_items: int = 0
+    step_seconds: float = 0.0  # time inside `Trainer.step` (no data wait, no periodic refresh)
+    first_step_seconds: float = 0.0  # of which the first step (one-off allocations; benchmarks leave it out)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: float, samples: int, info: dict) -> None:
@@ -148,6 +150,12 @@ class EpochStats:
 
     def wait_fraction(self, seconds: float) -> float:
         return self.data_wait / max(seconds, 1e-9)
+
+    def metrics(self, world_size: int = 1) -> dict[str, float]:
+        """The epoch's training metrics (samples/s over every worker, assuming equal shards)."""
+        seconds = self.seconds()
+        return {"train_loss": self.mean_loss(), "samples_per_s": self.samples * world_size / max(seconds, 1e-9),
+                "data_wait_fraction": self.wait_fraction(seconds), "epoch_seconds": seconds, **self.bank_metrics()}
 
     def bank_metrics(self) -> dict[str, float]:
         steps = max(self.steps, 1)
@@ -246,7 +254,8 @@ class Trainer:
 
     # ---- one epoch
 
-    def train_epoch(self, batches: Iterable[dict], max_steps: int, *, catalogue: Callable[[], Iterable[dict]] | None = None,
+    def train_epoch(self, batches: Iterable[dict], max_steps: int, *,
+                    catalogue: Callable[[], Iterable[dict]] | None = None,
                     log: Callable[[EpochStats, int], None] | None = None) -> EpochStats:
         """Up to `max_steps` steps over `batches`; `catalogue` (a source of decoded catalogue batches) serves the
         periodic bank refresh (`memory.refresh_every_steps`); `log(stats, step)` after each step."""
@@ -257,8 +266,12 @@ class Trainer:
         for step, batch in enumerate(batches):
             if step >= max_steps:
                 break
-            stats.data_wait += time.perf_counter() - waited_since
+            stepped = time.perf_counter()
+            stats.data_wait += stepped - waited_since
             loss, info = self.step(batch)
+            stats.step_seconds += time.perf_counter() - stepped
+            if step == 0:
+                stats.first_step_seconds = stats.step_seconds
             if refresh_every and self.global_step % refresh_every == 0 and catalogue is not None:
                 # periodic refresh: re-encode the whole catalogue so no bank entry is older than N steps
                 self.refresh_bank(self.encode_catalogue(catalogue()))
@@ -279,6 +292,18 @@ class Trainer:
     def refresh_bank(self, content: torch.Tensor, wait: bool = False) -> None:
         """Write every item's fresh content vector [N+1, D] to the bank at the current step."""
         self.bank.update(np.arange(1, self.num_items + 1), content[1:].cpu().numpy(), step=self.global_step, wait=wait)
+
+    def end_epoch(self, catalogue_batches: Iterable[dict], validation: Examples,
+                  tests: dict[str, Examples] | None = None) -> dict[str, float]:
+        """One catalogue pass: it refreshes every bank entry (staleness bounded to one epoch) and scores
+        `val_*` metrics, plus `<name>_*` for each test set given (`test` with every size, subsets at full size)."""
+        content = self.encode_catalogue(catalogue_batches)
+        self.refresh_bank(content, wait=True)
+        metrics = {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}
+        for name, examples in (tests or {}).items():
+            metrics.update({f"{name}_{k}": v for k, v in self.evaluate(content, examples,
+                                                                      all_sizes=name == "test").items()})
+        return metrics
 
     def evaluate(self, content: torch.Tensor, examples: Examples, *, all_sizes: bool = True) -> dict[str, float]:
         """Full-ranking metrics (and AUC / GAUC for CTR) of `examples` against the content table."""

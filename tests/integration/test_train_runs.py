@@ -2,8 +2,8 @@
 killed mid-epoch, and resumed from their checkpoint.
 
 The tests share one 2-worker run (module fixture, 2 epochs, the bank filled by a Ray Data pass) whose rank 0
-calls `os._exit(1)` at a step of epoch 2 on the first attempt only (`train.fail_at_step`, guarded by a marker
-file in the run folder): its MLflow record, its Ray Data bank fill and its recovery are checked, then it is
+calls `os._exit(1)` at a step of epoch 2 on the first attempt only (`training.faults.KillRankZeroAt`, a step
+callback injected through `run_training(callbacks=...)`, guarded by a marker file in the run folder): its MLflow record, its Ray Data bank fill and its recovery are checked, then it is
 resumed under the same run name for a third epoch. One run instead of an undisturbed run plus a faulty one: each
 Ray Train run costs ~1-2 minutes of fixed start-up on 2 cores. Also: asking for more workers than the cluster
 has fails before any work.
@@ -83,12 +83,13 @@ def _quiet(_line: str) -> None:
 def faulty(ray_cluster, workspace):
     """The run every test here reads: rank 0 dies at step FAIL_AT (epoch 2), Ray Train restarts the group once."""
     from training.driver import run_training
+    from training.faults import KillRankZeroAt
 
     # the LEMUR recipe's Ray Data batch-inference pass fills the bank before the two workers start
-    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", f"train.fail_at_step={FAIL_AT}",
-               "train.max_failures=1")
+    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.max_failures=1")
+    fault = KillRankZeroAt(step=FAIL_AT, marker=str(Path(job.train.storage_path) / job.train.run_name / "fault_injected"))
     started = time.perf_counter()
-    outcome = run_training(job, log=_quiet)
+    outcome = run_training(job, log=_quiet, callbacks=[fault])
     print(f"fault-injected 2-worker run: {time.perf_counter() - started:.1f}s")
     return outcome
 

@@ -1,0 +1,133 @@
+"""The plain-torch trainer on real decoded ml100k_mm batches: its parts, its step, restore, and the objective registry."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from memory.local import LocalMemoryBankClient
+from model.losses import CTRLoss, FullSoftmaxLoss, NestedSizesLoss, SampledSoftmaxLoss, build_objective
+from pipeline.content import ItemContentDecoder
+from pipeline.sequences import item_popularity
+from pipeline.sources import ITEMS_FILE, load_manifest
+from pipeline.splits import build_splits
+from training.checkpoint import restore, save_checkpoint
+from training.job_config import build_config
+from training.offline_eval import DecodedCatalogue, content_spec_of
+from training.trainer import (BankHistory, CatalogueNegatives, InBatchNegatives, RecomputeHistory, UniformNegatives,
+                              build_trainer)
+
+
+@pytest.fixture(scope="module")
+def setting(prepared_dir: Path):
+    job = build_config("tiny", [f"data.prepared_dir={prepared_dir}", "model.dropout=0.0"])
+    num_items = load_manifest(prepared_dir)["num_items"]
+    splits = build_splits(job.data, prepared_dir)
+    spec = content_spec_of(job)
+    decoder = ItemContentDecoder(str(prepared_dir / ITEMS_FILE), "target", spec.image_size, spec.tokenizer_path,
+                                 spec.max_length, with_history_content=True)
+    rows = np.arange(48)
+    raw = decoder({"target": splits.train.target[rows], "history": splits.train.history[rows],
+                   "rating": splits.train.rating[rows], "user": splits.train.user[rows]})
+    batch = {k: torch.as_tensor(v) for k, v in raw.items()}
+    catalogue = DecodedCatalogue(prepared_dir / ITEMS_FILE, num_items)
+    return job, num_items, item_popularity(splits.train, num_items), batch, catalogue, splits
+
+
+def _trainer(setting, *overrides: str, callbacks=()):
+    job, num_items, popularity, _, catalogue, _ = setting
+    job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "model.dropout=0.0", *overrides])
+    torch.manual_seed(0)
+    np.random.seed(0)
+    bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)
+    trainer = build_trainer(job, num_items, popularity, bank, callbacks=callbacks)
+    trainer.refresh_bank(trainer.encode_catalogue(catalogue.batches(content_spec_of(job))), wait=True)
+    return trainer
+
+
+def test_objectives_come_from_one_registry():
+    job = build_config("tiny")
+    popularity = np.ones(11)
+    assert isinstance(build_objective(job.model, popularity), SampledSoftmaxLoss)
+    job.model = dataclasses.replace(job.model, loss="full_softmax")
+    assert isinstance(build_objective(job.model, popularity), FullSoftmaxLoss)
+    job.model = dataclasses.replace(job.model, task="ctr")
+    assert isinstance(build_objective(job.model, popularity), CTRLoss)
+    nested = build_config("tiny", ["model.matryoshka_sizes=8,16,32"])
+    wrapped = build_objective(nested.model, popularity)
+    assert isinstance(wrapped, NestedSizesLoss) and isinstance(wrapped.base_loss, SampledSoftmaxLoss)
+
+
+def test_negatives_sources_shape_and_choice(setting):
+    trainer = _trainer(setting)
+    num_items, dim = trainer.num_items, trainer.model.item_encoder.dim
+    assert InBatchNegatives().sample(trainer.model, trainer.bank, num_items, trainer.device) == (None, None)
+    vectors, ids = UniformNegatives(7).sample(trainer.model, trainer.bank, num_items, trainer.device)
+    assert vectors.shape == (7, dim) and ids.shape == (7,) and int(ids.min()) >= 1 and int(ids.max()) <= num_items
+    table, none = CatalogueNegatives().sample(trainer.model, trainer.bank, num_items, trainer.device)
+    assert table.shape == (num_items + 1, dim) and none is None
+    for overrides, kind in (((), InBatchNegatives), (("model.extra_negatives=5",), UniformNegatives),
+                            (("model.loss=full_softmax",), CatalogueNegatives)):
+        assert isinstance(_trainer(setting, *overrides).negatives, kind)
+
+
+def test_bank_history_equals_recomputed_history_when_the_bank_is_fresh(setting):
+    """LEMUR's bank is an approximation of re-encoding every history item: exact when nothing is stale."""
+    batch = setting[3]
+    bank_trainer = _trainer(setting)
+    recompute_trainer = _trainer(setting, "memory.mode=recompute")
+    assert isinstance(bank_trainer.history, BankHistory) and isinstance(recompute_trainer.history, RecomputeHistory)
+    bank_trainer.model.eval()
+    recompute_trainer.model.eval()
+    with torch.no_grad():
+        bank_loss, bank_info = bank_trainer.forward_loss(batch)
+        recompute_loss, _ = recompute_trainer.forward_loss(batch)
+    torch.testing.assert_close(bank_loss, recompute_loss, atol=1e-5, rtol=1e-5)
+    assert bank_info["coverage"] == 1.0 and bank_info["staleness_cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_steps_learn_write_back_to_the_bank_and_call_the_callbacks(setting):
+    batch = setting[3]
+    seen = []
+    trainer = _trainer(setting, callbacks=[seen.append])
+    stats = trainer.train_epoch(iter([batch] * 6), max_steps=5)
+    assert seen == [0, 1, 2, 3, 4] and trainer.global_step == 5 and stats.steps == 5
+    assert stats.first_step_seconds > 0 and stats.step_seconds >= stats.first_step_seconds
+    targets = np.unique(batch["target"].numpy())
+    written = trainer.bank.lookup(targets).written_step
+    assert (written == 4).all(), written  # the last step wrote every target it encoded
+    first = trainer.forward_loss(batch)[0].item()
+    trainer.train_epoch(iter([batch] * 10), max_steps=10)
+    last = trainer.forward_loss(batch)[0].item()
+    assert last < first  # the same batch, fitted
+
+
+def test_end_epoch_refreshes_the_bank_and_scores_validation_and_tests(setting):
+    *_, catalogue, splits = setting
+    trainer = _trainer(setting)
+    trainer.global_step = 9
+    metrics = trainer.end_epoch(catalogue.batches(content_spec_of(trainer.job)), splits.validation,
+                                {"test": splits.test})
+    assert {"val_ndcg@10", "val_recall@10", "test_ndcg@10", "test_mrr"} <= metrics.keys()
+    assert (trainer.bank.lookup(np.arange(1, trainer.num_items + 1)).written_step == 9).all()
+
+
+def test_restore_resumes_model_optimizer_step_and_bank(setting, tmp_path: Path):
+    batch = setting[3]
+    trainer = _trainer(setting)
+    trainer.train_epoch(iter([batch] * 3), max_steps=3)
+    save_checkpoint(tmp_path, trainer.model, trainer.optimizer, {"epoch": 1, "global_step": trainer.global_step})
+    trainer.bank.save(tmp_path / "bank")
+    fresh = _trainer(setting)
+    fresh.bank.update(np.arange(1, 4), np.zeros((3, fresh.bank.dim), np.float32), step=99)
+    restored = restore(fresh, resume_dir=tmp_path, log=lambda _: None)
+    assert restored.resumed and restored.start_epoch == 2 and restored.bank_filled and restored.bank_exact == 1.0
+    assert fresh.global_step == 3
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(fresh.model.state_dict()[name], tensor)
+    assert fresh.optimizer.state_dict()["state"][0]["step"] == trainer.optimizer.state_dict()["state"][0]["step"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.forward_loss(batch)[0], trainer.forward_loss(batch)[0])
