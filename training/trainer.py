@@ -6,7 +6,8 @@ Its parts come in by injection (`build_trainer` is the one place where the confi
   the objective beyond the batch's own positives,
 - a *history-content* source (`BankHistory`: LEMUR's memory bank; `RecomputeHistory`: every history item
   encoded with gradients, the costly baseline),
-- the memory bank itself, through `memory.local.ItemBank`: one lookup and one asynchronous write per step.
+- the memory bank itself, through `memory.local.ItemBank`: one lookup (history, target and negative ids
+  together) and one asynchronous write per step.
 Whoever runs it (the Ray Train worker in `training.loop`, a benchmark, a test) feeds it batches and decides
 where checkpoints and metrics go. Step callbacks (`callbacks`) see every global step before it runs: tests
 inject faults through them.
@@ -48,34 +49,43 @@ class HistoryContent:
     target_cached: np.ndarray  # [B, D] the bank's vectors of the targets
     target_found: np.ndarray  # [B] whether the bank had them
     history_lookup: LookupResult | None  # the bank's view of the history items (bank mode only)
+    negative_cached: np.ndarray | None = None  # [K, D] the bank's vectors of the step's negative ids
+
+
+def _one_lookup(bank: ItemBank, *parts: np.ndarray) -> list[LookupResult]:
+    """The step's single bank round-trip: several id arrays looked up at once, split back per array."""
+    result = bank.lookup(np.concatenate(parts))
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    arrays = [np.asarray(a) for a in (result.vectors, result.written_step, result.found)]
+    return [LookupResult(*(a[lo:hi] for a in arrays)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 class BankHistory:
-    """LEMUR: history items' content comes from the memory bank, no gradient; one lookup for history + targets."""
+    """LEMUR: history items' content comes from the memory bank, no gradient; one lookup for the step's history,
+    target and negative ids."""
 
-    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device) -> HistoryContent:
+    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device,
+              negative_ids: np.ndarray) -> HistoryContent:
         history = batch["history"].long()
-        flat_history = history.reshape(-1).cpu().numpy()
-        lookup = bank.lookup(np.concatenate([flat_history, batch["target"].long().cpu().numpy()]))
-        n = flat_history.size
-        vectors = np.asarray(lookup.vectors)
-        history_lookup = LookupResult(vectors=vectors[:n], written_step=np.asarray(lookup.written_step)[:n],
-                                      found=np.asarray(lookup.found)[:n])
-        return HistoryContent(_writable(vectors[:n], device).view(*history.shape, -1), None, vectors[n:],
-                              np.asarray(lookup.found)[n:], history_lookup)
+        past, targets, negatives = _one_lookup(bank, history.reshape(-1).cpu().numpy(),
+                                               batch["target"].long().cpu().numpy(), negative_ids)
+        return HistoryContent(_writable(past.vectors, device).view(*history.shape, -1), None, targets.vectors,
+                              targets.found, past, negatives.vectors)
 
 
 class RecomputeHistory:
-    """Every history item is decoded and encoded with gradients (the costly baseline the bank replaces)."""
+    """Every history item is decoded and encoded with gradients (the costly baseline the bank replaces); the bank
+    still serves the targets' cached vectors and the negatives, in one lookup."""
 
     CONTENT_KEYS = ("image", "image_mask", "input_ids", "attention_mask", "text_mask")
 
-    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device) -> HistoryContent:
+    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device,
+              negative_ids: np.ndarray) -> HistoryContent:
         history = batch["history"].long()
-        lookup = bank.lookup(batch["target"].long().cpu().numpy())
+        targets, negatives = _one_lookup(bank, batch["target"].long().cpu().numpy(), negative_ids)
         return HistoryContent(torch.zeros(*history.shape, dim, device=device),
                               {k: batch[f"history_{k}"] for k in self.CONTENT_KEYS},
-                              np.asarray(lookup.vectors), np.asarray(lookup.found), None)
+                              targets.vectors, targets.found, None, negatives.vectors)
 
 
 HISTORY_SOURCES = {"bank": BankHistory, "recompute": RecomputeHistory}
@@ -84,10 +94,17 @@ HISTORY_SOURCES = {"bank": BankHistory, "recompute": RecomputeHistory}
 # --------------------------------------------------------------------------- negatives
 
 
+# A negatives source picks the step's extra candidate ids (`ids`, before the step's bank lookup) and turns their
+# cached content [K, D] into item vectors for the objective (`vectors`: (vectors, ids passed to the objective)).
+
+
 class InBatchNegatives:
     """No extra candidates: the other rows' positives are the negatives (inside the objective)."""
 
-    def sample(self, model: Recommender, bank: ItemBank, num_items: int, device: torch.device):
+    def ids(self, num_items: int) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+    def vectors(self, model: Recommender, ids: np.ndarray, cached: np.ndarray, device: torch.device):
         return None, None
 
 
@@ -97,18 +114,22 @@ class UniformNegatives:
 
     count: int
 
-    def sample(self, model: Recommender, bank: ItemBank, num_items: int, device: torch.device):
-        ids = np.random.randint(1, num_items + 1, size=self.count)
-        vectors = model.item_vectors(_writable(bank.lookup(ids).vectors, device), torch.as_tensor(ids, device=device))
-        return vectors, torch.as_tensor(ids, device=device)
+    def ids(self, num_items: int) -> np.ndarray:
+        return np.random.randint(1, num_items + 1, size=self.count)
+
+    def vectors(self, model: Recommender, ids: np.ndarray, cached: np.ndarray, device: torch.device):
+        ids_t = torch.as_tensor(ids, device=device)
+        return model.item_vectors(_writable(cached, device), ids_t), ids_t
 
 
 class CatalogueNegatives:
     """The whole catalogue [N+1, D] from the bank (full softmax; row 0 = padding)."""
 
-    def sample(self, model: Recommender, bank: ItemBank, num_items: int, device: torch.device):
-        table = _writable(bank.lookup(np.arange(num_items + 1)).vectors, device)
-        return model.item_vectors(table, torch.arange(num_items + 1, device=device)), None
+    def ids(self, num_items: int) -> np.ndarray:
+        return np.arange(num_items + 1)
+
+    def vectors(self, model: Recommender, ids: np.ndarray, cached: np.ndarray, device: torch.device):
+        return model.item_vectors(_writable(cached, device), torch.as_tensor(ids, device=device)), None
 
 
 # --------------------------------------------------------------------------- epoch statistics
@@ -198,7 +219,8 @@ class Trainer:
         job, model, device = self.job, self.model, self.device
         targets = batch["target"].long()
         target_np = targets.cpu().numpy()
-        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device)
+        negative_ids = self.negatives.ids(self.num_items) if job.model.task != "ctr" else np.zeros(0, np.int64)
+        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device, negative_ids)
         encode_mask = cached_content = None
         if job.memory.encode_fraction < 1.0:
             # LEMUR's encoder sampling; rows whose item has no bank vector yet are always encoded
@@ -216,8 +238,8 @@ class Trainer:
             labels = (batch["rating"].float() >= job.data.positive_rating).float()
             loss = self.objective(out.user, out.positive, labels, batch["user"].long(), targets)
         else:
-            negatives, negative_ids = self.negatives.sample(model, self.bank, self.num_items, device)
-            loss = self.objective(out.user, out.positive, targets, negatives, negative_ids)
+            negatives, negative_ids_t = self.negatives.vectors(model, negative_ids, fetched.negative_cached, device)
+            loss = self.objective(out.user, out.positive, targets, negatives, negative_ids_t)
         unique_ids = out.unique_ids.cpu().numpy()
         unique_content = out.unique_content.detach()
         info = {"unique_ids": unique_ids, "unique_content": unique_content.cpu().numpy(),

@@ -64,10 +64,14 @@ def test_objectives_come_from_one_registry():
 def test_negatives_sources_shape_and_choice(setting):
     trainer = _trainer(setting)
     num_items, dim = trainer.num_items, trainer.model.item_encoder.dim
-    assert InBatchNegatives().sample(trainer.model, trainer.bank, num_items, trainer.device) == (None, None)
-    vectors, ids = UniformNegatives(7).sample(trainer.model, trainer.bank, num_items, trainer.device)
+    def sample(source):
+        ids = source.ids(num_items)
+        return source.vectors(trainer.model, ids, trainer.bank.lookup(ids).vectors, trainer.device)
+
+    assert InBatchNegatives().ids(num_items).size == 0 and sample(InBatchNegatives()) == (None, None)
+    vectors, ids = sample(UniformNegatives(7))
     assert vectors.shape == (7, dim) and ids.shape == (7,) and int(ids.min()) >= 1 and int(ids.max()) <= num_items
-    table, none = CatalogueNegatives().sample(trainer.model, trainer.bank, num_items, trainer.device)
+    table, none = sample(CatalogueNegatives())
     assert table.shape == (num_items + 1, dim) and none is None
     for overrides, kind in (((), InBatchNegatives), (("model.extra_negatives=5",), UniformNegatives),
                             (("model.loss=full_softmax",), CatalogueNegatives)):
@@ -87,6 +91,14 @@ def test_bank_history_equals_recomputed_history_when_the_bank_is_fresh(setting):
         recompute_loss, _ = recompute_trainer.forward_loss(batch)
     torch.testing.assert_close(bank_loss, recompute_loss, atol=1e-5, rtol=1e-5)
     assert bank_info["coverage"] == 1.0 and bank_info["staleness_cosine"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_step_makes_one_bank_lookup_even_with_full_softmax_negatives(setting):
+    batch = setting[3]
+    trainer = _trainer(setting, "model.loss=full_softmax")
+    before = trainer.bank.timings()["num_lookups"]
+    trainer.step(batch)
+    assert trainer.bank.timings()["num_lookups"] - before == 1
 
 
 def test_steps_learn_write_back_to_the_bank_and_call_the_callbacks(setting):
