@@ -13,7 +13,8 @@ from training.overrides import ConfigError
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="starting configuration: tiny (CI, ~1 min on 2 CPUs), movielens (pretrained encoders, "
-                             "~1 h on 2 CPUs), gpu (everything trained, one GPU)")
+                             "~25 min on 2 CPUs), movielens_mrl (movielens with Matryoshka vectors at sizes "
+                             "32/128/512 from one model), gpu (everything trained, one GPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, type-checked (repeatable), e.g. --set train.epochs=3 "
                              "--set data.raw_dir=/data/ml100k_mm; unknown keys are refused with the valid ones")
