@@ -14,7 +14,7 @@ one epoch of `--steps` steps of `--batch-size` examples. Methods:
 - two_stage_frozen: pretrained EfficientNet-Lite0 + MiniLM frozen (`unfreeze_top=0`): only the projection,
   id embeddings and sequence model learn,
 - end_to_end: the same encoders with their top block trained by the recommendation loss (`unfreeze_top=1`),
-  BatchNorm statistics kept (`image.freeze_norm_stats=true`),
+  BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`),
 - *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
 
 Metrics (Recall@10, NDCG@10, MRR, Recall@50; mean ± std over `--seeds` via `train.seed`) on all test users, on users whose
@@ -45,13 +45,12 @@ SUBSETS = ("test", "test_warm", "test_cold")
 METHODS: dict[str, list[str]] = {
     "id_only": ["model.use_id_embedding=true", "model.modalities="],
     "two_stage_frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0"],
-    # BatchNorm keeps its pretrained statistics (session 3: training the top block with batch statistics was
-    # the main reason end-to-end trailed; BENCHMARKS.md).
-    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1", "image.freeze_norm_stats=true"],
+    # BatchNorm keeps its pretrained statistics, always (session 3: training the top block with batch statistics
+    # was the main reason end-to-end trailed; BENCHMARKS.md).
+    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
     # fMRLRec's item space: content only, no id embedding -- what a cold item has anyway.
     "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false"],
-    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "image.freeze_norm_stats=true",
-                                "model.use_id_embedding=false"],
+    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.use_id_embedding=false"],
 }
 POPULARITY = "popularity"
 

@@ -28,15 +28,13 @@ def _tiny_cnn(cfg: ImageEncoderConfig) -> nn.Module:
 
 
 def _efficientnet_lite0(cfg: ImageEncoderConfig) -> nn.Module:
-    encoder = EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
-                                            freeze_norm_stats=cfg.freeze_norm_stats)
+    encoder = EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
     return _check_fixed_out_dim(cfg, encoder)
 
 
 def _hf_vision(cfg: ImageEncoderConfig) -> nn.Module:
     assert cfg.path is not None  # ImageEncoderConfig refuses kind="hf" without a path
-    encoder = HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
-                                   freeze_norm_stats=cfg.freeze_norm_stats)
+    encoder = HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
     return _check_fixed_out_dim(cfg, encoder)
 
 

