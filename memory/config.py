@@ -14,7 +14,6 @@ class MemoryConfig:
         "recompute" re-encodes every history item each step (the exact, costly reference).
     num_shards: number of bank actors; item id i lives on shard i % num_shards.
     encode_fraction: share of a step's items that are re-encoded (and written back) in "bank" mode.
-    max_inflight_updates: unfinished asynchronous update calls a client may have before it waits.
     refresh_every_steps: every N steps re-encode stale entries; 0 = never.
     staleness_sample: re-encoded items per step compared against their cached vector (0 = off).
     """
@@ -22,7 +21,6 @@ class MemoryConfig:
     mode: str = "bank"
     num_shards: int = 1
     encode_fraction: float = 1.0
-    max_inflight_updates: int = 4
     refresh_every_steps: int = 0
     staleness_sample: int = 64
     fill_with_ray_data: bool = False  # initial bank fill as a Ray Data batch-inference pass (else rank 0 alone)
@@ -35,8 +33,6 @@ class MemoryConfig:
             raise ValueError(f"memory.num_shards must be >= 1, got {self.num_shards}")
         if not 0.0 < self.encode_fraction <= 1.0:
             raise ValueError(f"memory.encode_fraction must be in (0, 1], got {self.encode_fraction}")
-        if self.max_inflight_updates < 1:
-            raise ValueError(f"memory.max_inflight_updates must be >= 1, got {self.max_inflight_updates}")
         if self.refresh_every_steps < 0:
             raise ValueError(
                 f"memory.refresh_every_steps must be >= 0 (0 = never), got {self.refresh_every_steps}"

@@ -46,7 +46,6 @@ class DataConfig:
     # on 2 cores, for ~2 s of decoding at 1,682 items). 0 = always a Ray Data pass.
     driver_decode_max_mb: int = 512
     decode_cpus: float = 0.25  # fractional, so Ray Data's listing task still finds a whole CPU on 2 cores
-    shuffle_buffer: int = 2048
     # Cold-start evaluation: this seeded random fraction of catalogue items is held out of training entirely
     # (0 = off); test metrics are then also reported on warm and on cold test targets.
     cold_item_fraction: float = 0.0
