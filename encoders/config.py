@@ -41,10 +41,8 @@ class ImageEncoderConfig:
     image_size: the square side the decode stage resizes images to; encoders receive
         uint8 [B, 3, image_size, image_size].
     unfreeze_top: -1 trains everything, 0 freezes everything, n trains the top n blocks + head.
-    out_dim: output width. Only "tiny_cnn" can choose it (None -> 4 * channels); pretrained
-        encoders have a fixed width (1280 for EfficientNet-Lite0) and refuse a different value.
-        Read the built module's `out_dim` rather than this field.
-    channels: width of the first "tiny_cnn" conv layer.
+    The output width is the encoder's own (1280 for EfficientNet-Lite0; "tiny_cnn" follows model.dim, see
+    `encoders.build`): read the built module's `out_dim`.
     BatchNorm layers (EfficientNet, HF CNNs) always normalise with their pretrained running statistics, in
     training as in evaluation; their scale and shift still train where unfrozen (`PartiallyTrainableEncoder`).
     """
@@ -53,8 +51,6 @@ class ImageEncoderConfig:
     path: str | None = None
     image_size: int = 64
     unfreeze_top: int = -1
-    out_dim: int | None = None
-    channels: int = 32
 
     def __post_init__(self) -> None:
         _check_kind("ImageEncoderConfig", self.kind, IMAGE_ENCODER_KINDS)
@@ -63,10 +59,6 @@ class ImageEncoderConfig:
         if self.image_size < 16:
             raise ValueError(f"ImageEncoderConfig.image_size={self.image_size} must be >= 16 pixels")
         _check_unfreeze_top("ImageEncoderConfig", self.unfreeze_top)
-        if self.out_dim is not None and self.out_dim <= 0:
-            raise ValueError(f"ImageEncoderConfig.out_dim={self.out_dim} must be positive or None")
-        if self.channels <= 0:
-            raise ValueError(f"ImageEncoderConfig.channels={self.channels} must be positive")
 
 
 @dataclass(kw_only=True)
@@ -80,14 +72,13 @@ class TextEncoderConfig:
     max_length: tokens per text after truncation; the decode stage pads/truncates to it.
     unfreeze_top: -1 trains everything, 0 freezes everything, n trains the top n layers + final
         norm (token embeddings stay frozen unless -1).
-    dim: output width of the "tiny" encoder; "hf" encoders output their hidden size.
+    The "tiny" encoder is model.dim wide (see `encoders.build`); "hf" encoders output their hidden size.
     """
 
     kind: str = "tiny"
     path: str | None = "minilm"
     max_length: int = 32
     unfreeze_top: int = -1
-    dim: int = 64
 
     def __post_init__(self) -> None:
         _check_kind("TextEncoderConfig", self.kind, TEXT_ENCODER_KINDS)
@@ -100,8 +91,6 @@ class TextEncoderConfig:
         if self.max_length < 1:
             raise ValueError(f"TextEncoderConfig.max_length={self.max_length} must be >= 1")
         _check_unfreeze_top("TextEncoderConfig", self.unfreeze_top)
-        if self.dim <= 0:
-            raise ValueError(f"TextEncoderConfig.dim={self.dim} must be positive")
 
 
 def resolve_text_model_path(path: str) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 MEMORY_MODES = ("bank", "recompute")
 
@@ -15,16 +16,20 @@ class MemoryConfig:
     num_shards: number of bank actors; item id i lives on shard i % num_shards.
     encode_fraction: share of a step's items that are re-encoded (and written back) in "bank" mode.
     refresh_every_steps: every N steps re-encode stale entries; 0 = never.
-    staleness_sample: re-encoded items per step compared against their cached vector (0 = off).
+    fill_with_ray_data: the initial bank fill as a Ray Data batch-inference pass, with as many encoder actors as
+        the cluster's CPUs allow (else rank 0 alone).
     """
 
     mode: str = "bank"
     num_shards: int = 1
     encode_fraction: float = 1.0
     refresh_every_steps: int = 0
-    staleness_sample: int = 64
     fill_with_ray_data: bool = False  # initial bank fill as a Ray Data batch-inference pass (else rank 0 alone)
-    fill_actors: int = 0  # encoder actors for that pass; 0 = as many as the cluster's CPUs allow
+
+    # Fixed (not settings): re-encoded items per step compared against their cached vector (bank_cosine_cached_
+    # fresh), and the fill pass's encoder actors (0 = as many as the cluster's CPUs allow).
+    staleness_sample: ClassVar[int] = 64
+    fill_actors: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MEMORY_MODES:
@@ -37,5 +42,3 @@ class MemoryConfig:
             raise ValueError(
                 f"memory.refresh_every_steps must be >= 0 (0 = never), got {self.refresh_every_steps}"
             )
-        if self.staleness_sample < 0:
-            raise ValueError(f"memory.staleness_sample must be >= 0 (0 = off), got {self.staleness_sample}")

@@ -30,8 +30,8 @@ def build_recommender(
     model: ModelConfig, image: ImageEncoderConfig, text: TextEncoderConfig, *, num_items: int, max_history: int
 ) -> Recommender:
     item_encoder = ItemEncoder(
-        image_encoder=build_image_encoder(image) if "image" in model.modalities else None,
-        text_encoder=build_text_encoder(text) if "text" in model.modalities else None,
+        image_encoder=build_image_encoder(image, model.dim) if "image" in model.modalities else None,
+        text_encoder=build_text_encoder(text, model.dim) if "text" in model.modalities else None,
         dim=model.dim,
         num_items=num_items,
         use_id_embedding=model.use_id_embedding,

@@ -81,7 +81,7 @@ def _real_batch(raw_data_dir, tmp_path, image_size, max_length):
 @pytest.mark.parametrize(
     "image, text",
     [
-        (ImageEncoderConfig(kind="tiny_cnn", image_size=32, channels=8), TextEncoderConfig(kind="tiny", dim=16, max_length=16)),
+        (ImageEncoderConfig(kind="tiny_cnn", image_size=32), TextEncoderConfig(kind="tiny", max_length=16)),
         (ImageEncoderConfig(kind="efficientnet_lite0", image_size=32, unfreeze_top=1),
          TextEncoderConfig(kind="hf", path="minilm", max_length=12, unfreeze_top=1)),
     ],
@@ -118,7 +118,7 @@ def test_gradient_reaches_image_and_text_encoders(raw_data_dir, tmp_path, image,
 
 
 def test_the_id_table_starts_small_and_random():
-    text = TextEncoderConfig(kind="tiny", dim=8, max_length=6)
+    text = TextEncoderConfig(kind="tiny", max_length=6)
     default = build_recommender(ModelConfig(dim=16, num_layers=1, num_heads=2, modalities=("text",),
                                             use_id_embedding=True), ImageEncoderConfig(), text, num_items=5,
                                 max_history=4)
