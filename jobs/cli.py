@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Callable
 
 from training.job_config import PRESETS, JobConfig, build_config
-from training.overrides import ConfigError
+from training.overrides import ConfigError, format_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +19,18 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, type-checked (repeatable), e.g. --set train.epochs=3 "
                              "--set data.raw_dir=/data/ml100k_mm; unknown keys are refused with the valid ones")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--print-config", nargs="?", const="text", choices=("text", "json"), default=None,
+                        help="print the resolved config and exit: one 'key = value  # meaning' line per key "
+                             "(text, the default) or the nested config as JSON (--print-config json)")
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
-    return build_config(args.preset, args.overrides)
+    """The preset with the `--set` overrides applied; with `--print-config` print it and exit 0 instead."""
+    job = build_config(args.preset, args.overrides)
+    if args.print_config:
+        print(json.dumps(job.to_dict(), indent=2) if args.print_config == "json" else format_config(job))
+        sys.exit(0)
+    return job
 
 
 def run_main(main: Callable[[], int]) -> None:

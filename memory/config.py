@@ -1,7 +1,7 @@
 """Typed configuration of the memory bank: how history embeddings are obtained and kept fresh."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 MEMORY_MODES = ("bank", "recompute")
@@ -15,16 +15,26 @@ class MemoryConfig:
         "recompute" re-encodes every history item each step (the exact, costly reference).
     num_shards: number of bank actors; item id i lives on shard i % num_shards.
     encode_fraction: share of a step's items that are re-encoded (and written back) in "bank" mode.
-    refresh_every_steps: every N steps re-encode stale entries; 0 = never.
+    refresh_every_steps: every N steps re-encode stale entries; 0 = field(
+        default=never.,
+        metadata={"help": "re-encode the catalogue into the bank every N steps (0 = only at each evaluation)"})
     fill_with_ray_data: the initial bank fill as a Ray Data batch-inference pass, with as many encoder actors as
         the cluster's CPUs allow (else rank 0 alone).
     """
 
-    mode: str = "bank"
-    num_shards: int = 1
-    encode_fraction: float = 1.0
-    refresh_every_steps: int = 0
-    fill_with_ray_data: bool = False  # initial bank fill as a Ray Data batch-inference pass (else rank 0 alone)
+    mode: str = field(
+        default="bank",
+        metadata={"help": "bank: history items from the memory bank (LEMUR); recompute: re-encode every history item"})
+    num_shards: int = field(default=1, metadata={"help": "memory-bank actors; item i lives on shard i % num_shards"})
+    encode_fraction: float = field(
+        default=1.0,
+        metadata={"help": "bank mode: share of a step's targets run through the encoders (the rest: bank vectors)"})
+    refresh_every_steps: int = field(
+        default=0,
+        metadata={"help": "re-encode the catalogue into the bank every N steps (0 = only at each evaluation)"})
+    fill_with_ray_data: bool = field(
+        default=False,
+        metadata={"help": "fill the bank before training with a Ray Data actor pool (else rank 0 alone)"})
 
     # Fixed (not settings): re-encoded items per step compared against their cached vector (bank_cosine_cached_
     # fresh), and the fill pass's encoder actors (0 = as many as the cluster's CPUs allow).

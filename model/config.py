@@ -1,7 +1,7 @@
 """Configuration of the recommender: item space, sequence model and loss."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from matryoshka.layers import validate_sizes
@@ -14,20 +14,31 @@ TASKS = ("retrieval", "ctr")
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    dim: int = 64
-    modalities: tuple[str, ...] = ("image", "text")  # () with use_id_embedding=True is the ID-only baseline
-    use_id_embedding: bool = False
-    sequence_model: str = "sasrec"
-    num_layers: int = 2
-    num_heads: int = 2
-    dropout: float = 0.2
-    loss: str = "sampled_softmax"
-    temperature: float = 0.05  # scores are cosine similarities divided by this
+    dim: int = field(default=64, metadata={"help": "width of item and user vectors and of the sequence model"})
+    modalities: tuple[str, ...] = field(
+        default=("image", "text"),
+        metadata={"help": "content item vectors are built from: image,text (empty + use_id_embedding = ID-only)"})
+    use_id_embedding: bool = field(
+        default=False, metadata={"help": "add a learned per-item id vector to each item's content vector"})
+    sequence_model: str = field(
+        default="sasrec", metadata={"help": "sasrec (causal transformer) or lru (linear recurrent unit)"})
+    num_layers: int = field(default=2, metadata={"help": "sequence-model blocks"})
+    num_heads: int = field(default=2, metadata={"help": "SASRec attention heads (model.dim must be divisible by it)"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout in the item fusion and the sequence model"})
+    loss: str = field(
+        default="sampled_softmax",
+        metadata={"help": "sampled_softmax (in-batch negatives, logQ-corrected) or full_softmax (every item, from the bank)"})
+    temperature: float = field(default=0.05, metadata={"help": "scores are cosine similarities divided by this"})
     # Matryoshka: nested sizes at which item and user vectors are trained and served (() = off). When set, the
     # last size must be `dim`; vectors at size s are the first s dims of the full ones, renormalised.
-    matryoshka_sizes: tuple[int, ...] = ()
-    task: str = "retrieval"  # retrieval: next-item softmax; ctr: LEMUR's click BCE + grouped contrastive
-    matryoshka_weights: tuple[float, ...] = ()  # one loss weight per size; () = all 1.0
+    matryoshka_sizes: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "nested vector sizes trained and served by one model, the last = model.dim (empty = off)"})
+    task: str = field(
+        default="retrieval",
+        metadata={"help": "retrieval (next-item softmax) or ctr (LEMUR's click BCE + grouped contrastive)"})
+    matryoshka_weights: tuple[float, ...] = field(
+        default=(), metadata={"help": "loss weight per Matryoshka size (empty = all 1)"})
 
     # Fixed (not settings). The logQ correction (subtract log sampling probability from in-batch negatives) is
     # always on: without it the model learns to rank popular items down, which full ranking on MovieLens punishes

@@ -15,12 +15,17 @@ class SourceConfig:
     items_file: ClassVar[str] = "items.csv"
     list_separator: ClassVar[str] = "|"  # such fields are joined with ", " instead
 
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    timestamp_column: str = "timestamp"
-    rating_column: str = "rating"  # "" when the data has none
-    image_column: str = "image"  # relative path of the image file under the raw dir; "" for none
-    text_fields: tuple[str, ...] = ("title", "genres", "description")
+    user_column: str = field(default="user_id", metadata={"help": "user id column of interactions.csv"})
+    item_column: str = field(default="item_id", metadata={"help": "item id column of interactions.csv and items.csv"})
+    timestamp_column: str = field(
+        default="timestamp", metadata={"help": "interaction time column: orders histories, splits by time"})
+    rating_column: str = field(
+        default="rating", metadata={"help": 'rating column; "" when the data has none (model.task=ctr needs one)'})
+    image_column: str = field(
+        default="image",
+        metadata={"help": 'items.csv column holding each image file\'s path under data.raw_dir; "" = no images'})
+    text_fields: tuple[str, ...] = field(
+        default=("title", "genres", "description"), metadata={"help": "items.csv columns joined into each item's text"})
 
     def __post_init__(self) -> None:
         if not self.text_fields:
@@ -29,22 +34,38 @@ class SourceConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    raw_dir: str = "../shared/data/ml100k_mm"
-    prepared_dir: str = "prepared/ml100k_mm"
+    raw_dir: str = field(
+        default="../shared/data/ml100k_mm",
+        metadata={"help": "raw dataset directory (interactions.csv, items.csv, images)"})
+    prepared_dir: str = field(
+        default="prepared/ml100k_mm",
+        metadata={"help": "where jobs.prepare writes the prepared data and training reads it"})
     source: SourceConfig = field(default_factory=SourceConfig)
-    max_users: int = 0  # 0 = all users; > 0 keeps the first N users by id (a real slice, for tiny runs)
-    max_history: int = 50  # L: history items before each target
-    time_split_at: str = ""  # "" = leave-one-out; an ISO date T = split by time: train before T, evaluate at/after T
-    positive_rating: float = 4.0  # CTR label: rating >= this is a click
-    max_bad_fraction: float = 0.2  # fail when more catalogue items than this have a content problem
-    max_dropped_fraction: float = 0.2  # fail when more interaction rows than this are unusable and dropped
-    decode_actors: int = 1
-    decode_cache_items: int = 4096  # decoded images kept per decode actor (bounded; 0 = decode every time)
-    materialize_catalog: bool = True  # keep the decoded catalogue in the object store (set false for huge ones)
-    decode_cpus: float = 0.25  # fractional, so Ray Data's listing task still finds a whole CPU on 2 cores
+    max_users: int = field(
+        default=0,
+        metadata={"help": "0 = all users; N > 0 keeps the first N users by id (a real slice, for tiny runs)"})
+    max_history: int = field(default=50, metadata={"help": "history items before each target (L)"})
+    time_split_at: str = field(
+        default="", metadata={"help": '"" = leave-one-out; an ISO date T = train before T, evaluate at/after T'})
+    positive_rating: float = field(default=4.0, metadata={"help": "model.task=ctr: a rating >= this is a click"})
+    max_bad_fraction: float = field(
+        default=0.2, metadata={"help": "fail when a larger share of catalogue items has a content problem"})
+    max_dropped_fraction: float = field(
+        default=0.2, metadata={"help": "fail when a larger share of interaction rows is unusable and dropped"})
+    decode_actors: int = field(
+        default=1, metadata={"help": "Ray Data actors decoding item images and text for training"})
+    decode_cache_items: int = field(
+        default=4096, metadata={"help": "decoded images kept per decode actor (0 = decode every time)"})
+    materialize_catalog: bool = field(
+        default=True, metadata={"help": "hold the decoded catalogue in the object store (false for huge catalogues)"})
+    decode_cpus: float = field(
+        default=0.25,
+        metadata={"help": "CPUs per decode actor (fractional: Ray Data's own tasks need a whole CPU on 2 cores)"})
     # Cold-start evaluation: this seeded random fraction of catalogue items is held out of training entirely
     # (0 = off); test metrics are then also reported on warm and on cold test targets.
-    cold_item_fraction: float = 0.0
+    cold_item_fraction: float = field(
+        default=0.0,
+        metadata={"help": "share of items held out of training entirely, for cold-start metrics (0 = off)"})
 
     # Fixed (not settings). Larger images are refused as decompression bombs.
     max_image_pixels: ClassVar[int] = 40_000_000

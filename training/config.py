@@ -1,7 +1,7 @@
 """Configuration of a training run: optimisation, workers, checkpoints, evaluation protocol, tracking."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 USE_GPU = ("auto", "true", "false")
@@ -9,23 +9,34 @@ USE_GPU = ("auto", "true", "false")
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 1e-3
-    encoder_lr: float = 1e-4  # pretrained encoders learn slower than the freshly initialised parts
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch
-    num_workers: int = 1
-    use_gpu: str = "auto"  # auto: use a GPU per worker when the cluster has one
-    cpus_per_worker: float = 0.25  # fractional on purpose: 2-core machines must leave Ray Data a whole CPU
-    seed: int = 0
-    log_every: int = 25
-    eval_ks: tuple[int, ...] = (5, 10, 20, 50)
-    eval_mask_history: bool = False  # fMRLRec does not mask items already in the history; MicroLens does
-    storage_path: str = "runs"
-    run_name: str = ""  # "" = <preset>-<timestamp>; reusing a name resumes that run from its last checkpoint
-    init_checkpoint: str = ""  # warm start: a checkpoint directory whose model (and bank) start this run
-    max_failures: int = 1
-    fail_at_step: int = -1  # fault injection for tests: kill rank 0 at this global step of the first attempt
+    epochs: int = field(default=2, metadata={"help": "passes over the training examples"})
+    batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
+    encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
+    max_steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0 = the whole epoch)"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel)"})
+    use_gpu: str = field(
+        default="auto", metadata={"help": "auto (a GPU per worker when the cluster has one), true or false"})
+    cpus_per_worker: float = field(
+        default=0.25,
+        metadata={"help": "CPUs per Ray Train worker (fractional: 2-core machines must leave Ray Data a CPU)"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of initialisation, shuffling and sampling (also retrain's replay sample)"})
+    log_every: int = field(default=25, metadata={"help": "print training progress every N steps"})
+    eval_ks: tuple[int, ...] = field(default=(5, 10, 20, 50), metadata={"help": "cut-offs k of Recall@k and NDCG@k"})
+    eval_mask_history: bool = field(
+        default=False, metadata={"help": "leave items already in a user's history out of the ranking"})
+    storage_path: str = field(default="runs", metadata={"help": "checkpoint root: <storage_path>/<run_name>/"})
+    run_name: str = field(
+        default="",
+        metadata={"help": '"" = <preset>-<timestamp>; reusing a name resumes that run from its last checkpoint'})
+    init_checkpoint: str = field(
+        default="", metadata={"help": "warm start: a checkpoint directory whose model (and bank) start this run"})
+    max_failures: int = field(
+        default=1, metadata={"help": "restarts of a crashed worker group from its last checkpoint"})
+    fail_at_step: int = field(
+        default=-1,
+        metadata={"help": "fault injection for tests: kill rank 0 at this global step of the first attempt (-1 = off)"})
 
     # Fixed (not settings): AdamW weight decay, gradient-norm clipping, users per evaluation batch, checkpoints
     # kept per run (keep-last-N rotation), and torch threads per worker (0 = the node's cores / workers).
@@ -54,7 +65,12 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "mmrec"
-    artifact_root: str = "mlartifacts"  # absolute location for new experiments (relative to cwd)
-    registered_model: str = "mmrec"
+    tracking_uri: str = field(
+        default="", metadata={"help": 'MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db'})
+    experiment: str = field(default="mmrec", metadata={"help": "MLflow experiment of the runs"})
+    artifact_root: str = field(
+        default="mlartifacts",
+        metadata={"help": "artifact location of new MLflow experiments (relative to the working directory)"})
+    registered_model: str = field(
+        default="mmrec",
+        metadata={"help": 'MLflow registered model a finished run is registered as; "" = do not register'})

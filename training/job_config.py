@@ -22,7 +22,7 @@ from training.retrain.config import RetrainConfig
 
 @dataclass(kw_only=True)
 class JobConfig:
-    preset: str = "custom"
+    preset: str = field(default="custom", metadata={"help": "the preset this config started from (--preset)"})
     data: DataConfig = field(default_factory=DataConfig)
     image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)

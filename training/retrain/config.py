@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 _METRIC = re.compile(r"^(?:(?:recall|ndcg)@(?P<k>\d+)|mrr)$")
@@ -10,11 +10,16 @@ _METRIC = re.compile(r"^(?:(?:recall|ndcg)@(?P<k>\d+)|mrr)$")
 
 @dataclass(kw_only=True)
 class RetrainConfig:
-    steps: int = 200  # optimizer steps of the warm-started challenger, one epoch (the bound on retrain cost)
-    replay_ratio: float = 1.0  # older examples replayed per new training example (0 = new data only)
-    holdout_fraction: float = 0.2  # newest share of the unseen interactions held out for the gate
-    metric: str = "ndcg@10"  # gate metric, one of recall@k / ndcg@k (k in train.eval_ks) / mrr
-    margin: float = 0.0  # promote when challenger >= champion - margin
+    steps: int = field(
+        default=200,
+        metadata={"help": "optimizer steps of the warm-started challenger (the bound on a retrain's cost)"})
+    replay_ratio: float = field(
+        default=1.0, metadata={"help": "older examples replayed per new training example (0 = new data only)"})
+    holdout_fraction: float = field(
+        default=0.2, metadata={"help": "newest share of the unseen interactions held out for the promotion gate"})
+    metric: str = field(
+        default="ndcg@10", metadata={"help": "gate metric: recall@k or ndcg@k (k in train.eval_ks) or mrr"})
+    margin: float = field(default=0.0, metadata={"help": "promote when challenger >= champion - margin"})
 
     # Fixed (not settings): fewer unseen interactions than this: wait for more data (exit 0); a lock older than
     # this is taken over (its holder hung or died). The replay sample is seeded by train.seed.
