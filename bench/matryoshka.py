@@ -26,7 +26,7 @@ the in-process `LocalMemoryBankClient`, and targets' decoded content is looked u
 (the Ray Data decode stage produces the same tensors).
 
 Timing: wall-clock seconds and process CPU seconds of training only (bank fills and refreshes included;
-final evaluation excluded). Writes bench/results/matryoshka.json and prints a table.
+final evaluation excluded). Writes bench/results/matryoshka.json (or --out) and prints a table.
 """
 from __future__ import annotations
 
