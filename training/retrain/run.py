@@ -143,7 +143,7 @@ def _train_and_gate(job: "JobConfig", champion_job: "JobConfig", registry, champ
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     challenger_job = challenger_config(job, champion_job, champion.checkpoint_path, run_name)
     log(f"[retrain] training challenger {run_name} from champion v{champion.version} "
-        f"({cfg.epochs} x <= {cfg.steps} steps)")
+        f"(<= {cfg.steps} steps)")
     outcome = run_training(challenger_job, log=log, splits=splits)
     if outcome.checkpoint_path is None:
         raise RuntimeError(f"retrain run {run_name} produced no checkpoint")
