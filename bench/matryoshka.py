@@ -2,7 +2,7 @@
 
     python -m bench.matryoshka                       # sizes 32,128,512, 600 steps per model
     python -m bench.matryoshka --sizes 32,128,512 --steps 1500 --steps-per-epoch 750 --modalities text \
-        --sequence-model lru --ffn-multiplier 1 --seed 0 --out bench/results/matryoshka_lru_ffn1.json  # as run
+        --sequence-model lru --weights 0.25,0.5,1 --seed 0 --out bench/results/NAME.json  # the configuration measured
     # more seeds, one file each (two can run side by side on two cores), then one seed-averaged comparison:
     python -m bench.matryoshka ... --matryoshka-only --seed 1 --out .../mrl_seed1.json   # or --singles-only
     python -m bench.matryoshka --combine FILE.json [FILE.json ...] --out combined.json
@@ -10,7 +10,11 @@
 Each model trains for the same number of steps on ALL ml100k_mm users (leave-one-out), then is scored on the
 test split with full ranking over the catalogue. The Matryoshka model (model.dim = largest size,
 model.matryoshka_sizes = all sizes) is scored at every size from its one checkpoint; each single-size model
-(model.dim = s, Matryoshka off: the plain architecture you would otherwise train) at its own size.
+(model.dim = s, Matryoshka off: the plain architecture you would otherwise train) at its own size. The Matryoshka
+model is the one the product builds (the `movielens_mrl` preset's): a full-width sequence model whose last state,
+truncated, is the user vector. The variants that lost (fMRLRec's nested LRU, a user head, block normalisation,
+a zero-initialised head, a 4 x dim LRU feed-forward) were removed with their flags; their results are in
+BENCHMARKS.md and their code in git history at e629acf.
 
 Why in process rather than `run_training`: on a shared 2-core machine Ray start-up, TorchTrainer set-up and
 catalogue materialisation cost 40-60 s per run and vary a lot with other load; that would swamp the quantity
@@ -22,7 +26,7 @@ the in-process `LocalMemoryBankClient`, and targets' decoded content is looked u
 (the Ray Data decode stage produces the same tensors).
 
 Timing: wall-clock seconds and process CPU seconds of training only (bank fills and refreshes included;
-final evaluation excluded). Writes bench/results/matryoshka.json and prints a table.
+final evaluation excluded). Writes bench/results/matryoshka.json (or --out) and prints a table.
 """
 from __future__ import annotations
 
@@ -66,16 +70,11 @@ def bench_job(dim: int, sizes: tuple[int, ...], args: argparse.Namespace) -> Job
     job.model = dataclasses.replace(
         job.model, dim=dim, num_heads=2, num_layers=1, use_id_embedding=True, sequence_model=args.sequence_model,
         loss=args.loss, matryoshka_sizes=sizes, modalities=tuple(m for m in args.modalities.split(",") if m),
-        ffn_multiplier=args.ffn_multiplier,
         matryoshka_weights=tuple(float(w) for w in args.weights.split(",") if w) if sizes else (),
-        matryoshka_zero_outer_head=bool(sizes) and args.zero_outer_head,
-        matryoshka_nested_backbone=not (sizes and args.full_backbone),
-        matryoshka_block_norm=bool(sizes) and args.block_norm,
-        matryoshka_user_head=not (sizes and args.no_user_head),
     )
     job.train = dataclasses.replace(job.train, batch_size=args.batch_size, max_steps_per_epoch=args.steps_per_epoch,
                                     epochs=math.ceil(args.steps / args.steps_per_epoch), eval_ks=(10, 20),
-                                    seed=args.seed, torch_threads=args.threads)
+                                    seed=args.seed)
     return job
 
 
@@ -180,16 +179,14 @@ def run(args: argparse.Namespace, log=functools.partial(print, flush=True)) -> d
 
 # Settings that must agree between result files for their runs to be compared or averaged (seed may differ).
 SAME_SETTINGS = ("steps", "steps_per_epoch", "batch_size", "max_history", "loss", "sequence_model",
-                 "modalities", "encoders", "ffn_multiplier")
+                 "modalities", "encoders")
 # What defines the Matryoshka model itself: these must agree among the files that hold one.
-METHOD_SETTINGS = ("sizes", "weights", "zero_outer_head", "full_backbone", "block_norm", "no_user_head")
+METHOD_SETTINGS = ("sizes", "weights")
 
 
 def _settings(result: dict) -> dict:
     """A result file's settings, with the defaults of options added since older files were written."""
-    return {"ffn_multiplier": 4, "weights": "", "zero_outer_head": False, "full_backbone": False, "block_norm": False,
-            "no_user_head": False,
-            **result["settings"]}
+    return {"weights": "", **result["settings"]}
 
 
 def combine(paths: Sequence[str], singles_from: Sequence[str] = ()) -> dict:
@@ -307,19 +304,7 @@ def main() -> None:
     parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU seconds are not inflated by spin-waits)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ffn-multiplier", type=int, default=4,
-                        help="feed-forward width / dim in every sequence-model block (model.ffn_multiplier; fMRLRec: 1)")
-    parser.add_argument("--weights", default="", help="Matryoshka loss weight per size, e.g. 1,1,2 ('' = equal)")
-    parser.add_argument("--zero-outer-head", action="store_true",
-                        help="model.matryoshka_zero_outer_head: the user head's blocks beyond the first start at zero")
-    parser.add_argument("--full-backbone", action="store_true",
-                        help="model.matryoshka_nested_backbone=false: the Matryoshka model's LRU is full width "
-                             "(only the loss, item projection and user head nest; Kusupati et al.'s MRL)")
-    parser.add_argument("--block-norm", action="store_true",
-                        help="model.matryoshka_block_norm: item/user vectors normalised per nested block")
-    parser.add_argument("--no-user-head", action="store_true",
-                        help="model.matryoshka_user_head=false (with --full-backbone): the user vector is the "
-                             "LRU's last state truncated, as in the single-size models (no extra linear head)")
+    parser.add_argument("--weights", default="", help="Matryoshka loss weight per size, e.g. 0.25,0.5,1 ('' = equal)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--singles-only", action="store_true",
                       help="train only the single-size models (e.g. other seeds, to see their seed-to-seed spread)")

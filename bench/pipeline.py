@@ -89,7 +89,7 @@ def training_wait(args: argparse.Namespace) -> dict[str, float]:
     job = build_config("movielens", [
         f"data.prepared_dir={args.prepared_dir}", "train.epochs=1", f"train.max_steps_per_epoch={args.train_steps}",
         f"train.storage_path={args.storage_path}", "tracking.experiment=mmrec-bench-pipeline",
-        f"train.run_name=pipeline-movielens-{time.strftime('%Y%m%d-%H%M%S')}", "train.keep_checkpoints=1",
+        f"train.run_name=pipeline-movielens-{time.strftime('%Y%m%d-%H%M%S')}",
     ])
     started = time.perf_counter()
     outcome = run_training(job, log=lambda line: print(line, flush=True))

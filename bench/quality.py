@@ -14,7 +14,7 @@ one epoch of `--steps` steps of `--batch-size` examples. Methods:
 - two_stage_frozen: pretrained EfficientNet-Lite0 + MiniLM frozen (`unfreeze_top=0`): only the projection,
   id embeddings and sequence model learn,
 - end_to_end: the same encoders with their top block trained by the recommendation loss (`unfreeze_top=1`),
-  BatchNorm statistics kept (`image.freeze_norm_stats=true`),
+  BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`),
 - *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
 
 Metrics (Recall@10, NDCG@10, MRR, Recall@50; mean ± std over `--seeds` via `train.seed`) on all test users, on users whose
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import DataConfig
 from training.job_config import JobConfig, build_config
 from pipeline.content import read_examples
 from training.evaluate import popularity_metrics
@@ -45,13 +46,12 @@ SUBSETS = ("test", "test_warm", "test_cold")
 METHODS: dict[str, list[str]] = {
     "id_only": ["model.use_id_embedding=true", "model.modalities="],
     "two_stage_frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0"],
-    # BatchNorm keeps its pretrained statistics (session 3: training the top block with batch statistics was
-    # the main reason end-to-end trailed; BENCHMARKS.md).
-    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1", "image.freeze_norm_stats=true"],
+    # BatchNorm keeps its pretrained statistics, always (session 3: training the top block with batch statistics
+    # was the main reason end-to-end trailed; BENCHMARKS.md).
+    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
     # fMRLRec's item space: content only, no id embedding -- what a cold item has anyway.
     "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false"],
-    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "image.freeze_norm_stats=true",
-                                "model.use_id_embedding=false"],
+    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.use_id_embedding=false"],
 }
 POPULARITY = "popularity"
 
@@ -60,9 +60,8 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     """The shared protocol and budget: same data, split, steps, batch, encoders' input sizes for every method."""
     return [
         f"data.prepared_dir={args.prepared_dir}",
-        "data.split=leave_one_out",
+        "data.time_split_at=",  # leave-one-out
         f"data.cold_item_fraction={args.cold_fraction}",
-        f"data.cold_seed={args.cold_seed}",
         f"image.image_size={args.image_size}",
         f"text.max_length={args.text_length}",
         "train.epochs=1",
@@ -71,7 +70,6 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         "train.eval_ks=10,50",
         f"train.storage_path={args.storage_path}",
         f"tracking.experiment={args.experiment}",
-        "train.keep_checkpoints=1",
     ]
 
 
@@ -150,7 +148,6 @@ def main() -> int:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--text-length", type=int, default=16)
     parser.add_argument("--cold-fraction", type=float, default=0.1)
-    parser.add_argument("--cold-seed", type=int, default=0)
     parser.add_argument("--storage-path", default="runs/bench")
     parser.add_argument("--experiment", default="mmrec-bench-quality")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -205,7 +202,7 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg())},
         "protocol": {"data": "ml100k_mm", "split": "leave_one_out", "ranking": "full catalogue",
-                     "cold_item_fraction": args.cold_fraction, "cold_seed": args.cold_seed, "steps": args.steps,
+                     "cold_item_fraction": args.cold_fraction, "cold_seed": DataConfig.cold_seed, "steps": args.steps,
                      "batch_size": args.batch_size, "image_size": args.image_size, "text_length": args.text_length,
                      "extra_overrides": args.overrides, "methods": {m: METHODS[m] for m in dict.fromkeys(run["method"] for run in runs) if m in METHODS},
                      "common_overrides": common_overrides(args), "test_users": counts},

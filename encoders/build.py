@@ -1,7 +1,10 @@
 """The one place where encoder configs meet encoder constructors.
 
-`IMAGE_ENCODERS` / `TEXT_ENCODERS` map a config `kind` to a builder taking that config;
-register a new backbone by adding an entry (and its kind to `encoders.config`).
+`IMAGE_ENCODERS` / `TEXT_ENCODERS` map a config `kind` to a builder taking that config and the model width;
+register a new backbone by adding an entry (and its kind to `encoders.config`). The built-in encoders are sized
+by the model width (`model.dim`): the tiny CNN's first layer has width / 2 channels (so it outputs 2 x width
+features), the tiny text encoder is width wide. Pretrained encoders have their own fixed width; the fusion
+layer projects every encoder's features to the model width.
 """
 from __future__ import annotations
 
@@ -14,40 +17,27 @@ from encoders.image import EfficientNetLite0ImageEncoder, HFVisionImageEncoder, 
 from encoders.text import HFTextEncoder, TinyTextEncoder, load_tokenizer
 
 
-def _check_fixed_out_dim(cfg: ImageEncoderConfig, encoder: nn.Module) -> nn.Module:
-    if cfg.out_dim is not None and cfg.out_dim != encoder.out_dim:
-        raise ValueError(
-            f"ImageEncoderConfig.out_dim={cfg.out_dim} but kind={cfg.kind!r} outputs {encoder.out_dim}-d "
-            "features; leave out_dim=None and project in the fusion layer"
-        )
-    return encoder
+def _tiny_cnn(cfg: ImageEncoderConfig, width: int) -> nn.Module:
+    return TinyCNNImageEncoder(channels=max(1, width // 2), unfreeze_top=cfg.unfreeze_top)
 
 
-def _tiny_cnn(cfg: ImageEncoderConfig) -> nn.Module:
-    return TinyCNNImageEncoder(channels=cfg.channels, out_dim=cfg.out_dim, unfreeze_top=cfg.unfreeze_top)
+def _efficientnet_lite0(cfg: ImageEncoderConfig, width: int) -> nn.Module:
+    return EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
 
 
-def _efficientnet_lite0(cfg: ImageEncoderConfig) -> nn.Module:
-    encoder = EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
-                                            freeze_norm_stats=cfg.freeze_norm_stats)
-    return _check_fixed_out_dim(cfg, encoder)
-
-
-def _hf_vision(cfg: ImageEncoderConfig) -> nn.Module:
+def _hf_vision(cfg: ImageEncoderConfig, width: int) -> nn.Module:
     assert cfg.path is not None  # ImageEncoderConfig refuses kind="hf" without a path
-    encoder = HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
-                                   freeze_norm_stats=cfg.freeze_norm_stats)
-    return _check_fixed_out_dim(cfg, encoder)
+    return HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
 
 
-def _tiny_text(cfg: TextEncoderConfig) -> nn.Module:
+def _tiny_text(cfg: TextEncoderConfig, width: int) -> nn.Module:
     assert cfg.path is not None  # TextEncoderConfig requires a tokenizer path
     # len() counts added special tokens too, which vocab_size does not.
     vocab_size = len(load_tokenizer(cfg.path))
-    return TinyTextEncoder(vocab_size=vocab_size, dim=cfg.dim, unfreeze_top=cfg.unfreeze_top)
+    return TinyTextEncoder(vocab_size=vocab_size, dim=width, unfreeze_top=cfg.unfreeze_top)
 
 
-def _hf_text(cfg: TextEncoderConfig) -> nn.Module:
+def _hf_text(cfg: TextEncoderConfig, width: int) -> nn.Module:
     assert cfg.path is not None
     encoder = HFTextEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top)
     tokenizer_vocab = len(load_tokenizer(cfg.path))
@@ -60,30 +50,30 @@ def _hf_text(cfg: TextEncoderConfig) -> nn.Module:
     return encoder
 
 
-IMAGE_ENCODERS: dict[str, Callable[[ImageEncoderConfig], nn.Module]] = {
+IMAGE_ENCODERS: dict[str, Callable[[ImageEncoderConfig, int], nn.Module]] = {
     "tiny_cnn": _tiny_cnn,
     "efficientnet_lite0": _efficientnet_lite0,
     "hf": _hf_vision,
 }
 
-TEXT_ENCODERS: dict[str, Callable[[TextEncoderConfig], nn.Module]] = {
+TEXT_ENCODERS: dict[str, Callable[[TextEncoderConfig, int], nn.Module]] = {
     "tiny": _tiny_text,
     "hf": _hf_text,
 }
 
 
-def build_image_encoder(cfg: ImageEncoderConfig) -> nn.Module:
-    """ImageEncoderConfig -> module mapping uint8 [B, 3, S, S] to [B, module.out_dim]."""
+def build_image_encoder(cfg: ImageEncoderConfig, width: int = 64) -> nn.Module:
+    """ImageEncoderConfig, model width -> module mapping uint8 [B, 3, S, S] to [B, module.out_dim]."""
     if cfg.kind not in IMAGE_ENCODERS:
         raise ValueError(f"ImageEncoderConfig.kind={cfg.kind!r} is unknown; valid kinds: {sorted(IMAGE_ENCODERS)}")
-    return IMAGE_ENCODERS[cfg.kind](cfg)
+    return IMAGE_ENCODERS[cfg.kind](cfg, width)
 
 
-def build_text_encoder(cfg: TextEncoderConfig) -> nn.Module:
-    """TextEncoderConfig -> module mapping (input_ids [B, T], attention_mask [B, T]) to [B, module.out_dim]."""
+def build_text_encoder(cfg: TextEncoderConfig, width: int = 64) -> nn.Module:
+    """TextEncoderConfig, model width -> module mapping (input_ids [B, T], attention_mask [B, T]) to [B, module.out_dim]."""
     if cfg.kind not in TEXT_ENCODERS:
         raise ValueError(f"TextEncoderConfig.kind={cfg.kind!r} is unknown; valid kinds: {sorted(TEXT_ENCODERS)}")
-    return TEXT_ENCODERS[cfg.kind](cfg)
+    return TEXT_ENCODERS[cfg.kind](cfg, width)
 
 
 def trainable_parameter_count(module: nn.Module) -> int:

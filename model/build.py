@@ -10,19 +10,18 @@ from encoders.config import ImageEncoderConfig, TextEncoderConfig
 from encoders.fusion import ItemEncoder
 from model.config import ModelConfig
 from model.lru import LRUSequenceModel
-from matryoshka.layers import MatryoshkaLinear
-from model.recommender import Recommender, nests_with
+from model.recommender import Recommender
 from model.sequence import SASRec
 
+# Feed-forward width: 4 x dim in SASRec (the transformer convention), 1 x dim in the LRU (fMRLRec's square layers,
+# half the CPU time per step at dim 512 for no measured loss; BENCHMARKS.md session 5).
 SEQUENCE_MODELS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "sasrec": lambda c, max_len: SASRec(
         dim=c.dim, max_len=max_len, num_layers=c.num_layers, num_heads=c.num_heads, dropout=c.dropout,
-        ffn_multiplier=c.ffn_multiplier,
+        ffn_multiplier=4,
     ),
-    # fMRLRec's LRU nests with the item space: its size-s slice is a real s-wide sequence model.
     "lru": lambda c, max_len: LRUSequenceModel(
-        dim=c.dim, max_len=max_len, num_layers=c.num_layers, dropout=c.dropout, ffn_multiplier=c.ffn_multiplier,
-        sizes=c.matryoshka_sizes if c.matryoshka_nested_backbone else (),
+        dim=c.dim, max_len=max_len, num_layers=c.num_layers, dropout=c.dropout, ffn_multiplier=1,
     ),
 }
 
@@ -31,26 +30,17 @@ def build_recommender(
     model: ModelConfig, image: ImageEncoderConfig, text: TextEncoderConfig, *, num_items: int, max_history: int
 ) -> Recommender:
     item_encoder = ItemEncoder(
-        image_encoder=build_image_encoder(image) if "image" in model.modalities else None,
-        text_encoder=build_text_encoder(text) if "text" in model.modalities else None,
+        image_encoder=build_image_encoder(image, model.dim) if "image" in model.modalities else None,
+        text_encoder=build_text_encoder(text, model.dim) if "text" in model.modalities else None,
         dim=model.dim,
         num_items=num_items,
         use_id_embedding=model.use_id_embedding,
         dropout=model.dropout,
-        id_init_std=model.id_init_std,
-        id_dropout=model.id_dropout,
         matryoshka_sizes=model.matryoshka_sizes,
     )
-    sizes = model.matryoshka_sizes
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
-    nested = nests_with(sequence_model, sizes)
-    # Matryoshka user vectors. A nested sequence model (LRU): block i of the head reads the state prefix of
-    # size s_i, so the whole size-s path is s wide. Otherwise (SASRec): block i reads the whole state.
-    user_head = MatryoshkaLinear(model.dim, model.dim, sizes, in_sizes=sizes if nested else None,
-                                 zero_outer=model.matryoshka_zero_outer_head) \
-        if sizes and model.matryoshka_user_head else None
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,
-                       user_head=user_head, matryoshka_sizes=sizes, block_norm=model.matryoshka_block_norm)
+                       matryoshka_sizes=model.matryoshka_sizes)
 
 
 def encoder_parameters(recommender: Recommender) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -4,19 +4,14 @@ One training forward pass (`forward`) encodes each distinct target item of the b
 puts those fresh vectors in place of the cached (bank) vectors wherever the same item occurs in a history, and
 returns user states and target item vectors. Scores are cosine similarities (vectors are L2-normalised).
 
-Matryoshka (fMRLRec): with nested `matryoshka_sizes`, the item projection is a `MatryoshkaLinear` (see
-`encoders/fusion.py`) and a `MatryoshkaLinear` head maps the sequence model's last state to the user vector,
-so an item or user vector at size s is exactly the first s dims of the full one *before* normalisation.
-Normalising happens after truncation (`at_size`): a size-s vector is `normalize(raw[..., :s])`, which equals
-`normalize(normalize(raw)[..., :s])`, so full normalised vectors can be truncated and renormalised later.
-`model.losses.NestedSizesLoss` trains every size at once on those truncated-then-renormalised vectors. With `block_norm`
-(`Recommender.normalize`) each nested block is normalised on its own (`block_normalize`); the same identity holds.
-
-A nested sequence model (one with the same `sizes`, i.e. the LRU) makes the whole network a Matryoshka: it reads
-the raw (unnormalised) history item vectors, which its per-block input LayerNorm scales block by block, and the
-head's block i reads only the state prefix s_i, so a size-s user vector is computed by an s-wide model alone
-(`user_vectors(..., size=s)`), exactly the first s dims of the full one. With SASRec the sequence model is full
-width and only the item projection and the head nest.
+Matryoshka (MRL, as measured best in `bench/matryoshka.py`): with nested `matryoshka_sizes`, the item projection
+is a block-lower-triangular `MatryoshkaLinear` (see `encoders/fusion.py`), the sequence model stays full width and
+the user vector is its last state, so an item or user vector at size s is exactly the first s dims of the full
+one *before* normalisation. Normalising happens after truncation (`at_size`): a size-s vector is
+`normalize(raw[..., :s])`, which equals `normalize(normalize(raw)[..., :s])`, so full normalised vectors can be
+truncated and renormalised later. `model.losses.NestedSizesLoss` trains every size at once on those truncated-then-renormalised
+vectors. (fMRLRec's nested LRU, a Matryoshka user head and per-block normalisation lost to this and were removed;
+BENCHMARKS.md sessions 5-8, code in git history at e629acf.)
 """
 from __future__ import annotations
 
@@ -28,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.fusion import ItemEncoder
-from matryoshka.layers import MatryoshkaLinear, at_size, block_normalize, truncate, validate_sizes  # noqa: F401 (at_size)
+from matryoshka.layers import at_size, truncate, validate_sizes  # noqa: F401 (at_size: used by importers)
 
 
 @dataclass
@@ -39,36 +34,14 @@ class StepOutput:
     unique_content: torch.Tensor  # [U, D] their fresh content vectors (written back to the bank)
 
 
-def nests_with(sequence_model: nn.Module, sizes: Sequence[int]) -> bool:
-    """Whether `sequence_model` is built nested over exactly these Matryoshka sizes (the LRU with `sizes`)."""
-    return bool(sizes) and tuple(getattr(sequence_model, "sizes", ())) == tuple(sizes)
-
-
 class Recommender(nn.Module):
     def __init__(self, *, item_encoder: ItemEncoder, sequence_model: nn.Module,
-                 user_head: nn.Module | None = None, matryoshka_sizes: Sequence[int] = (),
-                 block_norm: bool = False) -> None:
+                 matryoshka_sizes: Sequence[int] = ()) -> None:
         super().__init__()
         self.item_encoder = item_encoder
-        self.sequence_model = sequence_model
-        self.user_head = user_head  # [B, D] last state -> [B, D] user vector; None = the state itself
+        self.sequence_model = sequence_model  # full width; its last state is the user vector
         self.matryoshka_sizes = validate_sizes(matryoshka_sizes, item_encoder.dim, require_full=True) \
             if matryoshka_sizes else ()
-        if block_norm and not self.matryoshka_sizes:
-            raise ValueError("block_norm needs matryoshka_sizes: it normalises each nested block separately")
-        self.block_norm = block_norm  # item and user vectors: `block_normalize` instead of plain L2
-        # The sequence model nests with the item space: its size-s slice is an s-wide model.
-        self.nested_backbone = nests_with(sequence_model, self.matryoshka_sizes)
-        # Without a head the user vector is the full-width state, truncated: nested by construction. A head must
-        # be a MatryoshkaLinear (a plain one would mix every state dim into every output, prefix included, but
-        # its prefix outputs would not be trained as a smaller model), and a nested backbone needs one.
-        if self.matryoshka_sizes and not isinstance(user_head, MatryoshkaLinear) \
-                and (user_head is not None or self.nested_backbone):
-            raise ValueError("a Matryoshka recommender needs a MatryoshkaLinear user_head (or none, with a "
-                             "full-width sequence model), so user vectors nest")
-        if self.nested_backbone and user_head.in_sizes != self.matryoshka_sizes:
-            raise ValueError("a nested sequence model needs a user_head whose blocks read the state prefixes "
-                             f"(in_sizes={list(self.matryoshka_sizes)}), got in_sizes={list(user_head.in_sizes)}")
 
     @property
     def supported_sizes(self) -> tuple[int, ...]:
@@ -89,38 +62,24 @@ class Recommender(nn.Module):
 
     def item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """content [*, >=size] + id embedding of ids [*] -> normalised item vectors [*, size or D]"""
-        return self.normalize(self.raw_item_vectors(content, ids, size))
-
-    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
-        """Unnormalised [*, s] item or user vectors -> unit vectors (plain L2, or per block with block_norm)."""
-        return block_normalize(raw, self.matryoshka_sizes) if self.block_norm else F.normalize(raw, dim=-1)
+        return F.normalize(self.raw_item_vectors(content, ids, size), dim=-1)
 
     def raw_user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
                          size: int | None = None) -> torch.Tensor:
         """history_ids [B, L] (0 = padding), history_content [B, L, D] -> unnormalised user vectors [B, size or D].
 
-        Nested backbone: `size` runs the size-s model alone (s-wide item vectors, sequence model and head).
-        Otherwise the sequence model runs at full width and `size` runs only the size-s block rows of the head.
+        The sequence model runs at full width; `size` truncates its last state.
         """
         self._check_size(size)
         real = history_ids > 0
-        if self.nested_backbone:
-            vectors = self.raw_item_vectors(history_content, history_ids, size) * real[..., None]  # [B, L, s]
-            state = self.sequence_model(vectors, real, size=size)[:, -1]  # [B, s]
-            return self.user_head(state) if size is None else self.user_head.forward_prefix(state, size)
         vectors = self.item_vectors(history_content, history_ids) * real[..., None]
         state = self.sequence_model(vectors, real)[:, -1]  # [B, D]
-        if self.user_head is None:
-            return state if size is None else truncate(state, size)
-        if size is None or not isinstance(self.user_head, MatryoshkaLinear):
-            user = self.user_head(state)
-            return user if size is None else truncate(user, size)
-        return self.user_head.forward_prefix(state, size)
+        return state if size is None else truncate(state, size)
 
     def user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
                      size: int | None = None) -> torch.Tensor:
         """history_ids [B, L] (0 = padding), history_content [B, L, D] -> normalised user vectors [B, size or D]"""
-        return self.normalize(self.raw_user_vectors(history_ids, history_content, size))
+        return F.normalize(self.raw_user_vectors(history_ids, history_content, size), dim=-1)
 
     def forward(
         self,

@@ -2,23 +2,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-SPLITS = ("leave_one_out", "time")
+from datetime import datetime
+from typing import ClassVar
 
 
 @dataclass(kw_only=True)
 class SourceConfig:
     """Layout of a raw dataset directory like ../shared/data/ml100k_mm (column names are configurable)."""
 
-    interactions_file: str = "interactions.csv"
-    items_file: str = "items.csv"
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    timestamp_column: str = "timestamp"
-    rating_column: str = "rating"  # "" when the data has none
-    image_column: str = "image"  # relative path of the image file under the raw dir; "" for none
-    text_fields: tuple[str, ...] = ("title", "genres", "description")
-    list_separator: str = "|"  # genres-like fields are joined with ", " instead
+    # Fixed (not settings): the raw directory holds these two files, and genres-like fields join with this.
+    interactions_file: ClassVar[str] = "interactions.csv"
+    items_file: ClassVar[str] = "items.csv"
+    list_separator: ClassVar[str] = "|"  # such fields are joined with ", " instead
+
+    user_column: str = field(default="user_id", metadata={"help": "user id column of interactions.csv"})
+    item_column: str = field(default="item_id", metadata={"help": "item id column of interactions.csv and items.csv"})
+    timestamp_column: str = field(
+        default="timestamp", metadata={"help": "interaction time column: orders histories, splits by time"})
+    rating_column: str = field(
+        default="rating", metadata={"help": 'rating column; "" when the data has none (model.task=ctr needs one)'})
+    image_column: str = field(
+        default="image",
+        metadata={"help": 'items.csv column holding each image file\'s path under data.raw_dir; "" = no images'})
+    text_fields: tuple[str, ...] = field(
+        default=("title", "genres", "description"), metadata={"help": "items.csv columns joined into each item's text"})
 
     def __post_init__(self) -> None:
         if not self.text_fields:
@@ -27,36 +34,59 @@ class SourceConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    raw_dir: str = "../shared/data/ml100k_mm"
-    prepared_dir: str = "prepared/ml100k_mm"
+    raw_dir: str = field(
+        default="../shared/data/ml100k_mm",
+        metadata={"help": "raw dataset directory (interactions.csv, items.csv, images)"})
+    prepared_dir: str = field(
+        default="prepared/ml100k_mm",
+        metadata={"help": "where jobs.prepare writes the prepared data and training reads it"})
     source: SourceConfig = field(default_factory=SourceConfig)
-    max_users: int = 0  # 0 = all users; > 0 keeps the first N users by id (a real slice, for tiny runs)
-    max_history: int = 50  # L: history items before each target
-    split: str = "leave_one_out"
-    time_split_at: str = ""  # ISO date T for split="time": train before T, evaluate at/after T
-    max_image_pixels: int = 40_000_000  # larger images are refused as decompression bombs
-    positive_rating: float = 4.0  # CTR label: rating >= this is a click
-    max_bad_fraction: float = 0.2  # fail when more catalogue items than this have a content problem
-    max_dropped_fraction: float = 0.2  # fail when more interaction rows than this are unusable and dropped
-    decode_actors: int = 1
-    decode_cache_items: int = 4096  # decoded images kept per decode actor (bounded; 0 = decode every time)
-    materialize_catalog: bool = True  # keep the decoded catalogue in the object store (set false for huge ones)
-    # A materialised catalogue whose decoded content is at most this size is decoded in the driver process with
-    # the same ItemContentDecoder instead of a Ray Data pass (whose read task and actor pool cost ~20 s to start
-    # on 2 cores, for ~2 s of decoding at 1,682 items). 0 = always a Ray Data pass.
-    driver_decode_max_mb: int = 512
-    decode_cpus: float = 0.25  # fractional, so Ray Data's listing task still finds a whole CPU on 2 cores
-    shuffle_buffer: int = 2048
+    max_users: int = field(
+        default=0,
+        metadata={"help": "0 = all users; N > 0 keeps the first N users by id (a real slice, for tiny runs)"})
+    max_history: int = field(default=50, metadata={"help": "history items before each target (L)"})
+    time_split_at: str = field(
+        default="", metadata={"help": '"" = leave-one-out; an ISO date T = train before T, evaluate at/after T'})
+    positive_rating: float = field(default=4.0, metadata={"help": "model.task=ctr: a rating >= this is a click"})
+    max_bad_fraction: float = field(
+        default=0.2, metadata={"help": "fail when a larger share of catalogue items has a content problem"})
+    max_dropped_fraction: float = field(
+        default=0.2, metadata={"help": "fail when a larger share of interaction rows is unusable and dropped"})
+    decode_actors: int = field(
+        default=1, metadata={"help": "Ray Data actors decoding item images and text for training"})
+    decode_cache_items: int = field(
+        default=4096, metadata={"help": "decoded images kept per decode actor (0 = decode every time)"})
+    materialize_catalog: bool = field(
+        default=True, metadata={"help": "hold the decoded catalogue in the object store (false for huge catalogues)"})
+    decode_cpus: float = field(
+        default=0.25,
+        metadata={"help": "CPUs per decode actor (fractional: Ray Data's own tasks need a whole CPU on 2 cores)"})
     # Cold-start evaluation: this seeded random fraction of catalogue items is held out of training entirely
     # (0 = off); test metrics are then also reported on warm and on cold test targets.
-    cold_item_fraction: float = 0.0
-    cold_seed: int = 0
+    cold_item_fraction: float = field(
+        default=0.0,
+        metadata={"help": "share of items held out of training entirely, for cold-start metrics (0 = off)"})
+
+    # Fixed (not settings). Larger images are refused as decompression bombs.
+    max_image_pixels: ClassVar[int] = 40_000_000
+    # A materialised catalogue whose decoded content is at most this size is decoded in the driver process with
+    # the same ItemContentDecoder instead of a Ray Data pass (whose read task and actor pool cost ~20 s to start
+    # on 2 cores, for ~2 s of decoding at 1,682 items); ml100k_mm at 64 px is 22 MiB.
+    driver_decode_max_mb: ClassVar[int] = 512
+    # The cold items are the same in every run (bench/quality.py compares seeds of train.seed on one split).
+    cold_seed: ClassVar[int] = 0
+
+    @property
+    def split(self) -> str:
+        """"leave_one_out", or "time" when data.time_split_at is set."""
+        return "time" if self.time_split_at else "leave_one_out"
 
     def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ValueError(f"data.split={self.split!r}; valid choices: {', '.join(SPLITS)}")
-        if self.split == "time" and not self.time_split_at:
-            raise ValueError("data.time_split_at must be an ISO date when data.split=time")
+        if self.time_split_at:
+            try:
+                datetime.fromisoformat(self.time_split_at)
+            except ValueError:
+                raise ValueError(f"data.time_split_at={self.time_split_at!r} is not an ISO date (YYYY-MM-DD)") from None
         for key in ("max_history", "decode_actors"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
@@ -65,8 +95,6 @@ class DataConfig:
         for key in ("max_bad_fraction", "max_dropped_fraction"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"data.{key} must be in [0, 1], got {getattr(self, key)}")
-        if self.driver_decode_max_mb < 0:
-            raise ValueError("data.driver_decode_max_mb must be >= 0 (0 = always decode with Ray Data)")
         if self.decode_cpus <= 0:
             raise ValueError("data.decode_cpus must be > 0")
         if not 0.0 <= self.cold_item_fraction < 1.0:

@@ -11,7 +11,7 @@ from pipeline.sources import load_manifest, read_interactions
 
 
 def build_splits(cfg: DataConfig, prepared: Path) -> Splits:
-    """`data.split` (leave-one-out or by time), `data.max_users` and cold-item hold-out applied to the prepared data."""
+    """Leave-one-out or by time (`data.time_split_at`), `data.max_users` and cold-item hold-out applied to the prepared data."""
     interactions = read_interactions(prepared)
     if cfg.max_users:
         interactions = interactions[interactions.user_index < cfg.max_users]

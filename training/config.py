@@ -1,7 +1,8 @@
 """Configuration of a training run: optimisation, workers, checkpoints, evaluation protocol, tracking."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 USE_GPU = ("auto", "true", "false")
 # Folders of train.storage_path that the product itself owns beside the run directories.
@@ -17,30 +18,40 @@ def check_plain_name(value: str, key: str, reserved: tuple[str, ...] = ()) -> No
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = 2
-    batch_size: int = 128
-    lr: float = 1e-3
-    encoder_lr: float = 1e-4  # pretrained encoders learn slower than the freshly initialised parts
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_steps_per_epoch: int = 0  # 0 = the whole epoch
-    num_workers: int = 1
-    use_gpu: str = "auto"  # auto: use a GPU per worker when the cluster has one
-    cpus_per_worker: float = 0.25  # fractional on purpose: 2-core machines must leave Ray Data a whole CPU
-    torch_threads: int = 0  # 0 = cores / workers on this node
-    seed: int = 0
-    log_every: int = 25
-    eval_ks: tuple[int, ...] = (5, 10, 20, 50)
-    eval_mask_history: bool = False  # fMRLRec does not mask items already in the history; MicroLens does
-    eval_batch_size: int = 256
-    storage_path: str = "runs"
-    run_name: str = ""  # "" = <preset>-<timestamp>; reusing a name resumes that run from its last checkpoint
-    init_checkpoint: str = ""  # warm start: a checkpoint directory whose model (and bank) start this run
-    keep_checkpoints: int = 2
-    max_failures: int = 1
+    epochs: int = field(default=2, metadata={"help": "passes over the training examples"})
+    batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
+    encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
+    max_steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0 = the whole epoch)"})
+    num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel)"})
+    use_gpu: str = field(
+        default="auto", metadata={"help": "auto (a GPU per worker when the cluster has one), true or false"})
+    cpus_per_worker: float = field(
+        default=0.25,
+        metadata={"help": "CPUs per Ray Train worker (fractional: 2-core machines must leave Ray Data a CPU)"})
+    seed: int = field(
+        default=0, metadata={"help": "seed of initialisation, shuffling and sampling (also retrain's replay sample)"})
+    log_every: int = field(default=25, metadata={"help": "print training progress every N steps"})
+    eval_ks: tuple[int, ...] = field(default=(5, 10, 20, 50), metadata={"help": "cut-offs k of Recall@k and NDCG@k"})
+    eval_mask_history: bool = field(
+        default=False, metadata={"help": "leave items already in a user's history out of the ranking"})
+    storage_path: str = field(default="runs", metadata={"help": "checkpoint root: <storage_path>/<run_name>/"})
+    run_name: str = field(
+        default="",
+        metadata={"help": '"" = <preset>-<timestamp>; reusing a name resumes that run from its last checkpoint'})
+    init_checkpoint: str = field(
+        default="", metadata={"help": "warm start: a checkpoint directory whose model (and bank) start this run"})
+    max_failures: int = field(
+        default=1, metadata={"help": "restarts of a crashed worker group from its last checkpoint"})
+    # Fixed (not settings): AdamW weight decay, gradient-norm clipping, users per evaluation batch, checkpoints
+    # kept per run (keep-last-N rotation). Torch threads per worker are the node's cores / workers.
+    weight_decay: ClassVar[float] = 0.01
+    grad_clip: ClassVar[float] = 1.0
+    eval_batch_size: ClassVar[int] = 256
+    keep_checkpoints: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "num_workers", "keep_checkpoints", "eval_batch_size", "log_every"):
+        for key in ("epochs", "batch_size", "num_workers", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "encoder_lr"):
@@ -50,8 +61,8 @@ class TrainConfig:
             raise ValueError(f"train.use_gpu={self.use_gpu!r}; valid: {', '.join(USE_GPU)}")
         if self.cpus_per_worker <= 0:
             raise ValueError("train.cpus_per_worker must be > 0")
-        if self.max_steps_per_epoch < 0 or self.max_failures < 0 or self.weight_decay < 0:
-            raise ValueError("train.max_steps_per_epoch, train.max_failures and train.weight_decay must be >= 0")
+        if self.max_steps_per_epoch < 0 or self.max_failures < 0:
+            raise ValueError("train.max_steps_per_epoch and train.max_failures must be >= 0")
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError("train.eval_ks must be positive cut-offs, e.g. 5,10,20,50")
         check_plain_name(self.run_name, "train.run_name", RESERVED_STORAGE_NAMES)
@@ -59,10 +70,16 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
-    experiment: str = "mmrec"
-    artifact_root: str = "mlartifacts"  # absolute location for new experiments (relative to cwd)
-    registered_model: str = "mmrec"  # also a folder name: <storage_path>/registered/<name>, locks/retrain-<name>.lock
+    tracking_uri: str = field(
+        default="", metadata={"help": 'MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db'})
+    experiment: str = field(default="mmrec", metadata={"help": "MLflow experiment of the runs"})
+    artifact_root: str = field(
+        default="mlartifacts",
+        metadata={"help": "artifact location of new MLflow experiments (relative to the working directory)"})
+    registered_model: str = field(
+        default="mmrec",
+        metadata={"help": 'MLflow registered model a finished run is registered as (also a folder name under '
+                          '<storage_path>/registered/); "" = do not register'})
 
     def __post_init__(self) -> None:
         check_plain_name(self.registered_model, "tracking.registered_model")

@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     num_items, bank = loop_config["num_items"], loop_config["bank"]  # the bank client reconnects by name
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(job.train.torch_threads or max(1, (os.cpu_count() or 1) // max(world, 1)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))  # the node's cores / workers
     torch.manual_seed(job.train.seed)
     np.random.seed(job.train.seed + rank)
     device = ray.train.torch.get_device()

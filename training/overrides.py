@@ -163,3 +163,35 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[full] = value
     return flat
+
+
+def settable_keys(config: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, one-line meaning) of every key `--set` accepts, in declaration order.
+
+    The meaning is the field's `metadata["help"]` (one source of truth beside each field); "" where a field has
+    none, which tests/unit/test_config.py refuses.
+    """
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += settable_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
+    return keys
+
+
+def format_value(value: Any) -> str:
+    """A value as `--set key=VALUE` takes it: lists comma-joined, bools and None lower-case, "" for empty text."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(format_value(v) for v in value)
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def format_config(config: Any) -> str:
+    """One `key = value    # meaning` line per settable key."""
+    rows = [(key, format_value(value), meaning) for key, value, meaning in settable_keys(config)]
+    width = max(len(f"{key} = {value}") for key, value, _ in rows)
+    return "\n".join(f"{key} = {value}".ljust(width) + (f"    # {meaning}" if meaning else "") for key, value, meaning in rows)

@@ -127,13 +127,14 @@ def test_missing_image_file_is_counted_apart_from_items_without_an_image(raw, tm
     assert row["image"] is None and row["image_status"] == IMAGE_MISSING
 
 
-def test_decompression_bomb_header_is_refused_without_decoding(raw, tmp_path):
+def test_decompression_bomb_header_is_refused_without_decoding(raw, tmp_path, monkeypatch):
     bomb = png_header(30_000, 30_000)  # 900 M pixels claimed in a ~100-byte file
     assert len(bomb) < 200
     _image_path(raw, 10).write_bytes(bomb)
     # a real (blank) 3000 x 2000 JPEG, over a 5 M pixel limit; the catalogue posters are far below it
     Image.new("RGB", (3000, 2000)).save(_image_path(raw, 11), format="JPEG")
-    report, out = _prepare(raw, tmp_path, max_image_pixels=5_000_000)
+    monkeypatch.setattr(DataConfig, "max_image_pixels", 5_000_000)  # a fixed limit (40 M pixels), lowered here
+    report, out = _prepare(raw, tmp_path)
     assert report["images_too_large"] == 2
     assert _prepared_item(out, 10)["image_status"] == IMAGE_TOO_LARGE
     assert _prepared_item(out, 11)["image_status"] == IMAGE_TOO_LARGE

@@ -16,7 +16,7 @@ def _run(kind: str, dim: int, seed: int, ndcg: dict[int, float], cpu: float) -> 
 def _settings(seed: int, **changes: object) -> dict:
     return {"sizes": "32,128", "steps": 100, "steps_per_epoch": 50, "batch_size": 8, "max_history": 20,
             "loss": "sampled_softmax", "sequence_model": "lru", "modalities": "text", "encoders": "builtin",
-            "ffn_multiplier": 1, "weights": "", "seed": seed, **changes}
+            "weights": "", "seed": seed, **changes}
 
 
 def test_compare_averages_seeds_and_sums_single_costs() -> None:
@@ -76,7 +76,7 @@ def test_combine_merges_files_and_refuses_other_settings(tmp_path) -> None:
 
 def test_combine_takes_only_the_single_size_runs_of_singles_from_files(tmp_path) -> None:
     mine, theirs = tmp_path / "mine.json", tmp_path / "theirs.json"
-    mine.write_text(json.dumps({"settings": _settings(0, full_backbone=True), "runs": [
+    mine.write_text(json.dumps({"settings": _settings(0, weights="0.25,0.5,1"), "runs": [
         _run("matryoshka", 128, 0, {32: 0.06, 128: 0.05}, 100.0)]}))
     theirs.write_text(json.dumps({"settings": _settings(0), "runs": [  # another method's Matryoshka + singles
         _run("matryoshka", 128, 0, {32: 0.01, 128: 0.01}, 500.0),
@@ -85,7 +85,7 @@ def test_combine_takes_only_the_single_size_runs_of_singles_from_files(tmp_path)
         combine([str(mine), str(theirs)])
     result = combine([str(mine)], singles_from=[str(theirs)])
     assert [r["kind"] for r in result["runs"]] == ["matryoshka", "single", "single"]
-    assert result["settings"]["full_backbone"] is True and result["settings"]["singles_from"] == [str(theirs)]
+    assert result["settings"]["weights"] == "0.25,0.5,1" and result["settings"]["singles_from"] == [str(theirs)]
     small, large = result["comparison"]
     assert small["relative_ndcg_gap"] == pytest.approx(0.2) and large["relative_ndcg_gap"] == pytest.approx(0.0)
     assert result["summary"]["cost_ratio_cpu"] == pytest.approx(1.0)  # 100 vs 10 + 90: the other model is not counted

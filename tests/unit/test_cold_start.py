@@ -109,11 +109,10 @@ def test_driver_build_splits_wires_the_config(prepared_dir):
     from pipeline.sequences import ColdStartSplits
     from pipeline.splits import build_splits
 
-    job = build_config("tiny", [f"data.prepared_dir={prepared_dir}", "data.cold_item_fraction=0.1",
-                                "data.cold_seed=3"])
+    job = build_config("tiny", [f"data.prepared_dir={prepared_dir}", "data.cold_item_fraction=0.1"])
     split = build_splits(job.data, prepared_dir)
     assert isinstance(split, ColdStartSplits)
-    assert np.array_equal(split.cold_items, sample_cold_items(1682, 0.1, seed=3))
+    assert np.array_equal(split.cold_items, sample_cold_items(1682, 0.1, seed=job.data.cold_seed))
     assert not _items(split.train) & set(split.cold_items.tolist())
     assert len(split.test) == job.data.max_users == len(split.test_warm) + len(split.test_cold)
     plain = build_splits(build_config("tiny", [f"data.prepared_dir={prepared_dir}"]).data, prepared_dir)

@@ -42,3 +42,42 @@ def test_unknown_preset():
 def test_flatten_for_mlflow_params():
     flat = flatten(build_config("tiny").to_dict())
     assert flat["train.lr"] == 3e-3 and flat["data.source.user_column"] == "user_id"
+
+
+MAX_SETTABLE_KEYS = 70  # the config diet of 2026-12-03 (it was 104): add a key only with a preset that needs it
+
+
+def test_every_settable_key_has_a_one_line_meaning_and_there_are_few():
+    from training.overrides import settable_keys
+
+    keys = [(key, meaning) for key, _, meaning in settable_keys(build_config("tiny")) if key != "preset"]
+    assert len(keys) <= MAX_SETTABLE_KEYS, f"{len(keys)} settable keys"
+    assert [key for key, meaning in keys if not meaning.strip() or "\n" in meaning] == []
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_print_config_lists_every_key_as_set_would_take_it(preset, capsys):
+    import argparse
+
+    from jobs.cli import config_from_args
+    from training.overrides import flatten
+
+    for fmt in ("text", "json"):
+        args = argparse.Namespace(preset=preset, overrides=["train.eval_ks=5,10"], print_config=fmt)
+        with pytest.raises(SystemExit) as done:
+            config_from_args(args)
+        assert done.value.code == 0
+        printed = capsys.readouterr().out
+        if fmt == "json":
+            import json
+
+            assert JobConfig.from_dict(json.loads(printed)) == build_config(preset, ["train.eval_ks=5,10"])
+            continue
+        lines = printed.splitlines()
+        assert len(lines) == len(flatten(build_config(preset).to_dict()))
+        assert "train.eval_ks = 5,10" in printed and f"preset = {preset}" in printed
+        # every line is `key = value    # meaning`, and its value is accepted back by --set
+        overrides = [line.split("    # ")[0].rstrip().replace(" = ", "=", 1) for line in lines]
+        assert all("    # " in line for line in lines)
+        rebuilt = build_config(preset, [o.replace('=""', "=") for o in overrides if not o.startswith("preset=")])
+        assert rebuilt == build_config(preset, ["train.eval_ks=5,10"])

@@ -71,10 +71,9 @@ def test_lru_parallel_and_sequential_layers_agree() -> None:
     torch.testing.assert_close(parallel, lru(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sizes", [(), (4, 16)])
-def test_real_matmul_projections_equal_the_complex_formula(sizes: tuple[int, ...]) -> None:
+def test_real_matmul_projections_equal_the_complex_formula() -> None:
     """forward's real-arithmetic B x and Re(C h) compute the complex-tensor LRU exactly, values and gradients."""
-    lru = LRU(16, sizes=sizes)
+    lru = LRU(16)
     x = torch.randn(3, 9, 16, requires_grad=True)
     grads = []
     for run in (lru.forward, lru.forward_complex):
@@ -156,63 +155,7 @@ def test_shape_mismatch_is_refused() -> None:
         _model()(torch.randn(2, 5, 16), torch.ones(2, 6, dtype=torch.bool))
 
 
-# ------------------------------------------------------------------------------------ nested (fMRLRec)
-
-SIZES = (4, 8, 16, 32)
-
-
-def _nested_inputs(batch: int = 3, length: int = 7, dim: int = 32) -> tuple[Tensor, Tensor]:
-    x = torch.randn(batch, length, dim)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[0, :3] = False  # left padding
-    return x * mask[..., None], mask
-
-
-@pytest.mark.parametrize("num_layers, ffn_multiplier", [(1, 4), (2, 4), (2, 1)])
-def test_nested_model_slice_property_every_size(num_layers: int, ffn_multiplier: int) -> None:
-    """Run alone at size s on x[..., :s], the nested model gives exactly the first s outputs of the full one."""
-    model = LRUSequenceModel(32, max_len=7, num_layers=num_layers, sizes=SIZES, ffn_multiplier=ffn_multiplier).eval()
-    assert model.blocks[0].ffn.gate.out_features == ffn_multiplier * 32
-    x, mask = _nested_inputs()
-    with torch.no_grad():
-        full = model(x, mask)
-        for size in SIZES:
-            torch.testing.assert_close(model(x[..., :size], mask, size=size), full[..., :size], atol=1e-5, rtol=1e-5)
-            # a standalone s-wide model built from the parameter prefixes computes the same
-            small = model.submodel(size)
-            assert small.dim == size and small.sizes == SIZES[: SIZES.index(size) + 1]
-            torch.testing.assert_close(small(x[..., :size], mask), full[..., :size], atol=1e-5, rtol=1e-5)
-
-
-def test_nested_model_prefix_ignores_later_inputs_but_later_outputs_do_not() -> None:
-    model = LRUSequenceModel(32, max_len=7, sizes=SIZES).eval()
-    x, mask = _nested_inputs()
-    changed = x.clone()
-    changed[..., 8:] += torch.randn_like(changed[..., 8:]) * mask[..., None]
-    with torch.no_grad():
-        before, after = model(x, mask), model(changed, mask)
-    torch.testing.assert_close(after[..., :8], before[..., :8])
-    assert not torch.allclose(after[..., 8:], before[..., 8:])
-
-
-def test_nested_layers_are_block_triangular_and_train_only_inside_blocks() -> None:
-    lru = LRU(16, sizes=(4, 16))
-    assert torch.all(lru.B_re[:4, 4:] == 0) and torch.all(lru.C_im[:4, 4:] == 0)
-    assert torch.all(lru.B_re[4:, :] != 0)  # block 2 reads the whole input
-    x = torch.randn(2, 5, 16)
-    lru(x).square().sum().backward()
-    assert torch.all(lru.B_re.grad[:4, 4:] == 0) and torch.all(lru.C_re.grad[:4, 4:] == 0)
-    assert lru.B_re.grad[:4, :4].abs().sum() > 0
-
-
-def test_plain_model_is_unchanged_and_refuses_a_size() -> None:
-    plain = LRUSequenceModel(16, max_len=5)
-    assert plain.sizes == () and isinstance(plain.input_norm, torch.nn.LayerNorm)
-    x, mask = _nested_inputs(2, 5, 16)
-    with pytest.raises(ValueError, match="not nested"):
-        plain(x[..., :8], mask, size=8)
-    nested = LRUSequenceModel(16, max_len=5, sizes=(8, 16))
-    with pytest.raises(ValueError, match=r"nested sizes \[8, 16\] only, not at size 4"):
-        nested(x[..., :4], mask, size=4)
-    with pytest.raises(ValueError, match="width 8"):
-        nested(x, mask, size=8)
+def test_feed_forward_is_square_by_default() -> None:
+    """fMRLRec's LRU uses square feed-forward layers (the winner of BENCHMARKS.md session 5)."""
+    model = LRUSequenceModel(16, max_len=5, num_layers=2)
+    assert all(block.ffn.gate.out_features == 16 for block in model.blocks)

@@ -21,7 +21,6 @@ from training.overrides import ConfigError
 from model.build import build_recommender
 from model.config import ModelConfig
 from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
-from matryoshka.layers import block_normalize
 from model.losses import NestedSizesLoss
 from model.recommender import Recommender, at_size
 from pipeline.sequences import Examples
@@ -74,6 +73,15 @@ def test_config_overrides_from_the_command_line():
     assert job.model.supported_sizes == (16, 64)
 
 
+def test_movielens_mrl_preset_is_movielens_with_the_measured_matryoshka_configuration():
+    mrl, base = build_config("movielens_mrl"), build_config("movielens")
+    model = mrl.model
+    assert (model.sequence_model, model.num_layers, model.dim) == ("lru", 1, 512)
+    assert model.matryoshka_sizes == (32, 128, 512) and model.loss_weights == (0.25, 0.5, 1.0)
+    assert (mrl.data, mrl.image, mrl.text, mrl.train, mrl.memory) == (base.data, base.image, base.text, base.train,
+                                                                      base.memory)
+
+
 # ---------------------------------------------------------------------------------------- recommender
 
 
@@ -105,16 +113,11 @@ def histories(batch: int, seed: int = 1) -> torch.Tensor:
     return history
 
 
-@pytest.mark.parametrize("sequence_model, nested, head", [("sasrec", True, True), ("lru", True, True),
-                                                         ("lru", False, True), ("lru", False, False),
-                                                         ("sasrec", True, False)])
+@pytest.mark.parametrize("sequence_model", ["sasrec", "lru"])
 @torch.inference_mode()
-def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model, nested, head):
-    model = build_model(sequence_model=sequence_model, matryoshka_nested_backbone=nested, matryoshka_user_head=head)
-    assert (model.user_head is not None) == head
+def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model):
+    model = build_model(sequence_model=sequence_model)
     assert model.supported_sizes == SIZES
-    # fMRLRec's LRU nests unless told not to; SASRec always stays full width
-    assert model.nested_backbone == (sequence_model == "lru" and nested)
     batch = content_batch(5)
     content = model.item_encoder.encode_content(**batch)  # [5, 32]
     table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(2))
@@ -143,84 +146,38 @@ def test_recommender_vectors_at_size_are_exact_prefixes(sequence_model, nested, 
 
 @torch.inference_mode()
 def test_small_sizes_ignore_the_weights_of_larger_blocks():
-    """Changing every projection/head weight outside the size-8 block leaves size-8 vectors untouched."""
+    """Changing every projection weight outside the size-8 block leaves size-8 content vectors untouched."""
     model = build_model()
-    batch, history = content_batch(4), histories(3)
-    table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(3))
+    batch = content_batch(4)
     before_item = model.item_encoder.encode_content(**batch)
-    before_user = model.raw_user_vectors(history, table[history])
-    for layer in (model.item_encoder.projection, model.user_head):
-        layer.weight[8:] += 1.0
-        layer.bias[8:] -= 1.0
-        layer.weight[:8, :] += 0.0  # (rows of block 1 read the whole input: in_sizes=None)
+    layer = model.item_encoder.projection
+    layer.weight[8:] += 1.0
+    layer.bias[8:] -= 1.0
+    layer.weight[:8, :] += 0.0  # (rows of block 1 read the whole input: in_sizes=None)
     after_item = model.item_encoder.encode_content(**batch)
-    after_user = model.raw_user_vectors(history, table[history])
     torch.testing.assert_close(after_item[:, :8], before_item[:, :8])
-    torch.testing.assert_close(after_user[:, :8], before_user[:, :8])
     assert not torch.allclose(after_item[:, 8:], before_item[:, 8:])
-    assert not torch.allclose(after_user[:, 8:], before_user[:, 8:])
 
 
 def test_off_by_default_keeps_the_plain_architecture():
     model = build_model(sizes=())
     assert model.supported_sizes == (32,)
-    assert model.user_head is None
     assert isinstance(model.item_encoder.projection, torch.nn.Linear)
     assert not any(name.startswith("user_head") for name in model.state_dict())
     with pytest.raises(ValueError, match="need a Matryoshka projection"):
         model.item_encoder.encode_content(**content_batch(2), size=8)
 
 
-def test_full_backbone_lru_is_dense_and_its_small_sizes_read_every_state_dim():
-    """matryoshka_nested_backbone=False: a plain full-width LRU, a head whose every block reads the whole state."""
-    model = build_model(sequence_model="lru", matryoshka_nested_backbone=False)
-    nested = build_model(sequence_model="lru")
-    assert model.sequence_model.sizes == () and nested.sequence_model.sizes == SIZES
-    assert model.user_head.in_sizes != SIZES and nested.user_head.in_sizes == SIZES
-    # the dense LRU masks out no weights (the nested one zeroes the upper blocks of B, C and its feed-forward)
-    def masked_out(m: Recommender) -> int:
-        return sum(int((buffer == 0).sum()) for name, buffer in m.sequence_model.named_buffers()
-                   if name.endswith("mask"))
-    assert masked_out(nested) > 0 and masked_out(model) == 0
-    history, table = histories(3), torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        before = model.raw_user_vectors(history, table[history], SIZES[0])
-        table[:, SIZES[-1] - 1] += 1.0  # the last input dim: outside the size-8 prefix
-        after = model.raw_user_vectors(history, table[history], SIZES[0])
-    assert not torch.allclose(before, after)  # a full-width backbone: size 8 depends on every input dim
-    with pytest.raises(ValueError, match="matryoshka_nested_backbone is set but model.matryoshka_sizes is empty"):
-        ModelConfig(dim=32, matryoshka_nested_backbone=False)
-
-
-def test_block_normalize_fixes_each_blocks_norm_share_and_truncates_like_plain_vectors():
-    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(6))
-    x[:, :8] *= 100.0  # a first block that would hold almost all of a plain L2 norm
-    unit_vectors = block_normalize(x, SIZES)
-    torch.testing.assert_close(unit_vectors.norm(dim=-1), torch.ones(5))
-    shares = [unit_vectors[:, a:b].pow(2).sum(-1) for a, b in ((0, 8), (8, 16), (16, 32))]
-    for share, width in zip(shares, (8, 8, 16)):
-        torch.testing.assert_close(share, torch.full((5,), width / 32))
-    assert F.normalize(x, dim=-1)[:, :8].pow(2).sum(-1).min() > 0.99  # plain L2: the first block has it all
-    for size in SIZES:  # serving a smaller size = truncate + renormalise, as for plain vectors
-        torch.testing.assert_close(at_size(unit_vectors, size), block_normalize(x[:, :size], SIZES))
-    with pytest.raises(ValueError, match="not one of the sizes"):
-        block_normalize(x[:, :12], SIZES)
-
-
 @torch.inference_mode()
-def test_block_norm_recommender_serves_every_size_from_the_full_vectors():
-    model = build_model(sequence_model="lru", matryoshka_nested_backbone=False, matryoshka_block_norm=True)
-    content = model.item_encoder.encode_content(**content_batch(5))
-    history, ids = histories(4), torch.arange(1, 6)
-    table = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(2))
-    full_item, full_user = model.item_vectors(content, ids), model.user_vectors(history, table[history])
-    torch.testing.assert_close(full_item[:, :8].pow(2).sum(-1), torch.full((5,), 0.25))
-    for size in SIZES:
-        torch.testing.assert_close(model.item_vectors(content, ids, size), at_size(full_item, size))
-        torch.testing.assert_close(model.user_vectors(history, table[history], size), at_size(full_user, size),
-                                   rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="matryoshka_block_norm is set but model.matryoshka_sizes is empty"):
-        ModelConfig(dim=32, matryoshka_block_norm=True)
+def test_the_lru_stays_full_width_so_small_sizes_read_every_input_dim():
+    """Matryoshka sizes nest the loss and the item projection; the LRU itself is a plain full-width model."""
+    model = build_model(sequence_model="lru")
+    assert not any(name.endswith("mask") for name, _ in model.sequence_model.named_buffers())
+    history, table = histories(3), torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(3))
+    before = model.raw_user_vectors(history, table[history], SIZES[0])
+    table[:, SIZES[-1] - 1] += 1.0  # the last input dim: outside the size-8 prefix
+    after = model.raw_user_vectors(history, table[history], SIZES[0])
+    assert not torch.allclose(before, after)  # a full-width backbone: size 8 depends on every input dim
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -269,23 +226,10 @@ def test_training_gradient_reaches_every_block():
     out = model(target_ids=torch.arange(1, 7), history_ids=history,
                 history_content=torch.randn(6, HISTORY, 32), **batch)
     NestedSizesLoss(SampledSoftmaxLoss(temperature=0.1), SIZES)(out.user, out.positive, torch.arange(1, 7)).backward()
-    for layer in (model.item_encoder.projection, model.user_head):
-        grad = layer.weight.grad
-        assert grad[:8].abs().sum() > 0 and grad[16:].abs().sum() > 0
-        assert torch.count_nonzero(grad * (1 - layer.mask)) == 0  # masked (upper) blocks never learn
-
-
-def test_zero_outer_head_starts_users_at_the_smallest_size_and_trains_the_outer_blocks():
-    model = build_model(sequence_model="lru", matryoshka_zero_outer_head=True).train()
-    batch, history = content_batch(6), histories(6)
-    out = model(target_ids=torch.arange(1, 7), history_ids=history,
-                history_content=torch.randn(6, HISTORY, 32), **batch)
-    raw = model.raw_user_vectors(history, torch.randn(6, HISTORY, 32))
-    assert raw[:, SIZES[0]:].abs().max() == 0 and raw[:, : SIZES[0]].abs().sum() > 0
-    NestedSizesLoss(SampledSoftmaxLoss(temperature=0.1), SIZES)(out.user, out.positive, torch.arange(1, 7)).backward()
-    assert model.user_head.weight.grad[SIZES[0]:].abs().sum() > 0  # item vectors' outer dims are not zero
-    with pytest.raises(ValueError, match="matryoshka_zero_outer_head is set but model.matryoshka_sizes is empty"):
-        ModelConfig(dim=32, matryoshka_zero_outer_head=True)
+    layer = model.item_encoder.projection
+    grad = layer.weight.grad
+    assert grad[:8].abs().sum() > 0 and grad[16:].abs().sum() > 0
+    assert torch.count_nonzero(grad * (1 - layer.mask)) == 0  # masked (upper) blocks never learn
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -390,10 +334,11 @@ def test_export_item_vectors_per_size(prepared_dir: Path, tmp_path: Path):
         export_item_vectors(checkpoint, tmp_path / "bad", [12], prepared_dir=prepared_dir)
 
 
+@pytest.mark.parametrize("sequence_model", ["sasrec", "lru"])
 @torch.inference_mode()
-def test_without_a_user_head_the_user_vector_is_the_full_width_state_truncated():
-    """matryoshka_user_head=False: no head parameters; every size's user vector is a prefix of the LRU's last state."""
-    model = build_model(sequence_model="lru", matryoshka_nested_backbone=False, matryoshka_user_head=False)
+def test_the_user_vector_is_the_full_width_state_truncated(sequence_model):
+    """No user head: every size's user vector is a prefix of the sequence model's last state."""
+    model = build_model(sequence_model=sequence_model)
     assert not any(name.startswith("user_head") for name in model.state_dict())
     history, table = histories(3), torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(4))
     real = history > 0
@@ -401,10 +346,3 @@ def test_without_a_user_head_the_user_vector_is_the_full_width_state_truncated()
     state = model.sequence_model(inputs, real)[:, -1]
     for size in SIZES:
         torch.testing.assert_close(model.raw_user_vectors(history, table[history], size), state[:, :size])
-    with pytest.raises(ValueError, match="matryoshka_user_head=false needs a full-width backbone"):
-        ModelConfig(dim=32, matryoshka_sizes=SIZES, sequence_model="lru", matryoshka_user_head=False)
-    with pytest.raises(ValueError, match="matryoshka_zero_outer_head initialises the user head"):
-        ModelConfig(dim=32, matryoshka_sizes=SIZES, sequence_model="lru", matryoshka_nested_backbone=False,
-                    matryoshka_user_head=False, matryoshka_zero_outer_head=True)
-    with pytest.raises(ValueError, match="matryoshka_user_head is set but model.matryoshka_sizes is empty"):
-        ModelConfig(dim=32, matryoshka_user_head=False)

@@ -248,9 +248,7 @@ def test_local_client_basic_behaviour(tmp_path):
         ({"num_shards": 0}, "memory.num_shards"),
         ({"encode_fraction": 0.0}, "memory.encode_fraction"),
         ({"encode_fraction": 1.5}, "memory.encode_fraction"),
-        ({"max_inflight_updates": 0}, "memory.max_inflight_updates"),
         ({"refresh_every_steps": -1}, "memory.refresh_every_steps"),
-        ({"staleness_sample": -2}, "memory.staleness_sample"),
     ],
 )
 def test_config_validation_names_the_key(overrides, key):

@@ -10,8 +10,8 @@ from model.config import ModelConfig
 from model.losses import CTRLoss, SampledSoftmaxLoss
 from training.metrics import grouped_auc, grouped_auc_reference
 
-IMAGE = ImageEncoderConfig(kind="tiny_cnn", image_size=16, channels=4)
-TEXT = TextEncoderConfig(kind="tiny", dim=8, max_length=6)
+IMAGE = ImageEncoderConfig(kind="tiny_cnn", image_size=16)  # 4 channels at model.dim 8
+TEXT = TextEncoderConfig(kind="tiny", max_length=6)  # 8 wide at model.dim 8
 
 
 def make_model():

@@ -64,7 +64,7 @@ class RetrainLock:
                 raise RetrainLockedError(
                     f"another retrain holds {self.path} (pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
                     f"since {holder.get('started', '?')}); it is taken over once older than "
-                    f"retrain.lock_stale_seconds={self.stale_after_s:g}"
+                    f"{self.stale_after_s:g} s"
                 ) from None
             with os.fdopen(fd, "w") as handle:
                 json.dump({"pid": os.getpid(), "host": self.hostname, "token": token,

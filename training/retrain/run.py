@@ -61,7 +61,7 @@ def challenger_config(job: "JobConfig", champion_job: "JobConfig", champion_chec
         image=champion_job.image,
         text=champion_job.text,
         data=replace(job.data, max_history=champion_job.data.max_history),
-        train=replace(job.train, epochs=job.retrain.epochs, max_steps_per_epoch=job.retrain.steps,
+        train=replace(job.train, epochs=1, max_steps_per_epoch=job.retrain.steps,
                       run_name=run_name, init_checkpoint=str(champion_checkpoint)),
     )
 
@@ -115,11 +115,11 @@ def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: b
         holdout_from = holdout_start(unseen, cfg.holdout_fraction)
         if len(unseen) < cfg.min_new_interactions or holdout_from is None:
             return RetrainOutcome("waiting", f"only {len(unseen)} new interactions for this model's users "
-                                  f"(retrain.min_new_interactions={cfg.min_new_interactions}): waiting for more data",
+                                  f"(at least {cfg.min_new_interactions} needed): waiting for more data",
                                   champion)
         splits = incremental_splits(frame, max_history=champion_job.data.max_history,
                                     trained_through=champion.trained_through,
-                                    holdout_from=holdout_from, replay_ratio=cfg.replay_ratio, seed=cfg.seed)
+                                    holdout_from=holdout_from, replay_ratio=cfg.replay_ratio, seed=job.train.seed)
         new_examples = int((splits.train.timestamp > champion.trained_through).sum())
         log(f"[retrain] held-out window from {utc_iso(holdout_from)}: {len(splits.test)} examples; training on "
             f"{new_examples} new + {len(splits.train) - new_examples} replayed examples")
@@ -143,7 +143,7 @@ def _train_and_gate(job: "JobConfig", champion_job: "JobConfig", registry, champ
     run_name = f"retrain-{time.strftime('%Y%m%d-%H%M%S')}"
     challenger_job = challenger_config(job, champion_job, champion.checkpoint_path, run_name)
     log(f"[retrain] training challenger {run_name} from champion v{champion.version} "
-        f"({cfg.epochs} x <= {cfg.steps} steps)")
+        f"(<= {cfg.steps} steps)")
     outcome = run_training(challenger_job, log=log, splits=splits)
     if outcome.checkpoint_path is None:
         raise RuntimeError(f"retrain run {run_name} produced no checkpoint")
