@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SPLITS = ("leave_one_out", "time")
+TIMESTAMP_UNITS = ("auto", "s", "ms", "us", "ns", "iso")
 
 
 @dataclass(kw_only=True)
@@ -15,6 +16,9 @@ class SourceConfig:
     user_column: str = "user_id"
     item_column: str = "item_id"
     timestamp_column: str = "timestamp"
+    # Unit of the raw timestamps: s / ms / us / ns since the epoch, iso (ISO 8601 strings; UTC unless an offset is
+    # given), or auto: numbers by their magnitude (1e11 s is the year 5138, 1e11 ms is 1973), else ISO strings.
+    timestamp_unit: str = "auto"
     rating_column: str = "rating"  # "" when the data has none
     image_column: str = "image"  # relative path of the image file under the raw dir; "" for none
     text_fields: tuple[str, ...] = ("title", "genres", "description")
@@ -23,6 +27,9 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if not self.text_fields:
             raise ValueError("data.source.text_fields must name at least one column")
+        if self.timestamp_unit not in TIMESTAMP_UNITS:
+            raise ValueError(f"data.source.timestamp_unit={self.timestamp_unit!r}; valid choices: "
+                             f"{', '.join(TIMESTAMP_UNITS)}")
 
 
 @dataclass(kw_only=True)
@@ -35,6 +42,7 @@ class DataConfig:
     split: str = "leave_one_out"
     time_split_at: str = ""  # ISO date T for split="time": train before T, evaluate at/after T
     max_image_pixels: int = 40_000_000  # larger images are refused as decompression bombs
+    max_image_bytes: int = 20_000_000  # a larger image file is refused from its size, never read (posters: ~20 KB)
     positive_rating: float = 4.0  # CTR label: rating >= this is a click
     max_bad_fraction: float = 0.2  # fail when more catalogue items than this have a content problem
     max_dropped_fraction: float = 0.2  # fail when more interaction rows than this are unusable and dropped
@@ -57,7 +65,7 @@ class DataConfig:
             raise ValueError(f"data.split={self.split!r}; valid choices: {', '.join(SPLITS)}")
         if self.split == "time" and not self.time_split_at:
             raise ValueError("data.time_split_at must be an ISO date when data.split=time")
-        for key in ("max_history", "decode_actors"):
+        for key in ("max_history", "decode_actors", "max_image_pixels", "max_image_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_users < 0:
