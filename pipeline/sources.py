@@ -88,8 +88,9 @@ class DataReport:
     examples: dict = field(default_factory=dict)  # a few offending ids / file lines per category, for debugging
 
     def bad_item_fraction(self) -> float:
-        """Share of catalogue rows that are malformed or have a content problem (compared with data.max_bad_fraction)."""
-        return (self.items_with_problem + self.items_malformed_rows) / max(self.items_total + self.items_malformed_rows, 1)
+        """Share of catalogue rows malformed or with a content problem (compared with data.max_bad_fraction)."""
+        rows = self.items_total + self.items_malformed_rows
+        return (self.items_with_problem + self.items_malformed_rows) / max(rows, 1)
 
     def dropped_interactions(self) -> int:
         """Raw interaction rows dropped as unusable (duplicates are not: they lose nothing)."""

@@ -22,7 +22,9 @@ from jobs.cli import run_main
 from jobs.overrides import ConfigError
 from pipeline.config import DataConfig, SourceConfig
 from pipeline.decode import IMAGE_OK, IMAGE_TOO_LARGE
-from pipeline.raw_input import FILE_MISSING, FILE_OK, FILE_OUTSIDE, FILE_TOO_LARGE, implausible_timestamps, read_file_inside
+from pipeline.raw_input import (
+    FILE_MISSING, FILE_OK, FILE_OUTSIDE, FILE_TOO_LARGE, implausible_timestamps, read_file_inside,
+)
 from pipeline.sources import (
     IMAGE_OUTSIDE_DATASET, ITEMS_FILE, MANIFEST_FILE, REPORT_FILE, DataError, prepare_dataset, read_interactions,
 )
