@@ -177,7 +177,7 @@ _UNIT_DIVISOR = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
 _AUTO_UPPER_BOUNDS = ((1e11, "s"), (1e14, "ms"), (1e17, "us"))
 FUTURE_SLACK_S = 86_400  # clocks disagree by hours, not by more than a day
 FAR_AFTER_REST_S = 10 * 365 * 86_400  # more than 10 years after the 99th percentile of the column
-_EXACT_INT = r"[+-]?\d{1,18}"  # fits int64: parsed exactly, not through float
+_EXACT_INT = r"[+-]?[0-9]{1,18}"  # fits int64: parsed exactly, not through float
 
 
 def detect_timestamp_unit(values: pd.Series) -> str:

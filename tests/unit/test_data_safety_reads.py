@@ -129,15 +129,16 @@ def test_links_and_dot_dot_that_stay_inside_the_raw_dir_are_read(raw, tmp_path):
 
 def test_an_image_file_over_the_byte_cap_is_refused_from_its_size(raw, tmp_path):
     big = _image_path(raw, 21)
-    poster = big.read_bytes()
-    with big.open("r+b") as handle:  # a real poster followed by 300 MB of holes: decoders stop at its end marker
-        handle.truncate(300_000_000)
-    report, out = _prepare(raw, tmp_path, max_image_bytes=1_000_000)
+    with big.open("r+b") as handle:  # a real poster followed by 25 MB of holes: decoders stop at its end marker
+        handle.truncate(25_000_000)
+    report, out = _prepare(raw, tmp_path)  # the default cap, data.max_image_bytes=20 MB
     assert report["images_too_large"] == 1 and report["examples"]["image_too_large"] == ["21"]
     row = _prepared_item(out, 21)
     assert row["image"] is None and row["image_status"] == IMAGE_TOO_LARGE
     assert _prepared_item(out, 22)["image_status"] == IMAGE_OK  # posters (~20 KB) are far below the cap
-    assert len(poster) < 1_000_000
+
+    report, out = _prepare(raw, tmp_path / "tight", max_image_bytes=1_000, max_bad_fraction=1.0)  # below any poster
+    assert report["images_too_large"] == NUM_ITEMS - report["items_without_image"]
 
 
 def test_bounded_read_answers_from_stat_for_a_huge_sparse_file(tmp_path):
@@ -197,14 +198,15 @@ def test_timestamps_in_other_units_give_the_same_days_watermark_and_rows_as_seco
     interactions.to_csv(raw / "interactions.csv", index=False)
 
     out = tmp_path / "prepared"
-    report = prepare_dataset(DataConfig(source=SourceConfig(timestamp_unit=configured)), raw, out)
+    cfg = DataConfig() if configured == "auto" else DataConfig(source=SourceConfig(timestamp_unit=configured))
+    report = prepare_dataset(cfg, raw, out)
     expected_manifest, expected_rows = seconds_result
     manifest = json.loads((out / MANIFEST_FILE).read_text())
-    assert report.timestamp_unit == unit
-    assert report.interactions_kept == report.interactions_total == len(interactions)
     assert manifest["watermark"] == expected_manifest["watermark"]
     assert manifest["days"] == expected_manifest["days"]
     pd.testing.assert_frame_equal(read_interactions(out), expected_rows)
+    assert report.interactions_kept == report.interactions_total == len(interactions)
+    assert report.timestamp_unit == unit
 
 
 def test_implausible_timestamps_are_dropped_counted_and_named_and_leave_the_watermark_alone(raw, tmp_path):
