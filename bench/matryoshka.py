@@ -18,10 +18,10 @@ BENCHMARKS.md and their code in git history at e629acf.
 
 Why in process rather than `run_training`: on a shared 2-core machine Ray start-up, TorchTrainer set-up and
 catalogue materialisation cost 40-60 s per run and vary a lot with other load; that would swamp the quantity
-measured here (training cost). The loop below uses the same parts as `training/loop.py`: `build_recommender`,
-`make_optimizer` (the same AdamW groups), `_make_loss` (so `NestedSizesLoss` over sampled or full
-softmax), `optimise` (the loop's own step: history content from a memory bank, write-on-encode), a full catalogue pass refreshing
-the bank every `steps_per_epoch` steps (as the loop does once per epoch), and `evaluate_ranking`. The bank is
+measured here (training cost). Each model is trained by the product's own trainer (`training.trainer`, what the
+Ray Train workers run: the same objective with `NestedSizesLoss`, the same step with history content from a memory
+bank and write-on-encode), with a full catalogue pass refreshing the bank every `steps_per_epoch` steps (as the
+Ray loop does once per epoch), and scored by `evaluate_ranking`. The bank is
 the in-process `LocalMemoryBankClient`, and targets' decoded content is looked up from a catalogue decoded once
 (the Ray Data decode stage produces the same tensors).
 
@@ -44,14 +44,13 @@ import numpy as np
 import torch
 
 from training.job_config import JobConfig, movielens, tiny
-from memory.client import LocalMemoryBankClient
-from model.build import build_recommender
+from memory.local import LocalMemoryBankClient
 from pipeline.sequences import Splits, item_popularity
 from pipeline.sources import ITEMS_FILE, load_manifest
 from pipeline.splits import build_splits
-from training.evaluate import encode_catalog, evaluate_ranking
-from training.loop import _make_loss, make_optimizer, optimise
+from training.evaluate import evaluate_ranking
 from training.offline_eval import DecodedCatalogue, content_spec_of
+from training.trainer import build_trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "matryoshka.json"
 CONTENT_KEYS = ("image", "image_mask", "input_ids", "attention_mask", "text_mask")
@@ -96,47 +95,42 @@ class CatalogueContent:
 
 def train_one(job: JobConfig, splits: Splits, content: CatalogueContent, num_items: int, steps: int,
               log) -> tuple[torch.nn.Module, torch.Tensor, dict[str, float]]:
-    """Train for `steps` steps -> (model, fresh content table [N+1, D], timings)."""
+    """Train for `steps` steps with the product's trainer -> (model, fresh content table [N+1, D], timings)."""
     torch.manual_seed(job.train.seed)
     rng = np.random.default_rng(job.train.seed)
-    device = torch.device("cpu")
-    model = build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=job.data.max_history)
-    optimizer = make_optimizer(model, job)
-    loss_fn = _make_loss(job, item_popularity(splits.train, num_items))
     bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)
+    trainer = build_trainer(job, num_items, item_popularity(splits.train, num_items), bank)
     wall, cpu = time.perf_counter(), time.process_time()
+    trainer.refresh_bank(trainer.encode_catalogue(content.batches))
 
-    def refresh() -> torch.Tensor:
-        table = encode_catalog(model, content.batches, num_items, device)
-        bank.update(np.arange(1, num_items + 1), table[1:].numpy(), step=global_step)
-        return table
+    def batches():
+        """Shuffled training batches, a new order each pass, decoded content looked up per target."""
+        while True:
+            order = rng.permutation(len(splits.train))
+            for start in range(0, len(order) - job.train.batch_size + 1, job.train.batch_size):
+                rows = order[start : start + job.train.batch_size]
+                yield content.batch(splits.train.history[rows], splits.train.target[rows])
 
-    global_step = 0
-    refresh()
-    order = rng.permutation(len(splits.train))
-    cursor, losses, per_size_losses = 0, [], []
-    model.train()
-    while global_step < steps:
-        if cursor + job.train.batch_size > len(order):
-            order, cursor = rng.permutation(len(splits.train)), 0
-        rows = order[cursor : cursor + job.train.batch_size]
-        cursor += job.train.batch_size
-        batch = content.batch(splits.train.history[rows], splits.train.target[rows])
-        loss, _ = optimise(model, model, batch, bank, loss_fn, optimizer, job, num_items, device, global_step,
-                           grad_clip=job.train.grad_clip)
-        global_step += 1
-        losses.append(loss.item())
-        per_size_losses.append(getattr(loss_fn, "last_per_size", {}))
-        if global_step % job.train.max_steps_per_epoch == 0 or global_step == steps:
-            table = refresh()  # the loop's end-of-epoch catalogue pass
-            log(f"  step {global_step}/{steps} loss {np.mean(losses[-job.train.max_steps_per_epoch:]):.4f} "
-                f"({time.perf_counter() - wall:.0f}s)")
+    losses, per_size_losses = [], []
+
+    def record(stats, _step) -> None:
+        losses.append(stats.last_loss)
+        per_size_losses.append(dict(getattr(trainer.objective, "last_per_size", {})))
+
+    stream = batches()
+    while trainer.global_step < steps:
+        epoch_steps = min(job.train.max_steps_per_epoch, steps - trainer.global_step)
+        trainer.train_epoch(stream, epoch_steps, log=record)
+        table = trainer.encode_catalogue(content.batches)  # the end-of-epoch catalogue pass refreshes the bank
+        trainer.refresh_bank(table)
+        log(f"  step {trainer.global_step}/{steps} loss {np.mean(losses[-epoch_steps:]):.4f} "
+            f"({time.perf_counter() - wall:.0f}s)")
     timings = {"train_wall_s": time.perf_counter() - wall, "train_cpu_s": time.process_time() - cpu,
                "final_loss": float(np.mean(losses[-50:])),
                # the Matryoshka model's training loss at each size (its final_loss is their weighted sum)
                "final_loss_per_size": {str(size): float(np.mean([p[size] for p in per_size_losses[-50:]]))
                                        for size in per_size_losses[-1]}}
-    return model.eval(), table, timings
+    return trainer.model.eval(), table, timings
 
 
 def run(args: argparse.Namespace, log=functools.partial(print, flush=True)) -> dict:

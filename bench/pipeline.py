@@ -6,7 +6,7 @@
 1. Decode throughput: the rows/s at which the product's Ray Data stage (`pipeline.stages.train_dataset`: read
    example ids -> shuffle -> `ItemContentDecoder` actors: JPEG decode + resize + tokenize) delivers batches,
    against a plain single-process Python loop calling the same `ItemContentDecoder` over the same rows, in the
-   same run. Decode cache off (`data.decode_cache_items=0`) so every row really decodes. Both timings include
+   same run. Decode cache off (`DataConfig.decode_cache_items = 0`) so every row really decodes. Both timings include
    building the decoder(s) (item table + tokenizer load); the Ray one also the read, shuffle and actor start.
 2. Data wait in training: a short real run of the `movielens` preset; the train loop times how long each step
    waits for its next batch and reports `data_wait_fraction` (wait / epoch time, first batch included).
@@ -29,6 +29,7 @@ import numpy as np
 from training.job_config import JobConfig, build_config
 from pipeline.sequences import Examples
 from pipeline.sources import ITEMS_FILE, load_manifest
+from pipeline.config import DataConfig
 from pipeline.content import ItemContentDecoder, write_examples
 from pipeline.stages import train_dataset
 
@@ -140,8 +141,9 @@ def main() -> int:
 
     prepared = Path(args.prepared_dir).resolve()
     items_path = prepared / ITEMS_FILE
-    job = build_config("movielens", [f"data.prepared_dir={prepared}", "data.decode_cache_items=0",
-                                     f"data.decode_actors={args.decode_actors}", f"data.decode_cpus={args.decode_cpus}"])
+    job = build_config("movielens", [f"data.prepared_dir={prepared}", f"data.decode_actors={args.decode_actors}",
+                                     f"data.decode_cpus={args.decode_cpus}"])
+    DataConfig.decode_cache_items = 0  # a fixed value, not a setting: off for this measurement, so every row decodes
     examples = sample_examples(load_manifest(prepared)["num_items"], args.rows)
     result: dict = {"benchmark": "pipeline", "command": "python -m bench.pipeline " + " ".join(sys.argv[1:]),
                     "machine": {"platform": platform.platform(), "python": platform.python_version(),

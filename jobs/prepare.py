@@ -1,8 +1,11 @@
 """Turn a raw dataset directory (interactions.csv, items.csv, images/) into canonical parquet + a data report.
 
     python -m jobs.prepare --set data.raw_dir=../shared/data/ml100k_mm --set data.prepared_dir=prepared/ml100k_mm
-Nothing is dropped without being counted: the report lists missing/corrupt images, empty text, unknown items,
-duplicates and bad timestamps; it is printed and saved as data_report.json next to the tables.
+Nothing is dropped without being counted: the report lists missing/corrupt/oversized images, image paths outside
+the raw dir (refused, never opened), empty text, malformed CSV rows (with their line numbers), unknown items,
+duplicates, and unreadable or implausible timestamps; it is printed and saved as data_report.json next to the
+tables. Timestamps may be s/ms/us/ns numbers or ISO strings (--set data.source.timestamp_unit=auto by default).
+Any input the job cannot use ends it with exit code 2 and a one-line `error:` message, never a traceback.
 """
 from __future__ import annotations
 

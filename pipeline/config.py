@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ClassVar
 
+TIMESTAMP_UNITS = ("auto", "s", "ms", "us", "ns", "iso")
+
 
 @dataclass(kw_only=True)
 class SourceConfig:
@@ -19,6 +21,10 @@ class SourceConfig:
     item_column: str = field(default="item_id", metadata={"help": "item id column of interactions.csv and items.csv"})
     timestamp_column: str = field(
         default="timestamp", metadata={"help": "interaction time column: orders histories, splits by time"})
+    timestamp_unit: str = field(
+        default="auto",
+        metadata={"help": "unit of raw timestamps: s, ms, us, ns (since the epoch), iso (ISO 8601 strings) or auto "
+                          "(numbers by magnitude, else ISO)"})
     rating_column: str = field(
         default="rating", metadata={"help": 'rating column; "" when the data has none (model.task=ctr needs one)'})
     image_column: str = field(
@@ -30,6 +36,9 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if not self.text_fields:
             raise ValueError("data.source.text_fields must name at least one column")
+        if self.timestamp_unit not in TIMESTAMP_UNITS:
+            raise ValueError(f"data.source.timestamp_unit={self.timestamp_unit!r}; valid choices: "
+                             f"{', '.join(TIMESTAMP_UNITS)}")
 
 
 @dataclass(kw_only=True)
@@ -47,6 +56,9 @@ class DataConfig:
     max_history: int = field(default=50, metadata={"help": "history items before each target (L)"})
     time_split_at: str = field(
         default="", metadata={"help": '"" = leave-one-out; an ISO date T = train before T, evaluate at/after T'})
+    max_image_bytes: int = field(
+        default=20_000_000,
+        metadata={"help": "an image file larger than this is refused from its size, never read (posters: ~20 KB)"})
     positive_rating: float = field(default=4.0, metadata={"help": "model.task=ctr: a rating >= this is a click"})
     max_bad_fraction: float = field(
         default=0.2, metadata={"help": "fail when a larger share of catalogue items has a content problem"})
@@ -54,8 +66,6 @@ class DataConfig:
         default=0.2, metadata={"help": "fail when a larger share of interaction rows is unusable and dropped"})
     decode_actors: int = field(
         default=1, metadata={"help": "Ray Data actors decoding item images and text for training"})
-    decode_cache_items: int = field(
-        default=4096, metadata={"help": "decoded images kept per decode actor (0 = decode every time)"})
     materialize_catalog: bool = field(
         default=True, metadata={"help": "hold the decoded catalogue in the object store (false for huge catalogues)"})
     decode_cpus: float = field(
@@ -69,6 +79,7 @@ class DataConfig:
 
     # Fixed (not settings). Larger images are refused as decompression bombs.
     max_image_pixels: ClassVar[int] = 40_000_000
+    decode_cache_items: ClassVar[int] = 4096  # decoded images kept per decode actor (0 = decode every time)
     # A materialised catalogue whose decoded content is at most this size is decoded in the driver process with
     # the same ItemContentDecoder instead of a Ray Data pass (whose read task and actor pool cost ~20 s to start
     # on 2 cores, for ~2 s of decoding at 1,682 items); ml100k_mm at 64 px is 22 MiB.
@@ -87,7 +98,7 @@ class DataConfig:
                 datetime.fromisoformat(self.time_split_at)
             except ValueError:
                 raise ValueError(f"data.time_split_at={self.time_split_at!r} is not an ISO date (YYYY-MM-DD)") from None
-        for key in ("max_history", "decode_actors"):
+        for key in ("max_history", "decode_actors", "max_image_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")
         if self.max_users < 0:

@@ -6,7 +6,8 @@ Canonical layout written by `prepare_dataset`:
     interactions/dt=YYYY-MM-DD/*.parquet
                                       user_id (raw), user_index, item_id (raw), item_index, timestamp (int s),
                                       rating (float|null), row_order (position in the raw file; breaks ties)
-    data_report.json                  every count of what was skipped, replaced or flagged
+    data_report.json                  every count of what was skipped, replaced or flagged, with examples (item ids,
+                                      1-based line numbers of the raw CSV files)
     manifest.json                     sizes, the data watermark (newest timestamp), written_by="mmrec.prepare"
 Item indices are stable across re-runs: a re-prepare keeps the mapping of items seen before and appends new ones,
 which incremental retraining relies on.
@@ -14,6 +15,9 @@ which incremental retraining relies on.
 Only a directory prepare recognisably wrote is ever replaced (see `is_prepared_dir` and `pipeline.owned_dirs`):
 an existing `data.prepared_dir` that holds anything else, or that is, is inside or contains the raw dir, is
 refused with `UnsafePathError` before any work.
+
+The raw files are untrusted (see `pipeline.raw_input`): no content makes this module raise anything but
+`DataError`, image paths are confined to the raw dir, and timestamps are converted from their unit to seconds.
 """
 from __future__ import annotations
 
@@ -33,6 +37,10 @@ from pipeline.decode import IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE, build_item
 from pipeline.owned_dirs import (WRITTEN_BY, backup_path, check_no_overlap, discard_staging, new_staging_dir, only_expected_entries,
                                  read_json, remove_dead_staging, require_replaceable, swap_in)
 from pipeline.owned_dirs import recover_interrupted_swap as recover_owned_swap
+from pipeline.raw_input import (
+    FILE_OUTSIDE, FILE_TOO_LARGE, DataError, detect_timestamp_unit, implausible_timestamps, read_csv_header,
+    read_csv_table, read_file_inside, timestamps_to_seconds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,48 +54,63 @@ PREPARE_MARKER = "mmrec.prepare"  # the manifest's `written_by`
 _LEGACY_MANIFEST_KEYS = frozenset({"num_items", "num_users", "num_interactions", "watermark", "days", "raw_dir"})
 PREPARED_WHAT = "a prepared dataset written by jobs.prepare (its manifest.json and tables only)"
 
-
-class DataError(ValueError):
-    """The raw data cannot be used as given (schema problems, too much bad content)."""
+IMAGE_OUTSIDE_DATASET = "outside_dataset"  # image_status of an item whose image path leaves the raw dir
+MAX_EXAMPLES = 5
 
 
 @dataclass
 class DataReport:
     """Counts of everything skipped, replaced or flagged by `prepare_dataset`, and the two error budgets.
 
-    Item content problems (the item stays, the bad part becomes a mask): an image that is corrupt, too large or
-    whose file is missing, and text that is empty or not UTF-8. An item without an image path at all is not a
-    problem (`items_without_image`: catalogues have those by design). Interactions dropped: unknown item, bad
-    timestamp, empty user. Exact duplicates are dropped too but lose nothing, so they are not charged to a budget.
+    Item content problems (the item stays, the bad part becomes a mask): an image that is corrupt, too large (in
+    pixels or in bytes), whose file is missing or whose path leaves the raw dir, and text that is empty or not
+    UTF-8. An item without an image path at all is not a problem (`items_without_image`: catalogues have those by
+    design). A malformed catalogue row (wrong number of fields) is no item at all; it is charged to the same
+    budget. Interactions dropped: malformed row, unreadable or implausible timestamp, empty user, unknown item.
+    Exact duplicates are dropped too but lose nothing, so they are not charged to a budget.
+
+    Every row is accounted for: items_total + items_duplicate_id + items_malformed_rows = data rows of items.csv,
+    and interactions_kept + every interactions_* drop count = interactions_total = data rows of interactions.csv
+    (a malformed record counts each file line it spans).
     """
 
     items_total: int = 0
     items_without_image: int = 0  # no image named in the catalogue row
-    images_file_missing: int = 0  # an image named but no such file
+    images_file_missing: int = 0  # an image named but no such (readable, regular) file
     images_corrupt: int = 0
-    images_too_large: int = 0
+    images_too_large: int = 0  # over data.max_image_pixels (from the header) or data.max_image_bytes (from stat)
+    images_outside_dataset: int = 0  # the path resolves outside the raw dir (../, absolute, a link): never opened
     items_empty_text: int = 0
     items_text_not_utf8: int = 0
     items_duplicate_id: int = 0
+    items_malformed_rows: int = 0  # rows with more or fewer fields than the header; no item comes from them
     items_with_problem: int = 0  # at least one content problem above; charged to data.max_bad_fraction
     items_without_any_content: int = 0  # neither a usable image nor text
     interactions_total: int = 0
+    interactions_malformed_rows: int = 0
     interactions_unknown_item: int = 0
     interactions_duplicate: int = 0
-    interactions_bad_timestamp: int = 0
+    interactions_bad_timestamp: int = 0  # missing or unreadable in the timestamp unit
+    interactions_implausible_timestamp: int = 0  # non-finite, negative, future or far after the rest
     interactions_bad_user: int = 0
     interactions_kept: int = 0
     users: int = 0
-    examples: dict = field(default_factory=dict)  # a few offending ids per category, for debugging
+    timestamp_unit: str = ""  # the unit the raw timestamps were read in (data.source.timestamp_unit or detected)
+    examples: dict = field(default_factory=dict)  # a few offending ids / file lines per category, for debugging
 
     def bad_item_fraction(self) -> float:
-        """Share of catalogue items with at least one content problem (compared with data.max_bad_fraction)."""
-        return self.items_with_problem / max(self.items_total, 1)
+        """Share of catalogue rows malformed or with a content problem (compared with data.max_bad_fraction)."""
+        rows = self.items_total + self.items_malformed_rows
+        return (self.items_with_problem + self.items_malformed_rows) / max(rows, 1)
+
+    def dropped_interactions(self) -> int:
+        """Raw interaction rows dropped as unusable (duplicates are not: they lose nothing)."""
+        return (self.interactions_malformed_rows + self.interactions_unknown_item + self.interactions_bad_timestamp
+                + self.interactions_implausible_timestamp + self.interactions_bad_user)
 
     def dropped_interaction_fraction(self) -> float:
         """Share of raw interaction rows dropped as unusable (compared with data.max_dropped_fraction)."""
-        dropped = self.interactions_unknown_item + self.interactions_bad_timestamp + self.interactions_bad_user
-        return dropped / max(self.interactions_total, 1)
+        return self.dropped_interactions() / max(self.interactions_total, 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,16 +123,24 @@ class DataReport:
         return counts
 
     def summary_lines(self) -> list[str]:
-        return [f"{key:>28}: {value}" for key, value in self.to_dict().items() if key != "examples"]
+        return [f"{key:>34}: {value}" for key, value in self.to_dict().items() if key != "examples"]
 
 
-def _require_columns(frame: pd.DataFrame, required: list[str], what: str, path: Path) -> None:
-    missing = [c for c in required if c and c not in frame.columns]
+def _require_columns(header: list[str], required: list[str], what: str, path: Path) -> None:
+    missing = [c for c in required if c and c not in header]
     if missing:
+        found = header[:30] + ([f"... {len(header) - 30} more"] if len(header) > 30 else [])
         raise DataError(
-            f"{path}: {what} is missing required column(s) {missing}; found {list(frame.columns)}. "
+            f"{path}: {what} is missing required column(s) {missing}; found {found}. "
             f"Set the names with --set data.source.<key>=<column>."
         )
+
+
+def _line_examples(lines: list[int], values: list[str] | None = None) -> list:
+    """The first few file lines (with the offending raw value, shortened, when given) for the report."""
+    if values is None:
+        return lines[:MAX_EXAMPLES]
+    return [{"line": line, "value": value[:40]} for line, value in zip(lines[:MAX_EXAMPLES], values[:MAX_EXAMPLES])]
 
 
 def report_metrics(payload: dict) -> dict[str, float]:
@@ -128,68 +159,78 @@ def check_raw_schema(raw_dir: Path, cfg: DataConfig) -> None:
          "the interactions table"),
     ):
         path = raw_dir / name
-        if not path.exists():
-            raise DataError(f"{what} file not found: {path}")
-        _require_columns(pd.read_csv(path, dtype=str, nrows=0, encoding_errors="replace"), required, what, path)
+        _require_columns(read_csv_header(path, what), required, what, path)
 
 
 def read_raw_items(raw_dir: Path, cfg: DataConfig, report: DataReport) -> pd.DataFrame:
     """items.csv (+ image files) -> DataFrame[item_id, text, image, image_status, text_status]."""
     src = cfg.source
     path = raw_dir / src.items_file
-    if not path.exists():
-        raise DataError(f"items file not found: {path}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace")
-    _require_columns(frame, [src.item_column, *src.text_fields], "the items table", path)
-    if src.image_column and src.image_column not in frame.columns:
+    what = "the items table"
+    header = read_csv_header(path, what)
+    _require_columns(header, [src.item_column, *src.text_fields], what, path)
+    if src.image_column and src.image_column not in header:
         raise DataError(f"{path}: image column {src.image_column!r} not found; set data.source.image_column='' for none")
-    duplicated = frame[src.item_column].duplicated(keep="first")
+    wanted = list(dict.fromkeys([src.item_column, *src.text_fields, *([src.image_column] if src.image_column else [])]))
+    table = read_csv_table(path, what, wanted)
+    if table.records == 0:
+        raise DataError(f"{path}: {what} has a header but no rows")
+    report.items_malformed_rows = table.malformed_rows
+    frame = pd.DataFrame(table.columns, columns=wanted, dtype=object)
+    duplicated = frame[src.item_column].duplicated(keep="first").to_numpy()
     report.items_duplicate_id = int(duplicated.sum())
     frame = frame[~duplicated].reset_index(drop=True)
     report.items_total = len(frame)
 
+    raw_root = raw_dir.resolve()
     texts, text_status, images, image_status = [], [], [], []
     bad_examples: dict[str, list] = {"corrupt_image": [], "empty_text": [], "text_not_utf8": [],
-                                     "image_file_missing": []}
+                                     "image_file_missing": [], "image_too_large": [], "image_outside_dataset": []}
     problem = []
     for row in frame.to_dict("records"):
+        item_id = row[src.item_column]
         text = build_item_text(row, src.text_fields, src.list_separator)
         has_problem = False
-        if "\ufffd" in text:  # read_csv replaced undecodable bytes with U+FFFD
+        if "\ufffd" in text:  # undecodable bytes were replaced with U+FFFD when the file was read
             has_problem = True
             report.items_text_not_utf8 += 1
-            bad_examples["text_not_utf8"].append(row[src.item_column])
+            bad_examples["text_not_utf8"].append(item_id)
             text = text.replace("\ufffd", "")
         status = "ok" if text.strip() else "empty"
         if status == "empty":
             has_problem = True
             report.items_empty_text += 1
-            bad_examples["empty_text"].append(row[src.item_column])
+            bad_examples["empty_text"].append(item_id)
         texts.append(text)
         text_status.append(status)
 
-        data = None
+        data, file_status = None, None
         rel = row.get(src.image_column, "").strip() if src.image_column else ""
         if rel:
-            image_path = (raw_dir / rel).resolve()
-            if image_path.is_file():
-                data = image_path.read_bytes()
-        img_status = check_image_bytes(data, cfg.max_image_pixels)
+            data, file_status = read_file_inside(raw_root, rel, cfg.max_image_bytes)
+        if file_status == FILE_OUTSIDE:
+            img_status = IMAGE_OUTSIDE_DATASET
+        elif file_status == FILE_TOO_LARGE:
+            img_status = IMAGE_TOO_LARGE
+        else:
+            img_status = check_image_bytes(data, cfg.max_image_pixels)
         if img_status == IMAGE_MISSING and not rel:
             report.items_without_image += 1
-        elif img_status == IMAGE_MISSING:
-            has_problem = True
-            report.images_file_missing += 1
-            bad_examples["image_file_missing"].append(row[src.item_column])
         elif img_status != IMAGE_OK:
             has_problem = True
-            if img_status == IMAGE_TOO_LARGE:
+            if img_status == IMAGE_OUTSIDE_DATASET:
+                report.images_outside_dataset += 1
+                bad_examples["image_outside_dataset"].append(item_id)
+            elif img_status == IMAGE_MISSING:
+                report.images_file_missing += 1
+                bad_examples["image_file_missing"].append(item_id)
+            elif img_status == IMAGE_TOO_LARGE:
                 report.images_too_large += 1
+                bad_examples["image_too_large"].append(item_id)
             else:
                 report.images_corrupt += 1
-            bad_examples["corrupt_image"].append(row[src.item_column])
-            data = None  # never hand undecodable bytes to training
-        images.append(data if img_status == IMAGE_OK else None)
+                bad_examples["corrupt_image"].append(item_id)
+        images.append(data if img_status == IMAGE_OK else None)  # never hand unusable bytes to training
         image_status.append(img_status)
         problem.append(has_problem)
 
@@ -204,7 +245,9 @@ def read_raw_items(raw_dir: Path, cfg: DataConfig, report: DataReport) -> pd.Dat
     )
     report.items_with_problem = int(sum(problem))
     report.items_without_any_content = int(((items.image_status != IMAGE_OK) & (items.text_status != "ok")).sum())
-    report.examples = {k: v[:5] for k, v in bad_examples.items() if v}
+    report.examples = {k: v[:MAX_EXAMPLES] for k, v in bad_examples.items() if v}
+    if table.malformed_lines:
+        report.examples["malformed_item_lines"] = _line_examples(table.malformed_lines)
     return items
 
 
@@ -226,39 +269,59 @@ def assign_item_indices(items: pd.DataFrame, previous: pd.DataFrame | None) -> p
 
 
 def read_raw_interactions(raw_dir: Path, cfg: DataConfig, items: pd.DataFrame, report: DataReport) -> pd.DataFrame:
+    """interactions.csv -> DataFrame[user_id, item_id, timestamp (int s), rating, row_order, item_index, user_index].
+
+    Each raw row is kept or counted under exactly one reason, checked in this order: malformed, unreadable
+    timestamp, implausible timestamp (see `pipeline.raw_input.implausible_timestamps`), empty user, unknown item,
+    duplicate (user, item, second).
+    """
     src = cfg.source
     path = raw_dir / src.interactions_file
-    if not path.exists():
-        raise DataError(f"interactions file not found: {path}")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding_errors="replace")
+    what = "the interactions table"
     required = [src.user_column, src.item_column, src.timestamp_column] + ([src.rating_column] if src.rating_column else [])
-    _require_columns(frame, required, "the interactions table", path)
-    report.interactions_total = len(frame)
+    table = read_csv_table(path, what, list(dict.fromkeys(required)))
+    if table.records == 0:
+        raise DataError(f"{path}: {what} has a header but no rows")
+    report.interactions_total = table.records
+    report.interactions_malformed_rows = table.malformed_rows
+    if table.malformed_lines:
+        report.examples["malformed_interaction_lines"] = _line_examples(table.malformed_lines)
+    raw_timestamps = pd.Series(table.columns[src.timestamp_column], dtype=str)
+    unit = detect_timestamp_unit(raw_timestamps.str.strip()) if src.timestamp_unit == "auto" else src.timestamp_unit
+    report.timestamp_unit = unit
+    lines = np.asarray(table.line_numbers, dtype=np.int64)
     out = pd.DataFrame(
         {
-            "user_id": frame[src.user_column].astype(str).str.strip(),
-            "item_id": frame[src.item_column].astype(str).str.strip(),
-            "timestamp": pd.to_numeric(frame[src.timestamp_column], errors="coerce"),
-            "rating": pd.to_numeric(frame[src.rating_column], errors="coerce") if src.rating_column else np.nan,
-            "row_order": np.arange(len(frame), dtype=np.int64),
+            "user_id": pd.Series(table.columns[src.user_column], dtype=str).str.strip(),
+            "item_id": pd.Series(table.columns[src.item_column], dtype=str).str.strip(),
+            "timestamp": timestamps_to_seconds(raw_timestamps, unit),
+            "rating": (pd.to_numeric(pd.Series(table.columns[src.rating_column], dtype=str), errors="coerce")
+                       if src.rating_column else np.nan),
+            "row_order": np.arange(len(lines), dtype=np.int64),
         }
     )
-    bad_ts = out.timestamp.isna()
+    bad_ts = out.timestamp.isna().to_numpy()
+    implausible = implausible_timestamps(out.timestamp.to_numpy())
     report.interactions_bad_timestamp = int(bad_ts.sum())
-    bad_user = out.user_id == ""
-    report.interactions_bad_user = int((bad_user & ~bad_ts).sum())
-    out = out[~bad_ts & ~bad_user]
+    report.interactions_implausible_timestamp = int(implausible.sum())
+    for key, mask in (("bad_timestamp_lines", bad_ts), ("implausible_timestamp_lines", implausible)):
+        if mask.any():
+            report.examples[key] = _line_examples(lines[mask][:MAX_EXAMPLES].tolist(),
+                                                  raw_timestamps[mask].head(MAX_EXAMPLES).tolist())
+    bad_user = (out.user_id == "").to_numpy() & ~bad_ts & ~implausible
+    report.interactions_bad_user = int(bad_user.sum())
+    out = out[~bad_ts & ~implausible & ~bad_user]
     index_of = dict(zip(items.item_id, items.item_index))
     out = out.assign(item_index=out.item_id.map(index_of))
     unknown = out.item_index.isna()
     report.interactions_unknown_item = int(unknown.sum())
     if unknown.any():
-        report.examples["unknown_item_ids"] = out.item_id[unknown].unique()[:5].tolist()
+        report.examples["unknown_item_ids"] = out.item_id[unknown].unique()[:MAX_EXAMPLES].tolist()
     out = out[~unknown]
     duplicated = out.duplicated(subset=["user_id", "item_id", "timestamp"], keep="first")
     report.interactions_duplicate = int(duplicated.sum())
     out = out[~duplicated].copy()
-    out["timestamp"] = out.timestamp.astype(np.int64)
+    out["timestamp"] = out.timestamp.astype(np.int64)  # finite, >= 0 and before tomorrow: checked above
     out["item_index"] = out.item_index.astype(np.int64)
     # Users get dense indices by first appearance in id order, so a max_users slice is a real slice.
     user_ids = sorted(out.user_id.unique(), key=lambda u: (len(u), u))
@@ -304,16 +367,20 @@ def check_error_budgets(report: DataReport, cfg: DataConfig) -> None:
     """Refuse to go on when more content is bad than data.max_bad_fraction / data.max_dropped_fraction allow."""
     if report.bad_item_fraction() > cfg.max_bad_fraction:
         raise DataError(
-            f"{report.bad_item_fraction():.1%} of catalogue items ({report.items_with_problem} of "
-            f"{report.items_total}) have a content problem (images: {report.images_corrupt} corrupt, "
-            f"{report.images_too_large} too large, {report.images_file_missing} file missing; text: "
-            f"{report.items_empty_text} empty, {report.items_text_not_utf8} not UTF-8), above "
+            f"{report.bad_item_fraction():.1%} of catalogue items "
+            f"({report.items_with_problem + report.items_malformed_rows} of "
+            f"{report.items_total + report.items_malformed_rows}) have a content problem (images: "
+            f"{report.images_corrupt} corrupt, {report.images_too_large} too large, {report.images_file_missing} "
+            f"file missing, {report.images_outside_dataset} outside the dataset; text: {report.items_empty_text} "
+            f"empty, {report.items_text_not_utf8} not UTF-8; {report.items_malformed_rows} malformed rows), above "
             f"data.max_bad_fraction={cfg.max_bad_fraction}; fix the data or raise the budget"
         )
     if report.dropped_interaction_fraction() > cfg.max_dropped_fraction:
         raise DataError(
             f"{report.dropped_interaction_fraction():.1%} of interactions were dropped "
-            f"({report.interactions_unknown_item} unknown item, {report.interactions_bad_timestamp} bad timestamp, "
+            f"({report.interactions_malformed_rows} malformed rows, {report.interactions_unknown_item} unknown item, "
+            f"{report.interactions_bad_timestamp} bad timestamp, {report.interactions_implausible_timestamp} "
+            f"implausible timestamp (read as {report.timestamp_unit}; see data.source.timestamp_unit), "
             f"{report.interactions_bad_user} empty user, of {report.interactions_total}), above "
             f"data.max_dropped_fraction={cfg.max_dropped_fraction}; fix the data or raise the budget"
         )

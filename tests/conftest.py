@@ -17,6 +17,36 @@ def raw_data_dir() -> Path:
     return DATA_DIR
 
 
+def copy_real_slice(raw_data_dir: Path, root: Path, num_items: int, num_users: int = 0) -> Path:
+    """A raw dataset in `root` made of ml100k_mm's items 1..num_items (rows and posters) and the interactions
+    naming them (only the first `num_users` users' when > 0): real data, small enough for one fault each."""
+    import shutil
+
+    import pandas as pd
+
+    items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
+    items = items[items.item_id.astype(int) <= num_items]
+    items.to_csv(root / "items.csv", index=False)
+    (root / "images").mkdir()
+    for rel in items.image:
+        if rel:
+            shutil.copyfile(raw_data_dir / rel, root / rel)
+    interactions = pd.read_csv(raw_data_dir / "interactions.csv", dtype=str, keep_default_na=False)
+    interactions = interactions[interactions.item_id.astype(int) <= num_items]
+    if num_users:
+        users = sorted(interactions.user_id.astype(int).unique())[:num_users]
+        interactions = interactions[interactions.user_id.astype(int).isin(users)]
+    interactions.to_csv(root / "interactions.csv", index=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_slice(raw_data_dir, tmp_path_factory):
+    """`real_slice(name, num_items, num_users=0)` -> a new raw dataset directory (see `copy_real_slice`)."""
+    return lambda name, num_items, num_users=0: copy_real_slice(raw_data_dir, tmp_path_factory.mktemp(name),
+                                                                 num_items, num_users)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for every integration test (start-up costs seconds; see RAY_NOTES)."""

@@ -138,6 +138,7 @@ class CatalogueNegatives:
 @dataclass
 class EpochStats:
     loss_sum: float = 0.0
+    last_loss: float = float("nan")
     steps: int = 0
     samples: int = 0
     data_wait: float = 0.0
@@ -152,6 +153,7 @@ class EpochStats:
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: float, samples: int, info: dict) -> None:
+        self.last_loss = loss
         self.loss_sum += loss
         self.steps += 1
         self.samples += samples

@@ -29,19 +29,9 @@ NUM_ITEMS = 200
 
 
 @pytest.fixture(scope="session")
-def pristine_slice(raw_data_dir: Path, tmp_path_factory) -> Path:
+def pristine_slice(real_slice) -> Path:
     """Items 1..200 with their images, and every interaction naming them (about 30k rows), copied once."""
-    root = tmp_path_factory.mktemp("ml100k_slice")
-    items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
-    items = items[items.item_id.astype(int) <= NUM_ITEMS]
-    items.to_csv(root / "items.csv", index=False)
-    (root / "images").mkdir()
-    for rel in items.image:
-        if rel:
-            shutil.copyfile(raw_data_dir / rel, root / rel)
-    interactions = pd.read_csv(raw_data_dir / "interactions.csv", dtype=str, keep_default_na=False)
-    interactions[interactions.item_id.astype(int) <= NUM_ITEMS].to_csv(root / "interactions.csv", index=False)
-    return root
+    return real_slice("ml100k_slice", NUM_ITEMS)
 
 
 @pytest.fixture

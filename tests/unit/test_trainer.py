@@ -18,7 +18,7 @@ from training.checkpoint import restore, save_checkpoint
 from training.job_config import build_config
 from training.offline_eval import DecodedCatalogue, content_spec_of
 from training.trainer import (BankHistory, CatalogueNegatives, InBatchNegatives, RecomputeHistory, UniformNegatives,
-                              build_trainer)
+                              build_trainer, make_negatives)
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +73,11 @@ def test_negatives_sources_shape_and_choice(setting):
     assert vectors.shape == (7, dim) and ids.shape == (7,) and int(ids.min()) >= 1 and int(ids.max()) <= num_items
     table, none = sample(CatalogueNegatives())
     assert table.shape == (num_items + 1, dim) and none is None
-    for overrides, kind in (((), InBatchNegatives), (("model.extra_negatives=5",), UniformNegatives),
-                            (("model.loss=full_softmax",), CatalogueNegatives)):
-        assert isinstance(_trainer(setting, *overrides).negatives, kind)
+    assert isinstance(make_negatives(build_config("tiny")), InBatchNegatives)
+    assert isinstance(make_negatives(build_config("tiny", ["model.loss=full_softmax"])), CatalogueNegatives)
+    uniform = build_config("tiny")
+    uniform.model.extra_negatives = 5  # a fixed value (not a setting): 0 in every preset
+    assert make_negatives(uniform) == UniformNegatives(5)
 
 
 def test_bank_history_equals_recomputed_history_when_the_bank_is_fresh(setting):
