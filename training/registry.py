@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.owned_dirs import discard_staging, new_staging_dir, remove_dead_staging, require_replaceable, swap_in
+from training.checkpoint import STATE_FILE, is_checkpoint, read_state
 from training.tracking import metric_key
 
 CHAMPION = "champion"
@@ -72,10 +73,8 @@ def git_commit() -> str:
 
 def served_sizes(checkpoint_path: str | Path) -> list[int]:
     """The vector sizes a checkpoint serves, from its state.json ([] for checkpoints written before they were kept)."""
-    import json
-
-    path = Path(checkpoint_path) / "state.json"
-    state = json.loads(path.read_text()) if path.is_file() else {}
+    path = Path(checkpoint_path) / STATE_FILE
+    state = read_state(checkpoint_path) if path.is_file() else {}
     return [int(s) for s in state.get("matryoshka_sizes", [])]
 
 
@@ -90,10 +89,10 @@ def pin_checkpoint(checkpoint_path: str | Path, root: Path, run_id: str) -> Path
     An existing complete copy is reused, so registering the same checkpoint twice stores it once.
     """
     source = Path(checkpoint_path).resolve()
-    if not (source / "model.pt").is_file():
+    if not is_checkpoint(source):
         raise RegistryError(f"{source} is not a training checkpoint (no model.pt): nothing to register")
     target = root / (run_id or "no-run") / source.name
-    if source == target or (target / "model.pt").is_file():
+    if source == target or is_checkpoint(target):
         return target
     # Anything else at the target is not ours (copies appear whole, by rename): refused, never replaced.
     require_replaceable(target, _never_owned, "a registered checkpoint copy (with model.pt)")
@@ -222,7 +221,7 @@ def resolve_model(uri: str, tracking_uri: str) -> ModelVersionInfo:
             raise RegistryError(f"{uri}: registered model {name!r} has no alias {alias!r} at {tracking_uri}")
     else:
         info = registry.version(version)
-    if not (info.checkpoint_path / "model.pt").is_file():
+    if not is_checkpoint(info.checkpoint_path):
         raise RegistryError(f"{uri} (version {info.version}) points at {info.checkpoint_path}, which holds no "
                             f"model.pt: the checkpoint must live on storage this machine can read")
     return info
@@ -235,11 +234,9 @@ def register_training_run(job, *, run_id: str, checkpoint_path: str,
     A full run has seen (and trained up to) everything in its prepared data, so both watermarks are the data
     watermark recorded in the checkpoint. Returns (the new version, whether it became champion).
     """
-    import json
-
     from training.tracking import resolve_tracking_uri
 
-    watermark = int(json.loads((Path(checkpoint_path) / "state.json").read_text())["watermark"])
+    watermark = int(read_state(checkpoint_path)["watermark"])
 
     registry = ModelRegistry(resolve_tracking_uri(job.tracking), job.tracking.registered_model,
                              job.train.storage_path)
@@ -262,6 +259,6 @@ def resolve_checkpoint(model_uri: str | None, checkpoint: str | None,
         info = resolve_model(model_uri, tracking_uri)
         return info.checkpoint_path, info
     path = Path(checkpoint).resolve()
-    if not (path / "model.pt").is_file():
+    if not is_checkpoint(path):
         raise RegistryError(f"{path} is not a training checkpoint (no model.pt)")
     return path, None

@@ -74,7 +74,7 @@ def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: b
     """
     from training.overrides import ConfigError
     from pipeline.sources import ITEMS_FILE, load_manifest, prepare_dataset
-    from training.checkpoint import read_state
+    from training.checkpoint import is_checkpoint, read_state
     from training.offline_eval import job_config_of
     from training.registry import CHALLENGER, CHAMPION, ModelRegistry, RegistryError
     from training.tracking import resolve_tracking_uri
@@ -98,7 +98,7 @@ def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: b
         if champion is None:
             raise RegistryError(f"registered model {registry.name!r} has no {CHAMPION!r} at {registry.tracking_uri}: "
                                 f"run `python -m jobs.train` first")
-        if not (champion.checkpoint_path / "model.pt").is_file():
+        if not is_checkpoint(champion.checkpoint_path):
             raise RegistryError(f"champion v{champion.version} points at {champion.checkpoint_path}, which holds no "
                                 f"model.pt: checkpoints must live on storage the job's driver can read")
         last = registry.get(CHALLENGER)
