@@ -159,7 +159,8 @@ def _cut_raw_copy(raw_data_dir: Path, out: Path) -> tuple[pd.DataFrame, pd.DataF
     unseen_items = set(first_rated[first_rated >= cut].index)
     interactions[timestamp < cut].to_csv(out / "interactions.csv", index=False)
     items[~items.item_id.isin(unseen_items)].to_csv(out / "items.csv", index=False)
-    (out / "images").symlink_to(raw_data_dir / "images")  # read-only; never copied
+    # copied, not linked: prepare reads no file that resolves outside data.raw_dir, links included
+    shutil.copytree(raw_data_dir / "images", out / "images")
     return interactions[timestamp >= cut], items
 
 
