@@ -20,9 +20,10 @@ def main() -> int:
     from training.driver import format_results, run_training
 
     outcome = run_training(job)
-    print(f"\nTest metrics ({job.data.split}, full ranking over the catalogue, "
-          f"history {'masked' if job.train.eval_mask_history else 'not masked'}):")
-    print(format_results(outcome, job.train.eval_ks))
+    print(f"\nTest metrics of the best checkpoint (epoch {outcome.metrics.get('best_epoch', '?')} of "
+          f"{outcome.last_metrics.get('epoch', '?')}, by validation {job.train.selection_metric}; {job.data.split}, "
+          f"full ranking over the catalogue, history {'masked' if job.train.eval_mask_history else 'not masked'}):")
+    print(format_results(outcome, job.train.eval_ks, job.train.eval_mask_history))
     print(f"\nMLflow run: {outcome.mlflow_run_id} ({outcome.tracking_uri}); checkpoint: {outcome.checkpoint_path}")
     print(f"Browse: mlflow ui --backend-store-uri {outcome.tracking_uri}")
     if job.tracking.registered_model and outcome.checkpoint_path:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -120,6 +120,7 @@ class Restored:
     bank_filled: bool = False  # the bank already holds every item (restored, or filled by the driver's pass)
     bank_exact: float = math.nan  # 1.0: every restored bank vector equals the checkpoint's
     filled_by_ray_data: bool = False
+    early_stopping: dict = field(default_factory=dict)  # the resumed run's best score, its epoch, epochs since
 
 
 def restore(trainer, *, resume_dir: Path | None, init_checkpoint: str = "", init_model: str = "",
@@ -147,6 +148,7 @@ def restore(trainer, *, resume_dir: Path | None, init_checkpoint: str = "", init
         trainer.optimizer.load_state_dict(load_tensors(resume_dir / OPTIMIZER_FILE))
         state = read_state(resume_dir)
         restored.start_epoch, trainer.global_step, restored.resumed = state["epoch"] + 1, state["global_step"], True
+        restored.early_stopping = state.get("early_stopping", {})
         if (resume_dir / BANK_DIR).exists():
             # every rank must agree that the bank is filled, or rank 0 skips the fill barrier the others wait at
             restored.bank_filled = True

@@ -18,7 +18,10 @@ def check_plain_name(value: str, key: str, reserved: tuple[str, ...] = ()) -> No
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = field(default=2, metadata={"help": "passes over the training examples"})
+    epochs: int = field(default=2, metadata={"help": "the most passes over the training examples"})
+    patience: int = field(
+        default=0,
+        metadata={"help": "stop after this many epochs without a better validation NDCG@10 (0 = run every epoch)"})
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
@@ -31,10 +34,10 @@ class TrainConfig:
         metadata={"help": "CPUs per Ray Train worker (fractional: 2-core machines must leave Ray Data a CPU)"})
     seed: int = field(
         default=0, metadata={"help": "seed of initialisation, shuffling and sampling (also retrain's replay sample)"})
-    log_every: int = field(default=25, metadata={"help": "print training progress every N steps"})
     eval_ks: tuple[int, ...] = field(default=(5, 10, 20, 50), metadata={"help": "cut-offs k of Recall@k and NDCG@k"})
     eval_mask_history: bool = field(
-        default=False, metadata={"help": "leave items already in a user's history out of the ranking"})
+        default=False,
+        metadata={"help": "the headline protocol: rank without the user's history items (both are always reported)"})
     storage_path: str = field(default="runs", metadata={"help": "checkpoint root: <storage_path>/<run_name>/"})
     run_name: str = field(
         default="",
@@ -48,10 +51,17 @@ class TrainConfig:
     weight_decay: ClassVar[float] = 0.01
     grad_clip: ClassVar[float] = 1.0
     eval_batch_size: ClassVar[int] = 256
-    keep_checkpoints: ClassVar[int] = 2
+    keep_checkpoints: ClassVar[int] = 2  # the best by validation and the latest are kept besides
+    warmup_fraction: ClassVar[float] = 0.05  # of a run's planned steps: the learning rate rises linearly, then decays
+    final_lr_fraction: ClassVar[float] = 0.1  # ... along a cosine to this share of train.lr / train.encoder_lr
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation metric that picks the best checkpoint and stops training early (higher is better)."""
+        return "ndcg@10" if 10 in self.eval_ks else "mrr"
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "num_workers", "log_every"):
+        for key in ("epochs", "batch_size", "num_workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
         for key in ("lr", "encoder_lr"):
@@ -61,8 +71,8 @@ class TrainConfig:
             raise ValueError(f"train.use_gpu={self.use_gpu!r}; valid: {', '.join(USE_GPU)}")
         if self.cpus_per_worker <= 0:
             raise ValueError("train.cpus_per_worker must be > 0")
-        if self.max_steps_per_epoch < 0 or self.max_failures < 0:
-            raise ValueError("train.max_steps_per_epoch and train.max_failures must be >= 0")
+        if self.max_steps_per_epoch < 0 or self.max_failures < 0 or self.patience < 0:
+            raise ValueError("train.max_steps_per_epoch, train.max_failures and train.patience must be >= 0")
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError("train.eval_ks must be positive cut-offs, e.g. 5,10,20,50")
         check_plain_name(self.run_name, "train.run_name", RESERVED_STORAGE_NAMES)

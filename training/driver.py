@@ -9,7 +9,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -69,9 +69,10 @@ class TrainingOutcome:
     run_dir: Path
     mlflow_run_id: str
     tracking_uri: str
-    metrics: dict
+    metrics: dict  # the best checkpoint's (by validation): what is reported and registered
     baseline: dict
-    checkpoint_path: str | None
+    checkpoint_path: str | None  # the best checkpoint
+    last_metrics: dict = field(default_factory=dict)  # the last epoch's report (how the run ended)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -240,14 +241,17 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
             run_config=RunConfig(
                 name=run_name,
                 storage_path=str(storage),
-                checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints),
+                # the best checkpoints by validation are kept (Ray keeps the latest too, for resuming)
+                checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints,
+                                                   checkpoint_score_attribute=f"val_{job.train.selection_metric}",
+                                                   checkpoint_score_order="max"),
                 failure_config=FailureConfig(max_failures=job.train.max_failures),
             ),
             datasets=datasets,
             dataset_config=DataConfig(datasets_to_split=["train"]),
         )
         result: Result = trainer.fit()
-        metrics = dict(result.metrics or {})
+        best_checkpoint, metrics = best_of(result, f"val_{job.train.selection_metric}")
         baseline = popularity_metrics(popularity, splits.test, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history)
         tracker.log_metrics({f"baseline_popularity_test_{k}": v for k, v in baseline.items()})
         if isinstance(splits, ColdStartSplits):
@@ -258,21 +262,34 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                     tracker.log_metrics({f"baseline_popularity_{name}_{k}": v for k, v in subset_baseline.items()})
         for path in write_size_report(metrics, run_dir / "matryoshka"):  # size x metric table + plot (Matryoshka)
             tracker.log_artifact(path, "matryoshka")
-        checkpoint_path = result.checkpoint.path if result.checkpoint else None
+        checkpoint_path = best_checkpoint.path if best_checkpoint else None
         tracker.set_tags({"checkpoint_path": str(checkpoint_path), "watermark": str(manifest["watermark"]),
                           "matryoshka_sizes": ",".join(map(str, job.model.supported_sizes))})
         status = "FINISHED"
-        return TrainingOutcome(run_name, run_dir, tracker.run_id, tracker.tracking_uri, metrics, baseline, checkpoint_path)
+        return TrainingOutcome(run_name, run_dir, tracker.run_id, tracker.tracking_uri, metrics, baseline, checkpoint_path,
+                               dict(result.metrics or {}))
     finally:
         tracker.finish(status)
         if bank is not None:
             bank.destroy()
 
 
-def format_results(outcome: TrainingOutcome, ks: tuple[int, ...]) -> str:
+def best_of(result: Result, metric: str):
+    """The kept checkpoint with the highest `metric` and its metrics (the latest's when none reported it)."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+    if not scored:
+        return result.checkpoint, dict(result.metrics or {})
+    checkpoint, metrics = max(scored, key=lambda pair: pair[1][metric])
+    return checkpoint, dict(metrics)
+
+
+def format_results(outcome: TrainingOutcome, ks: tuple[int, ...], mask_history: bool) -> str:
+    """The best checkpoint's test metrics beside most-popular's, headline protocol first, then the other one."""
     names = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
-    lines = [f"{'metric':<12} {'model':>10} {'popularity':>11}"]
+    other = "unmasked" if mask_history else "masked"
+    lines = [f"{'metric':<12} {'model':>10} {'popularity':>11} {f'model, {other}':>17}"]
     for name in names:
         model_value = outcome.metrics.get(f"test_{name}", float("nan"))
-        lines.append(f"{name:<12} {model_value:>10.4f} {outcome.baseline.get(name, float('nan')):>11.4f}")
+        lines.append(f"{name:<12} {model_value:>10.4f} {outcome.baseline.get(name, float('nan')):>11.4f} "
+                     f"{outcome.metrics.get(f'test_{other}_{name}', float('nan')):>17.4f}")
     return "\n".join(lines)

@@ -52,7 +52,6 @@ def tiny() -> JobConfig:
     c.text.kind, c.text.max_length = "tiny", 24  # 32 wide, as model.dim
     c.model.dim, c.model.num_layers, c.model.num_heads = 32, 1, 2
     c.train.epochs, c.train.batch_size, c.train.lr, c.train.encoder_lr = 2, 128, 3e-3, 3e-3
-    c.train.log_every = 20
     return c
 
 
@@ -69,7 +68,6 @@ def movielens() -> JobConfig:
     c.model.use_id_embedding = True
     c.train.epochs, c.train.batch_size, c.train.lr, c.train.encoder_lr = 3, 128, 1e-3, 1e-4
     c.train.max_steps_per_epoch = 200
-    c.train.log_every = 25
     return c
 
 

@@ -24,7 +24,7 @@ from pipeline.content import read_examples
 from training.checkpoint import BANK_DIR, restore, save_checkpoint
 from training.job_config import JobConfig
 from training.tracking import Tracker
-from training.trainer import EpochStats, build_trainer
+from training.trainer import EarlyStopping, EpochStats, Trainer, build_trainer
 
 
 @dataclass
@@ -82,16 +82,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log(f"[train] memory bank filled with {num_items} items")
         _barrier()
 
+    trainer.total_steps = job.train.epochs * steps_per_epoch  # warm-up + cosine decay over the planned run
+    early = EarlyStopping(job.train.patience, **restored.early_stopping)
     for epoch in range(restored.start_epoch, job.train.epochs):
-        def progress(stats: EpochStats, step: int) -> None:
-            if (step + 1) % job.train.log_every == 0 or step + 1 == steps_per_epoch:
-                log(f"[train] epoch {epoch + 1}/{job.train.epochs} step {step + 1}/{steps_per_epoch} loss "
-                    f"{stats.mean_loss():.4f} {stats.samples / stats.seconds():.1f} samples/s data-wait "
-                    f"{stats.wait_fraction(stats.seconds()):.0%}")
-
         batches = train_shard.iter_torch_batches(batch_size=job.train.batch_size, device=device, drop_last=False)
         stats = trainer.train_epoch(batches, steps_per_epoch, catalogue=catalogue if rank == 0 else None,
-                                    log=progress if rank == 0 else None)
+                                    log=progress_printer(job, epoch, steps_per_epoch) if rank == 0 else None)
         _barrier()
         metrics = {"epoch": epoch + 1, "global_step": trainer.global_step, **stats.metrics(world),
                    # how this attempt started: epochs already done in the checkpoint it resumed from (0 = scratch)
@@ -99,25 +95,61 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "bank_restored": float(restored.bank_filled and restored.resumed),
                    "bank_restored_exact": float(restored.bank_exact),
                    "bank_filled_by_ray_data": float(restored.filled_by_ray_data)}
-        if rank != 0:
+        if rank == 0:
+            end_of_epoch(trainer, early, metrics, catalogue(), validation, paths, loop_config, epoch, tracker)
+        else:
             ray.train.report(metrics)
-            continue
-        tests = None
-        if epoch == job.train.epochs - 1:  # the full test set, and the warm / cold subsets of cold-start runs
-            tests = {name: read_examples(getattr(paths, name)) for name in ("test", "test_warm", "test_cold")
-                     if getattr(paths, name) is not None}
-        metrics.update(trainer.end_epoch(catalogue(), validation, tests))
-        metrics["bank_fill_ratio"] = bank.stats()["fill_ratio"]
-        log("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), trainer.model, trainer.optimizer, {
-                "epoch": epoch, "global_step": trainer.global_step, "config": job.to_dict(),
-                "watermark": loop_config["watermark"], "num_items": num_items,
-                "mlflow_run_id": loop_config["mlflow_run_id"],
-                "matryoshka_sizes": list(job.model.supported_sizes),  # the sizes this checkpoint serves
-            })
-            bank.save(Path(tmp) / BANK_DIR)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        # Logged only once the epoch's checkpoint is persisted: a crash before that re-runs the epoch on resume,
-        # and logging first would have recorded it twice in MLflow.
-        tracker.log_metrics(metrics, step=epoch + 1)
+        if _rank_zero_decides(early.should_stop, device):
+            if rank == 0:
+                log(f"[train] early stop after epoch {epoch + 1}: best validation {job.train.selection_metric} "
+                    f"{early.best_score:.4f} at epoch {early.best_epoch + 1}")
+            break
+
+
+def progress_printer(job: JobConfig, epoch: int, steps_per_epoch: int):
+    """About ten progress lines per epoch."""
+    every = max(1, steps_per_epoch // 10)
+
+    def progress(stats: EpochStats, step: int) -> None:
+        if (step + 1) % every == 0 or step + 1 == steps_per_epoch:
+            log(f"[train] epoch {epoch + 1}/{job.train.epochs} step {step + 1}/{steps_per_epoch} loss "
+                f"{stats.mean_loss():.4f} {stats.samples / stats.seconds():.1f} samples/s data-wait "
+                f"{stats.wait_fraction(stats.seconds()):.0%}")
+    return progress
+
+
+def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogue, validation, paths: WorkerPaths,
+                 loop_config: dict, epoch: int, tracker: Tracker) -> None:
+    """Rank 0: validation (and, when it is the best so far, the test sets), the checkpoint, MLflow."""
+    job, bank = trainer.job, trainer.bank
+    scores, content = trainer.end_epoch(catalogue, validation)
+    metrics.update(scores)
+    if early.update(metrics[f"val_{job.train.selection_metric}"], epoch):
+        # the test sets are scored for every new best, so the best checkpoint carries its own test metrics
+        metrics.update(trainer.evaluate_sets(content, {
+            name: read_examples(getattr(paths, name)) for name in ("test", "test_warm", "test_cold")
+            if getattr(paths, name) is not None}))
+    metrics.update({"best_epoch": early.best_epoch + 1, f"val_best_{job.train.selection_metric}": early.best_score,
+                    "bank_fill_ratio": bank.stats()["fill_ratio"]})
+    log("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), trainer.model, trainer.optimizer, {
+            "epoch": epoch, "global_step": trainer.global_step, "config": job.to_dict(),
+            "watermark": loop_config["watermark"], "num_items": trainer.num_items,
+            "mlflow_run_id": loop_config["mlflow_run_id"], "early_stopping": early.state(),
+            "matryoshka_sizes": list(job.model.supported_sizes),  # the sizes this checkpoint serves
+        })
+        bank.save(Path(tmp) / BANK_DIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    # Logged only once the epoch's checkpoint is persisted: a crash before that re-runs the epoch on resume,
+    # and logging first would have recorded it twice in MLflow.
+    tracker.log_metrics(metrics, step=epoch + 1)
+
+
+def _rank_zero_decides(flag: bool, device: torch.device) -> bool:
+    """Rank 0's flag on every rank (only rank 0 evaluates)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

@@ -14,6 +14,7 @@ inject faults through them.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -213,6 +214,9 @@ class Trainer:
         self.bank, self.job, self.num_items, self.device = bank, job, num_items, device
         self.callbacks = list(callbacks)
         self.global_step = 0
+        self.total_steps = 0  # > 0: warm-up + cosine decay of every group's learning rate over this many steps
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
 
     # ---- one step
 
@@ -271,6 +275,11 @@ class Trainer:
         loss.backward()
         if self.job.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip)
+        if self.total_steps:
+            scale = lr_scale(self.global_step, self.total_steps, self.job.train.warmup_fraction,
+                             self.job.train.final_lr_fraction)
+            for group in self.optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * scale
         self.optimizer.step()
         self.bank.update(info["unique_ids"], info["unique_content"], step=self.global_step)
         self.global_step += 1
@@ -317,28 +326,70 @@ class Trainer:
         """Write every item's fresh content vector [N+1, D] to the bank at the current step."""
         self.bank.update(np.arange(1, self.num_items + 1), content[1:].cpu().numpy(), step=self.global_step, wait=wait)
 
-    def end_epoch(self, catalogue_batches: Iterable[dict], validation: Examples,
-                  tests: dict[str, Examples] | None = None) -> dict[str, float]:
-        """One catalogue pass: it refreshes every bank entry (staleness bounded to one epoch) and scores
-        `val_*` metrics, plus `<name>_*` for each test set given (`test` with every size, subsets at full size)."""
+    def end_epoch(self, catalogue_batches: Iterable[dict], validation: Examples) -> tuple[dict[str, float], torch.Tensor]:
+        """One catalogue pass: it refreshes every bank entry (staleness bounded to one epoch) and scores the
+        `val_*` metrics. -> (metrics, the content table [N+1, D] for more evaluation)."""
         content = self.encode_catalogue(catalogue_batches)
         self.refresh_bank(content, wait=True)
-        metrics = {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}
-        for name, examples in (tests or {}).items():
-            metrics.update({f"{name}_{k}": v for k, v in self.evaluate(content, examples,
-                                                                      all_sizes=name == "test").items()})
-        return metrics
+        return {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}, content
+
+    def evaluate_sets(self, content: torch.Tensor, sets: dict[str, Examples]) -> dict[str, float]:
+        """`<name>_*` metrics of each example set (`test` at every Matryoshka size, subsets at full size)."""
+        return {f"{name}_{k}": v for name, examples in sets.items()
+                for k, v in self.evaluate(content, examples, all_sizes=name == "test").items()}
 
     def evaluate(self, content: torch.Tensor, examples: Examples, *, all_sizes: bool = True) -> dict[str, float]:
-        """Full-ranking metrics (and AUC / GAUC for CTR) of `examples` against the content table."""
+        """Full-ranking metrics (and AUC / GAUC for CTR) of `examples` against the content table, under both
+        protocols: the headline one (`train.eval_mask_history`) unprefixed, the other as `masked_*` / `unmasked_*`
+        (full size only)."""
         job = self.job
-        metrics = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks,
-                                   mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
+        headline = job.train.eval_mask_history
+        metrics = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks, mask_history=headline,
+                                   batch_size=job.train.eval_batch_size,
                                    sizes=job.model.matryoshka_sizes if all_sizes else ())
+        other = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks, mask_history=not headline,
+                                 batch_size=job.train.eval_batch_size)
+        metrics.update({f"{'unmasked' if headline else 'masked'}_{k}": v for k, v in other.items()})
         if job.model.task == "ctr" and all_sizes:
             metrics.update(evaluate_ctr(self.model, content, examples, positive_rating=job.data.positive_rating,
                                         batch_size=job.train.eval_batch_size))
         return metrics
+
+
+@dataclass
+class EarlyStopping:
+    """Best validation score so far, its epoch, and epochs since: stop after `patience` epochs without a better
+    one (0 = never). Saved in every checkpoint's state.json, so a resumed run stops where an unbroken one would."""
+
+    patience: int
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    stale_epochs: int = 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record an epoch's validation score -> whether it is the best so far."""
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.stale_epochs = score, epoch, 0
+            return True
+        self.stale_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.stale_epochs >= self.patience
+
+    def state(self) -> dict:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs}
+
+
+def lr_scale(step: int, total: int, warmup_fraction: float, final_fraction: float) -> float:
+    """Learning-rate multiplier at `step` of `total`: linear warm-up over the first `warmup_fraction` of the
+    steps, then a cosine from 1 down to `final_fraction` at the last step (and after it)."""
+    warmup = max(1, int(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: Recommender, job: JobConfig) -> torch.optim.Optimizer:

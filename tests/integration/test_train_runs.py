@@ -102,7 +102,11 @@ def test_two_worker_run_is_tracked_and_its_bank_filled_by_ray_data(faulty):
         assert math.isfinite(metrics[key]), key
     assert 0.0 <= metrics["test_ndcg@10"] <= metrics["test_recall@10"] <= 1.0
     assert metrics["test_recall@50"] > 0.0
-    assert metrics["global_step"] == 2 * STEPS and metrics["epoch"] == 2
+    assert faulty.last_metrics["global_step"] == 2 * STEPS and faulty.last_metrics["epoch"] == 2
+    # the outcome is the best checkpoint by validation NDCG@10, which carries its own test metrics
+    assert metrics["val_ndcg@10"] == max(value for _, value in _history(faulty, "val_ndcg_at_10"))
+    best_state = json.loads((Path(faulty.checkpoint_path) / "state.json").read_text())
+    assert best_state["epoch"] + 1 == metrics["epoch"] == metrics["best_epoch"]
     # epoch 1 (first attempt) started from the bank filled by Ray Data actors, not by rank 0; epoch 2 (after the
     # restart) from the checkpoint's bank snapshot
     assert _history(faulty, "bank_filled_by_ray_data") == [(1, 1.0), (2, 0.0)]
@@ -122,15 +126,18 @@ def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(faulty):
     assert outcome.checkpoint_path is not None
 
     # resumed from the epoch-1 checkpoint with the bank snapshot, not from scratch
-    assert outcome.metrics["resumed_from_epoch"] == 1
-    assert outcome.metrics["bank_restored"] == 1.0
-    assert outcome.metrics["bank_restored_exact"] == 1.0  # the killed attempt's partial bank writes are gone
+    last = outcome.last_metrics  # how the run ended (outcome.metrics is its best checkpoint's)
+    assert last["resumed_from_epoch"] == 1
+    assert last["bank_restored"] == 1.0
+    assert last["bank_restored_exact"] == 1.0  # the killed attempt's partial bank writes are gone
     assert _history(outcome, "resumed_from_epoch") == [(1, 0.0), (2, 1.0)]
     assert _history(outcome, "bank_restored") == [(1, 0.0), (2, 1.0)]
-    state = json.loads((Path(outcome.checkpoint_path) / STATE_FILE).read_text())
+    from ray.train import Result
+
+    state = json.loads((Path(Result.from_path(outcome.run_dir).checkpoint.path) / STATE_FILE).read_text())
     # epoch 2 ran its full STEPS after the resume; the 2 steps of the killed attempt were not counted
     assert state["epoch"] == 1 and state["global_step"] == 2 * STEPS
-    assert outcome.metrics["global_step"] == 2 * STEPS
+    assert last["global_step"] == 2 * STEPS
 
     # no epoch counted twice in MLflow: exactly one record per epoch
     assert _history(outcome, "epoch") == [(1, 1.0), (2, 2.0)]
@@ -154,10 +161,11 @@ def test_same_run_name_resumes_after_the_last_epoch_with_the_bank_restored_exact
     job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.epochs=3", "train.num_workers=1")
     job.train.run_name = faulty.run_name  # Ray Train hands the latest checkpoint back
     resumed = run_training(job, log=_quiet)
-    assert resumed.metrics["resumed_from_epoch"] == 2
-    assert resumed.metrics["epoch"] == 3 and resumed.metrics["global_step"] == 3 * STEPS
-    assert resumed.metrics["bank_restored_exact"] == 1.0  # the bank came back exactly as checkpointed
-    assert resumed.metrics["bank_filled_by_ray_data"] == 0.0  # restored from the checkpoint, not refilled
+    last = resumed.last_metrics
+    assert last["resumed_from_epoch"] == 2
+    assert last["epoch"] == 3 and last["global_step"] == 3 * STEPS
+    assert last["bank_restored_exact"] == 1.0  # the bank came back exactly as checkpointed
+    assert last["bank_filled_by_ray_data"] == 0.0  # restored from the checkpoint, not refilled
     # a finished MLflow run is not reopened: the extension is a new run under the same Ray run name
     assert resumed.mlflow_run_id != faulty.mlflow_run_id
 

@@ -18,7 +18,7 @@ from training.checkpoint import restore, save_checkpoint
 from training.job_config import build_config
 from training.offline_eval import DecodedCatalogue, content_spec_of
 from training.trainer import (BankHistory, CatalogueNegatives, InBatchNegatives, RecomputeHistory, UniformNegatives,
-                              build_trainer, make_negatives)
+                              EarlyStopping, build_trainer, lr_scale, make_negatives)
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +123,12 @@ def test_end_epoch_refreshes_the_bank_and_scores_validation_and_tests(setting):
     *_, catalogue, splits = setting
     trainer = _trainer(setting)
     trainer.global_step = 9
-    metrics = trainer.end_epoch(catalogue.batches(content_spec_of(trainer.job)), splits.validation,
-                                {"test": splits.test})
+    metrics, content = trainer.end_epoch(catalogue.batches(content_spec_of(trainer.job)), splits.validation)
+    metrics.update(trainer.evaluate_sets(content, {"test": splits.test}))
     assert {"val_ndcg@10", "val_recall@10", "test_ndcg@10", "test_mrr"} <= metrics.keys()
+    # both protocols in every evaluation: the headline (history not masked by default) and the masked twin
+    assert {"val_masked_ndcg@10", "test_masked_ndcg@10", "test_masked_mrr"} <= metrics.keys()
+    assert metrics["test_masked_recall@50"] >= 0.0 and "test_unmasked_ndcg@10" not in metrics
     assert (trainer.bank.lookup(np.arange(1, trainer.num_items + 1)).written_step == 9).all()
 
 
@@ -145,3 +148,31 @@ def test_restore_resumes_model_optimizer_step_and_bank(setting, tmp_path: Path):
     assert fresh.optimizer.state_dict()["state"][0]["step"] == trainer.optimizer.state_dict()["state"][0]["step"]
     with torch.no_grad():
         torch.testing.assert_close(fresh.forward_loss(batch)[0], trainer.forward_loss(batch)[0])
+
+
+def test_early_stopping_counts_epochs_without_a_better_score_and_survives_a_restart():
+    early = EarlyStopping(patience=2)
+    assert early.update(0.10, 0) and not early.should_stop
+    assert not early.update(0.09, 1) and not early.should_stop
+    assert early.update(0.12, 2) and early.best_epoch == 2 and early.stale_epochs == 0
+    assert not early.update(0.12, 3)  # equal is not better
+    resumed = EarlyStopping(2, **early.state())  # what a checkpoint's state.json carries
+    assert not resumed.update(0.11, 4) and resumed.should_stop and resumed.best_score == 0.12
+    assert not EarlyStopping(patience=0, stale_epochs=99).should_stop  # 0 = never stop early
+
+
+def test_learning_rate_warms_up_then_decays_along_a_cosine():
+    total = 100
+    scales = [lr_scale(step, total, 0.05, 0.1) for step in range(total + 5)]
+    assert scales[0] == pytest.approx(0.2) and scales[4] == pytest.approx(1.0)  # 5 warm-up steps
+    assert all(a >= b for a, b in zip(scales[4:], scales[5:]))  # never rises after the warm-up
+    assert scales[total - 1] == pytest.approx(0.1, abs=1e-3) and scales[-1] == pytest.approx(0.1)
+
+
+def test_a_trainer_with_a_planned_length_sets_every_groups_learning_rate(setting):
+    batch = setting[3]
+    trainer = _trainer(setting)
+    trainer.total_steps = 40
+    trainer.train_epoch(iter([batch] * 3), max_steps=3)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * lr_scale(2, 40, 0.05, 0.1))
