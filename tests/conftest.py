@@ -24,10 +24,10 @@ def copy_real_slice(raw_data_dir: Path, root: Path, num_items: int, num_users: i
 
     import pandas as pd
 
+    (root / "images").mkdir(parents=True)
     items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
     items = items[items.item_id.astype(int) <= num_items]
     items.to_csv(root / "items.csv", index=False)
-    (root / "images").mkdir()
     for rel in items.image:
         if rel:
             shutil.copyfile(raw_data_dir / rel, root / rel)
@@ -42,9 +42,11 @@ def copy_real_slice(raw_data_dir: Path, root: Path, num_items: int, num_users: i
 
 @pytest.fixture(scope="session")
 def real_slice(raw_data_dir, tmp_path_factory):
-    """`real_slice(name, num_items, num_users=0)` -> a new raw dataset directory (see `copy_real_slice`)."""
-    return lambda name, num_items, num_users=0: copy_real_slice(raw_data_dir, tmp_path_factory.mktemp(name),
-                                                                 num_items, num_users)
+    """`real_slice(name, num_items, num_users=0, root=None)` -> a new raw dataset directory (see
+    `copy_real_slice`) at `root`, or in a new temporary directory named after `name`."""
+    def make(name: str, num_items: int, num_users: int = 0, root: Path | None = None) -> Path:
+        return copy_real_slice(raw_data_dir, root or tmp_path_factory.mktemp(name), num_items, num_users)
+    return make
 
 
 @pytest.fixture(scope="session")

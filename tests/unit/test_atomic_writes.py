@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -22,19 +21,9 @@ NUM_ITEMS = 60
 
 
 @pytest.fixture
-def raw(raw_data_dir: Path, tmp_path: Path) -> Path:
+def raw(real_slice, tmp_path: Path) -> Path:
     """Items 1..60 of ml100k_mm with their images and the interactions naming them."""
-    root = tmp_path / "raw"
-    (root / "images").mkdir(parents=True)
-    items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
-    items = items[items.item_id.astype(int) <= NUM_ITEMS]
-    items.to_csv(root / "items.csv", index=False)
-    for rel in items.image:
-        if rel:
-            shutil.copyfile(raw_data_dir / rel, root / rel)
-    interactions = pd.read_csv(raw_data_dir / "interactions.csv", dtype=str, keep_default_na=False)
-    interactions[interactions.item_id.astype(int) <= NUM_ITEMS].to_csv(root / "interactions.csv", index=False)
-    return root
+    return real_slice("raw", NUM_ITEMS, root=tmp_path / "raw")
 
 
 def _fingerprint(directory: Path) -> dict[str, str]:

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 
 from pipeline.config import DataConfig
@@ -25,19 +24,9 @@ NUM_ITEMS = 40
 
 
 @pytest.fixture(scope="module")
-def pristine_raw(raw_data_dir: Path, tmp_path_factory) -> Path:
+def pristine_raw(real_slice, tmp_path_factory) -> Path:
     """Items 1..40 of ml100k_mm with their images and the interactions naming them, copied once."""
-    root = tmp_path_factory.mktemp("slice") / "raw"
-    (root / "images").mkdir(parents=True)
-    items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
-    items = items[items.item_id.astype(int) <= NUM_ITEMS]
-    items.to_csv(root / "items.csv", index=False)
-    for rel in items.image:
-        if rel:
-            shutil.copyfile(raw_data_dir / rel, root / rel)
-    interactions = pd.read_csv(raw_data_dir / "interactions.csv", dtype=str, keep_default_na=False)
-    interactions[interactions.item_id.astype(int) <= NUM_ITEMS].to_csv(root / "interactions.csv", index=False)
-    return root
+    return real_slice("slice", NUM_ITEMS, root=tmp_path_factory.mktemp("slice") / "raw")
 
 
 @pytest.fixture
