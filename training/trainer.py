@@ -196,9 +196,6 @@ class EpochStats:
 # --------------------------------------------------------------------------- the trainer
 
 
-STALENESS_SAMPLE = 64  # targets per step whose cached and fresh vectors are compared (bank staleness metric)
-
-
 class Trainer:
     """Steps, epochs, catalogue passes and evaluation of one recommender, on whatever device it sits on.
 
@@ -225,7 +222,7 @@ class Trainer:
         job, model, device = self.job, self.model, self.device
         targets = batch["target"].long()
         target_np = targets.cpu().numpy()
-        negative_ids = self.negatives.ids(self.num_items) if job.model.task != "ctr" else np.zeros(0, np.int64)
+        negative_ids = self.negatives.ids(self.num_items)  # before the step's one bank lookup
         fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device, negative_ids)
         encode_mask = cached_content = None
         if job.memory.encode_fraction < 1.0:
@@ -259,7 +256,8 @@ class Trainer:
         # staleness: cosine between the cached and the fresh vector of targets re-encoded this step
         if unique_ids.size:
             pos = np.clip(np.searchsorted(unique_ids, target_np), 0, unique_ids.size - 1)
-            rows = np.flatnonzero((unique_ids[pos] == target_np) & fetched.target_found)[:STALENESS_SAMPLE]
+            fresh_and_cached = np.flatnonzero((unique_ids[pos] == target_np) & fetched.target_found)
+            rows = fresh_and_cached[: job.memory.staleness_sample]
             if rows.size:
                 cached = _writable(fetched.target_cached[rows], device)
                 info["staleness_cosine"] = float(F.cosine_similarity(cached, unique_content[pos[rows]], dim=-1).mean())
@@ -324,9 +322,11 @@ class Trainer:
 
     def refresh_bank(self, content: torch.Tensor, wait: bool = False) -> None:
         """Write every item's fresh content vector [N+1, D] to the bank at the current step."""
-        self.bank.update(np.arange(1, self.num_items + 1), content[1:].cpu().numpy(), step=self.global_step, wait=wait)
+        self.bank.update(np.arange(1, self.num_items + 1), content[1:].cpu().numpy(), step=self.global_step,
+                         wait=wait)
 
-    def end_epoch(self, catalogue_batches: Iterable[dict], validation: Examples) -> tuple[dict[str, float], torch.Tensor]:
+    def end_epoch(self, catalogue_batches: Iterable[dict],
+                  validation: Examples) -> tuple[dict[str, float], torch.Tensor]:
         """One catalogue pass: it refreshes every bank entry (staleness bounded to one epoch) and scores the
         `val_*` metrics. -> (metrics, the content table [N+1, D] for more evaluation)."""
         content = self.encode_catalogue(catalogue_batches)
