@@ -36,8 +36,7 @@ def main() -> int:
                         help="write one item_vectors_s<size>.parquet per Matryoshka size the model supports")
     args = parser.parse_args()
 
-    from pipeline.owned_dirs import (check_no_overlap, discard_staging, new_staging_dir, remove_dead_staging,
-                                     require_replaceable, swap_in)
+    from pipeline.owned_dirs import check_no_overlap, require_replaceable, staged
     from training.checkpoint import MODEL_FILE, STATE_FILE
     from training.export import EXPORT_MANIFEST, EXPORT_MODEL_DIR, EXPORT_WHAT, export_item_vectors, is_export_dir
     from training.offline_eval import checkpoint_job_config
@@ -55,26 +54,22 @@ def main() -> int:
     check_no_overlap(out, Path(job.data.prepared_dir), what="--out", other_what="the prepared data")
     size = args.size or job.model.dim
     print(f"[export] {args.model or checkpoint} -> {out} (size {'all' if args.all_sizes else size})")
-    remove_dead_staging(out)
-    staging = new_staging_dir(out)
     try:
-        written = export_item_vectors(checkpoint, staging, None if args.all_sizes else [size],
-                                      prepared_dir=job.data.prepared_dir)
-        model_dir = staging / EXPORT_MODEL_DIR
-        model_dir.mkdir()
-        for name in (MODEL_FILE, STATE_FILE):
-            shutil.copy2(checkpoint / name, model_dir / name)
-        manifest = json.loads((staging / EXPORT_MANIFEST).read_text())
-        manifest.update(model_dir=EXPORT_MODEL_DIR, model_uri=args.model or "",
-                        registered_version=version.version if version else "",
-                        git_commit=version.tags.get("git_commit", "") if version else "")
-        (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
-        swap_in(staging, out, is_export_dir, EXPORT_WHAT)
+        with staged(out, is_export_dir, EXPORT_WHAT) as staging:
+            written = export_item_vectors(checkpoint, staging, None if args.all_sizes else [size],
+                                          prepared_dir=job.data.prepared_dir)
+            model_dir = staging / EXPORT_MODEL_DIR
+            model_dir.mkdir()
+            for name in (MODEL_FILE, STATE_FILE):
+                shutil.copy2(checkpoint / name, model_dir / name)
+            manifest = json.loads((staging / EXPORT_MANIFEST).read_text())
+            manifest.update(model_dir=EXPORT_MODEL_DIR, model_uri=args.model or "",
+                            registered_version=version.version if version else "",
+                            git_commit=version.tags.get("git_commit", "") if version else "")
+            (staging / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     except ValueError as err:  # an unsupported size, or a refused path (UnsafePathError)
         print(f"error: {err}", file=sys.stderr)
         return 2
-    finally:
-        discard_staging(staging)
     for path in written:
         print(f"[export] wrote {out / path.name}")
     print(f"[export] wrote {out / EXPORT_MODEL_DIR} and {out / EXPORT_MANIFEST}")

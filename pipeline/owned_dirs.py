@@ -22,7 +22,8 @@ import os
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 STAGING_MARKER = ".mmrec-staging.json"
@@ -141,6 +142,20 @@ def remove_dead_staging(target: Path, alive: Callable[[int], bool] = pid_alive) 
 def discard_staging(staging: Path) -> None:
     """Remove the staging folder this run created (after a failure; a no-op once it was swapped in)."""
     shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged(target: Path, owned: Owned, what: str) -> Iterator[Path]:
+    """A marked staging folder beside `target` to fill inside the block (dead runs' leftovers are removed first).
+    When the block ends normally the folder replaces `target` (`swap_in`: only if `target` is ours); in every case
+    nothing of it is left behind."""
+    remove_dead_staging(target)
+    staging = new_staging_dir(target)
+    try:
+        yield staging
+        swap_in(staging, target, owned, what)
+    finally:
+        discard_staging(staging)
 
 
 def backup_path(target: Path) -> Path:

@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
 from pipeline.decode import IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE, build_item_text, check_image_bytes
-from pipeline.owned_dirs import (WRITTEN_BY, backup_path, check_no_overlap, discard_staging, new_staging_dir, only_expected_entries,
-                                 read_json, remove_dead_staging, require_replaceable, swap_in)
+from pipeline.owned_dirs import (WRITTEN_BY, backup_path, check_no_overlap, only_expected_entries, read_json,
+                                 remove_dead_staging, require_replaceable, staged)
 from pipeline.owned_dirs import recover_interrupted_swap as recover_owned_swap
 from pipeline.raw_input import (
     FILE_OUTSIDE, FILE_TOO_LARGE, DataError, detect_timestamp_unit, implausible_timestamps, read_csv_header,
@@ -407,8 +407,8 @@ def prepare_dataset(cfg: DataConfig, raw_dir: Path, out_dir: Path) -> DataReport
     if interactions.empty:
         raise DataError("no usable interactions left after validation; see the data report")
 
-    staging = new_staging_dir(out_dir)
-    try:
+    # Swapped in with two renames, not one: a crash between them leaves `<out>.old`, which the next run puts back.
+    with staged(out_dir, is_prepared_dir, PREPARED_WHAT) as staging:
         items_table = pa.Table.from_pandas(items, preserve_index=False).cast(
             pa.schema(
                 [
@@ -438,10 +438,6 @@ def prepare_dataset(cfg: DataConfig, raw_dir: Path, out_dir: Path) -> DataReport
         }
         _atomic_write_json(staging / REPORT_FILE, report.to_dict())
         _atomic_write_json(staging / MANIFEST_FILE, manifest)
-        # Two renames, not one: a crash between them leaves `<out>.old`, which the next run puts back.
-        swap_in(staging, out_dir, is_prepared_dir, PREPARED_WHAT)
-    finally:
-        discard_staging(staging)
     return report
 
 

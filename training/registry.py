@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.owned_dirs import discard_staging, new_staging_dir, remove_dead_staging, require_replaceable, swap_in
+from pipeline.owned_dirs import require_replaceable, staged
 from training.checkpoint import STATE_FILE, is_checkpoint, read_state
 from training.tracking import metric_key
 
@@ -96,13 +96,8 @@ def pin_checkpoint(checkpoint_path: str | Path, root: Path, run_id: str) -> Path
         return target
     # Anything else at the target is not ours (copies appear whole, by rename): refused, never replaced.
     require_replaceable(target, _never_owned, "a registered checkpoint copy (with model.pt)")
-    remove_dead_staging(target)
-    staging = new_staging_dir(target)
-    try:
+    with staged(target, _never_owned, "a registered checkpoint copy (with model.pt)") as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
-        swap_in(staging, target, _never_owned, "a registered checkpoint copy (with model.pt)")
-    finally:
-        discard_staging(staging)
     return target
 
 

@@ -402,11 +402,12 @@ def make_optimizer(model: Recommender, job: JobConfig) -> torch.optim.Optimizer:
 
 
 def make_negatives(job: JobConfig):
-    if job.model.task != "ctr" and job.model.loss == "full_softmax":
+    """The config's negatives source: the whole catalogue for the full softmax, else in-batch (CTR: always)."""
+    if job.model.task == "ctr":
+        return InBatchNegatives()
+    if job.model.loss == "full_softmax":
         return CatalogueNegatives()
-    if job.model.task != "ctr" and job.model.extra_negatives:
-        return UniformNegatives(job.model.extra_negatives)
-    return InBatchNegatives()
+    return UniformNegatives(job.model.extra_negatives) if job.model.extra_negatives else InBatchNegatives()
 
 
 def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: ItemBank, *,
