@@ -3,11 +3,14 @@
     python -m bench.quality                                  # 4 methods x 3 seeds, ~30 min on 2 busy cores
     python -m bench.quality --steps 100 --seeds 0 --methods id_only,end_to_end
     python -m bench.quality --set train.encoder_lr=1e-3      # extra overrides for every trained method
+    python -m bench.quality --steps 0 --epochs 30 --patience 3   # to convergence: whole epochs, early stopping
 
 Every method is a config of the product (`run_training`, the same Ray Data pipeline, memory bank, TorchTrainer
 loop and MLflow logging), on all of ml100k_mm, leave-one-out, full ranking over the catalogue, with a seeded
 10% of items held out of training entirely (`data.cold_item_fraction`). The same budget for every method:
-one epoch of `--steps` steps of `--batch-size` examples. Methods:
+`--epochs` epochs of `--steps` steps (0 = the whole training set) of `--batch-size` examples, stopped early after
+`--patience` epochs without a better validation NDCG@10 (0 = never); the result is the best epoch's checkpoint.
+Methods:
 
 - popularity: training-target counts (the driver's baseline of every run; identical across seeds),
 - id_only: SASRec over item-id embeddings, no content (`model.modalities=` `model.use_id_embedding=true`),
@@ -17,8 +20,8 @@ one epoch of `--steps` steps of `--batch-size` examples. Methods:
   BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`),
 - *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
 
-Metrics (Recall@10, NDCG@10, MRR, Recall@50; mean ± std over `--seeds` via `train.seed`) on all test users, on users whose
-test item is warm, and on users whose test item is cold. Wall time is the whole `run_training` call (data,
+Metrics (Recall@10, NDCG@10, MRR, Recall@50, and NDCG@10 with the history masked; mean ± std over `--seeds` via
+`train.seed`) on all test users, on users whose test item is warm, and on users whose test item is cold. Wall time is the whole `run_training` call (data,
 Ray Train start-up, catalogue passes, training, evaluation). Writes bench/results/quality.json, prints a table.
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pipeline.content import read_examples
 from training.evaluate import popularity_metrics
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
-METRICS = ("recall@10", "ndcg@10", "mrr", "recall@50")
+METRICS = ("recall@10", "ndcg@10", "mrr", "recall@50", "masked_ndcg@10")
 SUBSETS = ("test", "test_warm", "test_cold")
 
 # Each trained method is a list of `--set` overrides on top of the shared budget (`common_overrides`).
@@ -64,8 +67,9 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         f"data.cold_item_fraction={args.cold_fraction}",
         f"image.image_size={args.image_size}",
         f"text.max_length={args.text_length}",
-        "train.epochs=1",
+        f"train.epochs={args.epochs}",
         f"train.max_steps_per_epoch={args.steps}",
+        f"train.patience={args.patience}",
         f"train.batch_size={args.batch_size}",
         "train.eval_ks=10,50",
         f"train.storage_path={args.storage_path}",
@@ -82,14 +86,19 @@ def method_config(method: str, seed: int, args: argparse.Namespace) -> JobConfig
 
 
 def subset_popularity(run_dir: Path, job: JobConfig) -> dict[str, dict[str, float]]:
-    """The popularity baseline on the warm / cold test files the driver wrote for this run."""
+    """The popularity baseline, both protocols, on the test / warm / cold files the driver wrote for this run."""
     popularity = np.load(run_dir / "data" / "popularity.npy")
     out = {}
-    for subset in ("test_warm", "test_cold"):
+    for subset in SUBSETS:
         path = run_dir / "data" / f"{subset}.parquet"
         if path.exists():
-            out[subset] = popularity_metrics(popularity, read_examples(path), ks=job.train.eval_ks,
-                                             mask_history=job.train.eval_mask_history)
+            examples = read_examples(path)
+            headline = popularity_metrics(popularity, examples, ks=job.train.eval_ks,
+                                          mask_history=job.train.eval_mask_history)
+            other = popularity_metrics(popularity, examples, ks=job.train.eval_ks,
+                                       mask_history=not job.train.eval_mask_history)
+            prefix = "unmasked_" if job.train.eval_mask_history else "masked_"
+            out[subset] = {**headline, **{prefix + k: v for k, v in other.items()}}
     return out
 
 
@@ -143,7 +152,10 @@ def main() -> int:
     parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--seeds", default="0,1,2", help="train.seed values (comma list)")
-    parser.add_argument("--steps", type=int, default=150, help="training steps per run (one epoch), every method")
+    parser.add_argument("--steps", type=int, default=150, help="training steps per epoch (0 = whole epochs)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs at most, every method")
+    parser.add_argument("--patience", type=int, default=0, help="stop after this many epochs without a better "
+                                                                "validation NDCG@10 (0 = never)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--text-length", type=int, default=16)
@@ -180,6 +192,7 @@ def main() -> int:
             wall = time.perf_counter() - started
             metrics = {subset: pick(outcome.metrics, subset) for subset in SUBSETS}
             runs.append({"method": method, "seed": seed, "wall_seconds": wall, "metrics": metrics,
+                         "epochs": outcome.last_metrics.get("epoch"), "best_epoch": outcome.metrics.get("epoch"),
                          "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
                          "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
             print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
@@ -188,9 +201,7 @@ def main() -> int:
             if not any(run["method"] == POPULARITY and run["seed"] == seed for run in runs):
                 subsets = subset_popularity(outcome.run_dir, job)
                 runs.append({"method": POPULARITY, "seed": seed, "wall_seconds": 0.0, "metrics": {
-                    "test": {m: float(outcome.baseline[m]) for m in METRICS},
-                    **{s: {m: float(v[m]) for m in METRICS} for s, v in subsets.items()},
-                }})
+                    s: {m: float(v[m]) for m in METRICS} for s, v in subsets.items()}})
     order = [POPULARITY, *methods, *(m for m in METHODS if m not in methods)]  # resumed runs may add methods
     runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
     summary = summarise(runs)
@@ -203,6 +214,7 @@ def main() -> int:
                     "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg())},
         "protocol": {"data": "ml100k_mm", "split": "leave_one_out", "ranking": "full catalogue",
                      "cold_item_fraction": args.cold_fraction, "cold_seed": DataConfig.cold_seed, "steps": args.steps,
+                     "epochs": args.epochs, "patience": args.patience,
                      "batch_size": args.batch_size, "image_size": args.image_size, "text_length": args.text_length,
                      "extra_overrides": args.overrides, "methods": {m: METHODS[m] for m in dict.fromkeys(run["method"] for run in runs) if m in METHODS},
                      "common_overrides": common_overrides(args), "test_users": counts},

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 IMAGE_ENCODER_KINDS: tuple[str, ...] = ("tiny_cnn", "efficientnet_lite0", "hf")
@@ -140,6 +141,13 @@ def apply_unfreeze_top(
             parameter.requires_grad_(True)
 
 
+def frozen_block_count(num_blocks: int, unfreeze_top: int) -> int:
+    """How many of the bottom blocks `apply_unfreeze_top` leaves frozen (the trunk's blocks)."""
+    if unfreeze_top == -1:
+        return 0
+    return max(0, num_blocks - unfreeze_top) if unfreeze_top else num_blocks
+
+
 def find_block_list(root: nn.Module) -> tuple[str, nn.ModuleList]:
     """The encoder's stack of blocks: the shallowest `nn.ModuleList` in `root`, first registered.
 
@@ -192,6 +200,29 @@ class PartiallyTrainableEncoder(nn.Module):
     for the bank, so the two would see different features: measured, this made end-to-end training 2.4x worse
     (BENCHMARKS.md, quality session 3, `image.freeze_norm_stats`, now always on).
     """
+
+    # The trunk/top split (the frozen-trunk cache, `training.trunk_cache`): every encoder's forward is
+    # `top(trunk(*inputs), *inputs)`. `trunk` is the frozen bottom (stem/embeddings and the frozen blocks; the
+    # whole encoder when unfreeze_top == 0) and runs without gradients; `top` is everything that trains. So the
+    # trunk's output is a pure function of the item's content and can be computed once per item and kept.
+    unfreeze_top: int = -1
+
+    def trunk(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def top(self, trunk_output: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def trunk_cache_unsupported(self) -> str:
+        """Why this encoder's trunk output cannot be cached ("" when it can)."""
+        if self.unfreeze_top == -1:
+            return "every layer trains (unfreeze_top=-1): there is no frozen trunk to cache"
+        return ""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.unfreeze_top == -1):
+            trunk_output = self.trunk(*inputs)  # nothing in a frozen trunk needs a gradient
+        return self.top(trunk_output, *inputs)
 
     def train(self, mode: bool = True) -> PartiallyTrainableEncoder:
         super().train(mode)

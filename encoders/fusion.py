@@ -60,6 +60,41 @@ class ItemEncoder(nn.Module):
         features = F.normalize(features, dim=-1)
         return torch.where(mask[:, None], features, placeholder.expand_as(features))
 
+    def content_trunk(self, image: torch.Tensor, image_mask: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, text_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decoded content of B items -> their trunk fields (no gradient): each encoder's frozen-part output
+        (`image_trunk`, `text_trunk`) and the per-item inputs the trained top still needs (masks, tokens). A pure
+        function of the items' content: `training.trunk_cache` keeps it per item."""
+        fields: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if self.image_encoder is not None:
+                fields.update(image_trunk=self.image_encoder.trunk(image), image_mask=image_mask)
+            if self.text_encoder is not None:
+                fields.update(text_trunk=self.text_encoder.trunk(input_ids, attention_mask), input_ids=input_ids,
+                              attention_mask=attention_mask, text_mask=text_mask)
+        return fields
+
+    def encode_trunk(self, fields: dict[str, torch.Tensor], size: int | None = None) -> torch.Tensor:
+        """Trunk fields of B items (`content_trunk`, or rows of the trunk cache) -> content vectors [B, D]
+        (zeros if no content). `size` (a Matryoshka size) runs only the size-s sub-projection -> [B, size], equal
+        to the first `size` dims of the full vectors."""
+        if not self.has_content:
+            first = next(iter(fields.values()))
+            return torch.zeros(first.shape[0], size or self.dim, device=first.device)
+        parts = []
+        if self.image_encoder is not None:
+            features = self.image_encoder.top(fields["image_trunk"])
+            parts.append(self._with_placeholder(features, fields["image_mask"].bool(), self.missing_image))
+        if self.text_encoder is not None:
+            features = self.text_encoder.top(fields["text_trunk"], fields["input_ids"], fields["attention_mask"])
+            parts.append(self._with_placeholder(features, fields["text_mask"].bool(), self.missing_text))
+        features = self.dropout(torch.cat(parts, dim=-1))
+        if size is None or size == self.dim:
+            return self.projection(features)
+        if not isinstance(self.projection, MatryoshkaLinear):
+            raise ValueError(f"content vectors of size {size} need a Matryoshka projection; this one is {self.dim}-only")
+        return self.projection.forward_prefix(features, size)
+
     def encode_content(
         self,
         image: torch.Tensor,
@@ -69,25 +104,28 @@ class ItemEncoder(nn.Module):
         text_mask: torch.Tensor,
         size: int | None = None,
     ) -> torch.Tensor:
-        """image [B,3,S,S] uint8, masks [B] bool, tokens [B,T] -> content vectors [B, D] (zeros if no content).
-
-        `size` (a Matryoshka size) runs only the size-s sub-projection -> [B, size], equal to the first `size`
-        dims of the full vectors.
-        """
-        batch = image.shape[0]
+        """image [B,3,S,S] uint8, masks [B] bool, tokens [B,T] -> content vectors [B, D]: the trunk, then the
+        trained top (`encode_trunk`)."""
         if not self.has_content:
-            return torch.zeros(batch, size or self.dim, device=image.device)
-        parts = []
-        if self.image_encoder is not None:
-            parts.append(self._with_placeholder(self.image_encoder(image), image_mask.bool(), self.missing_image))
-        if self.text_encoder is not None:
-            parts.append(self._with_placeholder(self.text_encoder(input_ids, attention_mask), text_mask.bool(), self.missing_text))
-        features = self.dropout(torch.cat(parts, dim=-1))
-        if size is None or size == self.dim:
-            return self.projection(features)
-        if not isinstance(self.projection, MatryoshkaLinear):
-            raise ValueError(f"content vectors of size {size} need a Matryoshka projection; this one is {self.dim}-only")
-        return self.projection.forward_prefix(features, size)
+            return torch.zeros(image.shape[0], size or self.dim, device=image.device)
+        return self.encode_trunk(self.content_trunk(image, image_mask, input_ids, attention_mask, text_mask), size)
+
+    def encode_fields(self, fields: dict[str, torch.Tensor], size: int | None = None) -> torch.Tensor:
+        """Either kind of per-item fields -> content vectors: trunk fields (keys `image_trunk` / `text_trunk`)
+        go straight to the top, decoded content (`image`, `input_ids`, ...) through the trunk first."""
+        if "image_trunk" in fields or "text_trunk" in fields or not self.has_content:
+            return self.encode_trunk(fields, size)
+        return self.encode_content(fields["image"], fields["image_mask"], fields["input_ids"],
+                                   fields["attention_mask"], fields["text_mask"], size)
+
+    def trunk_cache_unsupported(self) -> str:
+        """Why the trunk fields cannot be cached per item ("" when they can)."""
+        if not self.has_content:
+            return "the model has no content encoders"
+        reasons = [f"{name}: {encoder.trunk_cache_unsupported()}"
+                   for name, encoder in (("image", self.image_encoder), ("text", self.text_encoder))
+                   if encoder is not None and encoder.trunk_cache_unsupported()]
+        return "; ".join(reasons)
 
     def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """[...] item ids -> [..., D] id embeddings (zeros when ids are not used)."""

@@ -18,6 +18,7 @@ from encoders.config import (
     PartiallyTrainableEncoder,
     apply_unfreeze_top,
     find_block_list,
+    frozen_block_count,
     modules_after,
 )
 
@@ -62,14 +63,24 @@ class TinyCNNImageEncoder(PartiallyTrainableEncoder):
             for in_width, out_width in zip(widths[:-1], widths[1:])
         )
         self.out_dim: int = widths[-1]
+        self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, self.blocks, [], unfreeze_top)
+        self.frozen_blocks = frozen_block_count(len(self.blocks), unfreeze_top)
         self.train()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> [B, out_dim]."""
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> the frozen blocks' output [B, C, h, w] (pooled [B, out_dim] when all are frozen)."""
         features = self.normalize(images)
-        for block in self.blocks:
+        for block in self.blocks[: self.frozen_blocks]:
             features = block(features)  # [B, C, H / 2^k, W / 2^k]
+        return features.mean(dim=(2, 3)) if self.unfreeze_top == 0 else features
+
+    def top(self, features: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's output -> [B, out_dim]."""
+        if self.unfreeze_top == 0:
+            return features
+        for block in self.blocks[self.frozen_blocks:]:
+            features = block(features)
         return features.mean(dim=(2, 3))
 
 
@@ -107,16 +118,44 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
         if channels_last:
             # NHWC is markedly faster for the depthwise convs of MBConv on CPU (oneDNN).
             self.backbone.to(memory_format=torch.channels_last)
+        self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, backbone._blocks, [backbone._conv_head, backbone._bn1], unfreeze_top)
+        self.frozen_blocks = frozen_block_count(len(backbone._blocks), unfreeze_top)
         self.train()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3, H, W] -> [B, 1280]."""
-        pixels = self.normalize(images)
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
-        feature_map = self.backbone.extract_features(pixels)  # [B, 1280, H / 32, W / 32]
-        return feature_map.mean(dim=(2, 3))
+    def _layout(self, features: torch.Tensor) -> torch.Tensor:
+        return features.contiguous(memory_format=torch.channels_last) if self.channels_last else features
+
+    def _blocks(self, features: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """MBConv blocks start..stop-1, each with the package's drop-connect rate for its depth."""
+        blocks, rate = self.backbone._blocks, self.backbone._global_params.drop_connect_rate
+        for index in range(start, stop):
+            features = blocks[index](features, drop_connect_rate=rate * index / len(blocks) if rate else rate)
+        return features
+
+    def _head(self, features: torch.Tensor) -> torch.Tensor:
+        backbone = self.backbone
+        return backbone._swish(backbone._bn1(backbone._conv_head(features))).mean(dim=(2, 3))  # [B, 1280]
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> the frozen part's output: normalised pixels (nothing frozen), the last frozen
+        block's map [B, C, H / 32, W / 32] (top blocks train) or the pooled [B, 1280] (nothing trains)."""
+        features = self._layout(self.normalize(images))
+        if self.unfreeze_top == -1:
+            return features
+        backbone = self.backbone
+        features = self._blocks(backbone._swish(backbone._bn0(backbone._conv_stem(features))), 0, self.frozen_blocks)
+        return self._head(features) if self.unfreeze_top == 0 else features
+
+    def top(self, features: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's output -> [B, 1280] (the package's `extract_features`, globally pooled)."""
+        if self.unfreeze_top == 0:
+            return features
+        features = self._layout(features)
+        if self.unfreeze_top == -1:
+            backbone = self.backbone
+            features = backbone._swish(backbone._bn0(backbone._conv_stem(features)))
+        return self._head(self._blocks(features, self.frozen_blocks, len(self.backbone._blocks)))
 
 
 def _image_normalization(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -173,6 +212,7 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
             for name, module in modules_after(model, block_name)
             if not (pooler_untrained and name.split(".")[-1] == "pooler")
         ]
+        self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, blocks, head, unfreeze_top)
         if pooler_untrained and isinstance(getattr(model, "pooler", None), nn.Module):
             # Unused but trainable parameters break DDP (no gradient ever arrives).
@@ -185,7 +225,19 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
             self.out_dim: int = int(self.forward(probe).shape[-1])
         self.train(was_training)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def trunk_cache_unsupported(self) -> str:
+        if self.unfreeze_top > 0:
+            return "image.kind=hf caches only a fully frozen encoder (image.unfreeze_top=0)"
+        return super().trunk_cache_unsupported()
+
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """Fully frozen: the whole encoder [B, out_dim]; otherwise the images themselves (no split)."""
+        return self._features(images) if self.unfreeze_top == 0 else images
+
+    def top(self, features: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        return features if self.unfreeze_top == 0 else self._features(features)
+
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> [B, out_dim]."""
         outputs = self.model(pixel_values=self.normalize(images), **self._forward_kwargs)
         pooled = getattr(outputs, "pooler_output", None) if self.use_pooler_output else None

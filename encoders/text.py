@@ -19,12 +19,17 @@ from encoders.config import (
     PartiallyTrainableEncoder,
     apply_unfreeze_top,
     find_block_list,
+    frozen_block_count,
     modules_after,
     resolve_text_model_path,
 )
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+
+class _Stop(Exception):
+    """Stops a forward pass once a hook has seen what it needed."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -72,7 +77,13 @@ class _ResidualMLP(nn.Module):
         return features + self.down(nn.functional.gelu(self.up(self.norm(features))))
 
 
-class TinyTextEncoder(PartiallyTrainableEncoder):
+class _TextEncoder(PartiallyTrainableEncoder):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T], attention_mask [B, T] -> [B, out_dim]: the trunk, then the trained top."""
+        return super().forward(input_ids, attention_mask)
+
+
+class TinyTextEncoder(_TextEncoder):
     """From-scratch bag-of-tokens encoder: embedding -> masked mean -> residual MLPs -> LayerNorm.
 
     Blocks for `unfreeze_top` are the residual MLPs; the head is the final LayerNorm; the token
@@ -85,18 +96,34 @@ class TinyTextEncoder(PartiallyTrainableEncoder):
         self.blocks = nn.ModuleList(_ResidualMLP(dim) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(dim)
         self.out_dim: int = dim
+        self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, self.blocks, [self.final_norm], unfreeze_top)
+        self.frozen_blocks = frozen_block_count(len(self.blocks), unfreeze_top)
         self.train()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids int64 [B, T], attention_mask [B, T] -> [B, dim]."""
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T], attention_mask [B, T] -> the frozen part's output [B, dim] (the ids themselves
+        when the embedding trains)."""
+        if self.unfreeze_top == -1:
+            return input_ids
         features = masked_mean(self.token_embedding(input_ids), attention_mask)  # [B, D]
-        for block in self.blocks:
+        for block in self.blocks[: self.frozen_blocks]:
+            features = block(features)
+        return self.final_norm(features) if self.unfreeze_top == 0 else features
+
+    def top(self, features: torch.Tensor, input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's output -> [B, dim]."""
+        if self.unfreeze_top == 0:
+            return features
+        if self.unfreeze_top == -1:
+            features = masked_mean(self.token_embedding(features), attention_mask)
+        for block in self.blocks[self.frozen_blocks:]:
             features = block(features)
         return self.final_norm(features)
 
 
-class HFTextEncoder(PartiallyTrainableEncoder):
+class HFTextEncoder(_TextEncoder):
     """Any transformers text encoder (BERT, MiniLM, MPNet, RoBERTa, ...), mean-pooled.
 
     Blocks for `unfreeze_top` are the transformer layers; the head is any final norm after
@@ -112,17 +139,77 @@ class HFTextEncoder(PartiallyTrainableEncoder):
         self.out_dim: int = int(self.model.config.hidden_size)
         block_name, blocks = find_block_list(self.model)
         head = [module for name, module in modules_after(self.model, block_name) if name.split(".")[-1] != "pooler"]
+        self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, blocks, head, unfreeze_top)
         pooler = getattr(self.model, "pooler", None)
         if isinstance(pooler, nn.Module):
             pooler.requires_grad_(False)
+        self.blocks, self.head = blocks, head
+        self.frozen_blocks = frozen_block_count(len(blocks), unfreeze_top)
         self.train()
+
+    def trunk_cache_unsupported(self) -> str:
+        if 0 < self.unfreeze_top and self.head:
+            return (f"text.kind=hf: {type(self.model).__name__} has layers after its blocks; only fully frozen "
+                    "(text.unfreeze_top=0) is cached")
+        return super().trunk_cache_unsupported()
+
+    def _block_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      block: nn.Module) -> tuple[tuple, dict]:
+        """The arguments the model passes to `block`, as its own forward builds them (attention mask format,
+        position terms: these differ across transformers versions). The forward is stopped there."""
+        seen: dict[str, tuple] = {}
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["inputs"] = (args, kwargs)
+            raise _Stop
+
+        handle = block.register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return seen["inputs"]
+
+    @property
+    def _split(self) -> bool:
+        """Whether forward runs as trunk + top layers (top layers train, nothing after them)."""
+        return self.unfreeze_top > 0 and not self.head
+
+    def trunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids int64 [B, T], attention_mask [B, T] -> the frozen part's output: the hidden states entering
+        the first trained layer [B, T, H], or the pooled [B, H] when nothing trains (the ids when not split)."""
+        if self.unfreeze_top == 0:
+            return self._full(input_ids, attention_mask)
+        if not self._split:
+            return input_ids
+        args, kwargs = self._block_inputs(input_ids, attention_mask, self.blocks[self.frozen_blocks])
+        return args[0] if args else kwargs["hidden_states"]
+
+    def top(self, features: torch.Tensor, input_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The trunk's output -> [B, hidden_size], mean-pooled over the attention mask."""
+        if self.unfreeze_top == 0:
+            return features
+        if not self._split:
+            return self._full(features, attention_mask)
+        # the layers' other arguments (attention mask in the model's own format) as the model builds them: only
+        # the embeddings run for it
+        args, kwargs = self._block_inputs(input_ids, attention_mask, self.blocks[0])
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        hidden = features
+        for block in self.blocks[self.frozen_blocks:]:
+            out = block(hidden, *args[1:], **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return masked_mean(hidden, attention_mask)
+
+    def _full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        token_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        return masked_mean(token_states, attention_mask)
 
     @property
     def vocab_size(self) -> int:
         return int(self.model.get_input_embeddings().num_embeddings)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids int64 [B, T], attention_mask [B, T] -> [B, hidden_size]."""
-        token_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-        return masked_mean(token_states, attention_mask)

@@ -9,15 +9,15 @@ MEMORY_MODES = ("bank", "recompute")
 
 @dataclass(kw_only=True)
 class MemoryConfig:
-    """How training obtains embeddings of history items.
+    """How training obtains embeddings of history items, and what it keeps per item.
 
     mode: "bank" reads history items from the memory bank (LEMUR write-on-encode);
         "recompute" re-encodes every history item each step (the exact, costly reference).
     num_shards: number of bank actors; item id i lives on shard i % num_shards.
     encode_fraction: share of a step's items that are re-encoded (and written back) in "bank" mode.
-    refresh_every_steps: every N steps re-encode stale entries; 0 = field(
-        default=never.,
-        metadata={"help": "re-encode the catalogue into the bank every N steps (0 = only at each evaluation)"})
+    refresh_every_steps: every N steps re-encode the whole catalogue into the bank; 0 = only at each evaluation.
+    trunk_cache: keep each item's frozen-trunk output (`training.trunk_cache`) so that steps run only the
+        encoders' trained top layers.
     fill_with_ray_data: the initial bank fill as a Ray Data batch-inference pass, with as many encoder actors as
         the cluster's CPUs allow (else rank 0 alone).
     """
@@ -32,6 +32,10 @@ class MemoryConfig:
     refresh_every_steps: int = field(
         default=0,
         metadata={"help": "re-encode the catalogue into the bank every N steps (0 = only at each evaluation)"})
+    trunk_cache: bool = field(
+        default=True,
+        metadata={"help": "run each encoder's frozen layers once per item and keep the output; steps run only the "
+                          "trained top layers (off where that is not exact: the run says why)"})
     fill_with_ray_data: bool = field(
         default=False,
         metadata={"help": "fill the bank before training with a Ray Data actor pool (else rank 0 alone)"})
@@ -39,6 +43,9 @@ class MemoryConfig:
     # Fixed (not settings): re-encoded items per step compared against their cached vector (bank_cosine_cached_
     # fresh), and the fill pass's encoder actors (0 = as many as the cluster's CPUs allow).
     staleness_sample: ClassVar[int] = 64
+    # The frozen-trunk cache is off (and the run says so) beyond this size; ml100k_mm with the movielens preset's
+    # encoders (top layer of each trained) takes 85 MiB.
+    trunk_cache_max_mb: ClassVar[float] = 4096
     fill_actors: ClassVar[int] = 0
 
     def __post_init__(self) -> None:

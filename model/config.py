@@ -8,7 +8,7 @@ from matryoshka.layers import validate_sizes
 
 MODALITIES = ("image", "text")
 SEQUENCE_MODELS = ("sasrec", "lru")
-LOSSES = ("sampled_softmax", "full_softmax")
+LOSSES = ("auto", "sampled_softmax", "full_softmax")
 TASKS = ("retrieval", "ctr")
 
 
@@ -26,8 +26,10 @@ class ModelConfig:
     num_heads: int = field(default=2, metadata={"help": "SASRec attention heads (model.dim must be divisible by it)"})
     dropout: float = field(default=0.2, metadata={"help": "dropout in the item fusion and the sequence model"})
     loss: str = field(
-        default="sampled_softmax",
-        metadata={"help": "sampled_softmax (in-batch negatives, logQ-corrected) or full_softmax (every item, from the bank)"})
+        default="auto",
+        metadata={"help": "full_softmax (every item; content from the bank unless exact), sampled_softmax "
+                          "(in-batch negatives, logQ-corrected) or auto (full where every item's vector is exact "
+                          "each step, up to 100,000 items; else sampled)"})
     temperature: float = field(default=0.05, metadata={"help": "scores are cosine similarities divided by this"})
     # Matryoshka: nested sizes at which item and user vectors are trained and served (() = off). When set, the
     # last size must be `dim`; vectors at size s are the first s dims of the full ones, renormalised.
@@ -47,6 +49,12 @@ class ModelConfig:
     logq_correction: ClassVar[bool] = True
     extra_negatives: ClassVar[int] = 0
     ctr_contrastive_weight: ClassVar[float] = 1.0
+    # loss=auto picks the full softmax only where a step can compute every item's vector exactly (ID-only
+    # models; frozen encoders with the trunk cache) and the catalogue has at most this many items. With trained
+    # encoders the other items' content could only come from the bank, stale by up to an epoch: on one repeated
+    # batch the full softmax over such vectors stops fitting (loss 8.36 -> 1.63 after 3 steps, then up to 3.25
+    # by step 30) while the in-batch sampled softmax, whose vectors are all fresh, fits (5.68 -> 0.74).
+    full_softmax_max_items: ClassVar[int] = 100_000
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -87,6 +95,14 @@ class ModelConfig:
                              f"model.matryoshka_sizes={list(sizes)}")
         if any(w < 0 for w in weights) or (weights and sum(weights) <= 0):
             raise ValueError(f"model.matryoshka_weights={list(weights)} must be >= 0 and not all zero")
+
+    def resolved_loss(self, num_items: int, exact_catalogue: bool) -> str:
+        """The loss a run trains with (`auto` resolved): `num_items` catalogue items; `exact_catalogue`, whether
+        a step can compute every item's vector exactly (see `training.trainer.exact_catalogue`)."""
+        if self.loss != "auto":
+            return self.loss
+        fits = num_items <= self.full_softmax_max_items
+        return "full_softmax" if fits and exact_catalogue else "sampled_softmax"
 
     @property
     def supported_sizes(self) -> tuple[int, ...]:

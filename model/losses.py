@@ -151,15 +151,16 @@ OBJECTIVES: dict[str, Callable] = {
 }
 
 
-def build_objective(cfg, popularity: np.ndarray):
+def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False):
     """The model config (`model.task`, `model.loss`, Matryoshka sizes) + training item counts [N+1] -> objective.
+    `exact_catalogue`: whether the trainer computes every item's vector exactly each step (`model.loss=auto`).
 
     Retrieval objectives share `RetrievalLoss`'s call; with Matryoshka sizes they are wrapped in
     `NestedSizesLoss`. `task=ctr` gives `CTRLoss` (its own call: labels and groups instead of negatives).
     """
     if cfg.task == "ctr":
         return CTRLoss(cfg.temperature, cfg.ctr_contrastive_weight)
-    base = OBJECTIVES[cfg.loss](cfg, popularity)
+    base = OBJECTIVES[cfg.resolved_loss(len(popularity) - 1, exact_catalogue)](cfg, popularity)
     if cfg.matryoshka_sizes:  # fMRLRec: the same loss at every nested size, weighted and summed
         return NestedSizesLoss(base, cfg.matryoshka_sizes, cfg.loss_weights)
     return base

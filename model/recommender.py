@@ -85,31 +85,27 @@ class Recommender(nn.Module):
         self,
         *,
         target_ids: torch.Tensor,
-        image: torch.Tensor,
-        image_mask: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        text_mask: torch.Tensor,
+        content: dict[str, torch.Tensor],
         history_ids: torch.Tensor,
         history_content: torch.Tensor,
         encode_mask: torch.Tensor | None = None,
         target_cached_content: torch.Tensor | None = None,
         history_item_content: dict[str, torch.Tensor] | None = None,
     ) -> StepOutput:
-        """Batch of B examples: target content [B, ...] as decoded by the pipeline, cached history content [B, L, D].
+        """Batch of B examples: the targets' content [B, ...] per field, cached history content [B, L, D].
 
+        `content` is either the decoded content (image, masks, tokens, as the pipeline delivers it) or the trunk
+        fields of the targets (rows of `training.trunk_cache`); `ItemEncoder.encode_fields` takes both.
         encode_mask [B] bool (LEMUR's encoder sampling): only these rows' targets run the encoder; the others use
         `target_cached_content` [B, D] (bank vectors, no gradient). history_item_content (memory.mode=recompute):
-        the decoded content of every history item ([B, L, ...] per field); those items are then encoded too,
+        the same fields for every history item ([B, L, ...] per field); those items are then encoded too,
         with gradients, instead of read from the bank. Every distinct item is encoded once per step.
         """
-        content_fields = {"image": image, "image_mask": image_mask, "input_ids": input_ids,
-                          "attention_mask": attention_mask, "text_mask": text_mask}
         rows = torch.arange(target_ids.shape[0], device=target_ids.device)
         if encode_mask is not None:
             rows = rows[encode_mask]
         ids = target_ids[rows]
-        fields = {k: v[rows] for k, v in content_fields.items()}
+        fields = {k: v[rows] for k, v in content.items()}
         if history_item_content is not None:
             flat_ids = history_ids.reshape(-1)
             real = flat_ids > 0
@@ -118,14 +114,11 @@ class Recommender(nn.Module):
                 flat = history_item_content[key].reshape(-1, *history_item_content[key].shape[2:])
                 fields[key] = torch.cat([fields[key], flat[real]])
         unique_ids, first_row, _ = unique_first(ids)
-        content = self.item_encoder.encode_content(
-            fields["image"][first_row], fields["image_mask"][first_row].bool(), fields["input_ids"][first_row],
-            fields["attention_mask"][first_row], fields["text_mask"][first_row].bool(),
-        )  # [U, D]
+        content_vectors = self.item_encoder.encode_fields({k: v[first_row] for k, v in fields.items()})  # [U, D]
         if unique_ids.numel():
             pos = torch.searchsorted(unique_ids, target_ids).clamp(max=unique_ids.shape[0] - 1)
             encoded = unique_ids[pos] == target_ids
-            fresh_targets = content[pos]
+            fresh_targets = content_vectors[pos]
         else:
             encoded = torch.zeros_like(target_ids, dtype=torch.bool)
             fresh_targets = torch.zeros(target_ids.shape[0], self.item_encoder.dim, device=target_ids.device)
@@ -134,9 +127,9 @@ class Recommender(nn.Module):
         else:
             target_content = fresh_targets
         positive = self.item_vectors(target_content, target_ids)
-        history_content = replace_with_fresh(history_ids, history_content, unique_ids, content)
+        history_content = replace_with_fresh(history_ids, history_content, unique_ids, content_vectors)
         user = self.user_vectors(history_ids, history_content)
-        return StepOutput(user=user, positive=positive, unique_ids=unique_ids, unique_content=content)
+        return StepOutput(user=user, positive=positive, unique_ids=unique_ids, unique_content=content_vectors)
 
 
 def unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

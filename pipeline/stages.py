@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data.extensions import ArrowTensorArray
 
 from pipeline.config import DataConfig
 from pipeline.content import ContentSpec, ItemContentDecoder, decode_catalog
@@ -56,13 +57,21 @@ def id_blocks(table: pa.Table, actors: int, batch_size: int) -> ray.data.Dataset
 
 
 def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: ContentSpec,
-                  batch_size: int, shuffle: bool = True, with_history_content: bool = False) -> ray.data.Dataset:
+                  batch_size: int, shuffle: bool = True, with_history_content: bool = False,
+                  decode: bool = True) -> ray.data.Dataset:
     """Training examples with their target item's content (and, for memory.mode=recompute, every history
-    item's content); a new random order each epoch."""
-    ds = id_blocks(pq.read_table(examples_path), cfg.decode_actors, batch_size)
+    item's content); a new random order each epoch. `decode=False` (the trainer has a trunk cache, see
+    `training.trunk_cache`): ids only, nothing decoded."""
+    table = pq.read_table(examples_path)
+    if not decode:
+        # the decoder would have turned the fixed-size history lists into an [n, L] array: a tensor column does it
+        history = table.column("history").combine_chunks()
+        table = table.set_column(table.schema.get_field_index("history"), "history", ArrowTensorArray.from_numpy(
+            history.values.to_numpy().reshape(len(history), history.type.list_size)))
+    ds = id_blocks(table, cfg.decode_actors, batch_size)
     if shuffle:
         ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
-    return _decode(ds, items_path, "target", cfg, spec, batch_size, with_history_content)
+    return _decode(ds, items_path, "target", cfg, spec, batch_size, with_history_content) if decode else ds
 
 
 def decoded_catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec,
@@ -72,8 +81,6 @@ def decoded_catalog_dataset(items_path: Path, cfg: DataConfig, spec: ContentSpec
     For catalogues small enough to hold decoded (`data.driver_decode_max_mb`): the decode itself is seconds,
     while a Ray Data pass first starts an actor pool.
     """
-    from ray.data.extensions import ArrowTensorArray
-
     return ray.data.from_arrow([
         pa.table({name: ArrowTensorArray.from_numpy(values) if values.ndim > 1 else pa.array(values)
                   for name, values in batch.items()})

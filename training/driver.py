@@ -32,7 +32,8 @@ from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
 from training.evaluate import popularity_metrics, write_size_report
 from training.loop import train_loop_per_worker
-from training.trainer import StepCallback
+from training.trunk_cache import trunk_cache_plan
+from training.trainer import StepCallback, exact_catalogue
 from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
@@ -183,20 +184,30 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
         items_path = prepared / ITEMS_FILE
         # Decoded catalogue content never changes: when materialised it is decoded once and re-encoded every pass.
         started = time.perf_counter()
-        in_driver = (job.data.materialize_catalog
-                     and decoded_catalog_bytes(num_items, spec) <= job.data.driver_decode_max_mb * 2**20)
+        # an ID-only model never reads item content: its catalogue dataset stays lazy and is never run
+        materialize = job.data.materialize_catalog and bool(job.model.modalities)
+        in_driver = materialize and decoded_catalog_bytes(num_items, spec) <= job.data.driver_decode_max_mb * 2**20
         if in_driver:
             catalog = decoded_catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
         else:
             catalog = catalog_dataset(items_path, job.data, spec, job.train.eval_batch_size)
-            if job.data.materialize_catalog:
+            if materialize:
                 catalog = catalog.materialize()
-        if job.data.materialize_catalog:
+        if materialize:
             log(f"[train] catalogue decoded once ({num_items} items, {'in the driver' if in_driver else 'Ray Data'})"
                 f" in {time.perf_counter() - started:.1f}s")
+        cache_plan = trunk_cache_plan(job, items_path, spec, num_items)
+        log(f"[train] {cache_plan.describe()}")
+        loss = job.model.resolved_loss(num_items, exact_catalogue(job, cache_plan.enabled))
+        log(f"[train] loss: {loss}" + (" (model.loss=auto)" if job.model.loss == "auto" else ""))
+        tracker.log_params({"model.loss_resolved": loss})
+        tracker.log_metrics({"trunk_cache_enabled": float(cache_plan.enabled),
+                             "trunk_cache_mb": cache_plan.total_bytes / 2**20})
         datasets = {
+            # with the trunk cache (or no content at all) the training stream carries ids only
             "train": train_dataset(train_path, items_path, job.data, spec, job.train.batch_size,
-                                   with_history_content=job.memory.mode == "recompute"),
+                                   with_history_content=job.memory.mode == "recompute",
+                                   decode=bool(job.model.modalities) and not cache_plan.enabled),
             "catalog": catalog,
         }
         bank_prefilled = False
@@ -231,6 +242,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 "watermark": manifest["watermark"],
                 "callbacks": list(callbacks),
                 "bank_prefilled": bank_prefilled,
+                "trunk_cache": cache_plan.enabled,
                 "init_model": str(init_model) if bank_prefilled else "",
             },
             scaling_config=ScalingConfig(

@@ -26,12 +26,11 @@ from training.metrics import RankingAccumulator, auc, grouped_auc, history_mask,
 
 @torch.inference_mode()
 def encode_content_batch(model: Recommender, batch: dict, device: torch.device) -> torch.Tensor:
-    """One batch of decoded catalogue content (numpy or torch: image [n,3,S,S], masks [n], tokens [n,T]) ->
-    content vectors [n, D]. Every catalogue pass (training, the Ray Data bank fill, offline evaluation, export,
-    benchmarks) encodes through this one function."""
-    tensor = lambda key: torch.as_tensor(batch[key]).to(device)  # noqa: E731
-    return model.item_encoder.encode_content(tensor("image"), tensor("image_mask").bool(), tensor("input_ids"),
-                                             tensor("attention_mask"), tensor("text_mask").bool())
+    """One catalogue batch (numpy or torch) -> content vectors [n, D]: decoded content (image [n,3,S,S], masks [n],
+    tokens [n,T]) or trunk-cache fields (`training.trunk_cache`). Every catalogue pass (training, the Ray Data bank
+    fill, offline evaluation, export, benchmarks) encodes through this one function."""
+    return model.item_encoder.encode_fields(
+        {k: torch.as_tensor(v).to(device) for k, v in batch.items() if k != "item_index"})
 
 
 def encode_catalog(model: Recommender, batches: Iterable[dict[str, torch.Tensor]], num_items: int,

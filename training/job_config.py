@@ -111,6 +111,7 @@ def build_config(preset: str, overrides: list[str] | None = None) -> JobConfig:
 
 def validate(config: JobConfig) -> JobConfig:
     """Cross-section checks that no single section can make on its own."""
-    if config.train.batch_size < 2 and config.model.loss == "sampled_softmax":
-        raise ConfigError("train.batch_size must be >= 2 for in-batch negatives (model.loss=sampled_softmax)")
+    if config.train.batch_size < 2 and config.model.loss != "full_softmax":
+        raise ConfigError("train.batch_size must be >= 2 for in-batch negatives (model.loss=sampled_softmax or "
+                          "auto beyond model.full_softmax_max_items)")
     return dataclasses.replace(config)

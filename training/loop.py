@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     np.random.seed(job.train.seed + rank)
     device = ray.train.torch.get_device()
     trainer = build_trainer(job, num_items, np.load(paths.popularity), bank, device=device,
-                            callbacks=loop_config.get("callbacks", ()))
+                            callbacks=loop_config.get("callbacks", ()), trunk_cache=loop_config.get("trunk_cache", False))
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as resume_dir:
         restored = restore(trainer, resume_dir=Path(resume_dir) if resume_dir else None,
@@ -75,6 +76,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def catalogue():
         return catalog_shard.iter_torch_batches(batch_size=job.train.eval_batch_size, device=device)
 
+    if loop_config.get("trunk_cache"):  # every rank keeps its own copy; the catalogue shard is not split
+        started = time.perf_counter()
+        cache = trainer.build_trunk_cache(catalogue())
+        if rank == 0:
+            log(f"[train] frozen-trunk cache built: {num_items} items, {cache.nbytes / 2**20:.1f} MiB, "
+                f"{time.perf_counter() - started:.1f}s")
     if not restored.bank_filled:
         if rank == 0:
             content = trainer.encode_catalogue(catalogue())

@@ -30,6 +30,7 @@ from model.recommender import Recommender
 from pipeline.sequences import Examples
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
 from training.job_config import JobConfig
+from training.trunk_cache import RAW_CONTENT_FIELDS, TrunkCache
 
 StepCallback = Callable[[int], None]  # called with the global step before that step runs
 
@@ -65,8 +66,8 @@ class BankHistory:
     """LEMUR: history items' content comes from the memory bank, no gradient; one lookup for the step's history,
     target and negative ids."""
 
-    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device,
-              negative_ids: np.ndarray) -> HistoryContent:
+    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device, negative_ids: np.ndarray,
+              content_of: Callable[[dict, str], dict]) -> HistoryContent:
         history = batch["history"].long()
         past, targets, negatives = _one_lookup(bank, history.reshape(-1).cpu().numpy(),
                                                batch["target"].long().cpu().numpy(), negative_ids)
@@ -75,17 +76,14 @@ class BankHistory:
 
 
 class RecomputeHistory:
-    """Every history item is decoded and encoded with gradients (the costly baseline the bank replaces); the bank
-    still serves the targets' cached vectors and the negatives, in one lookup."""
+    """Every history item is encoded with gradients (the costly baseline the bank replaces): its decoded content,
+    or its trunk-cache rows; the bank still serves the targets' cached vectors and the negatives, in one lookup."""
 
-    CONTENT_KEYS = ("image", "image_mask", "input_ids", "attention_mask", "text_mask")
-
-    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device,
-              negative_ids: np.ndarray) -> HistoryContent:
+    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device, negative_ids: np.ndarray,
+              content_of: Callable[[dict, str], dict]) -> HistoryContent:
         history = batch["history"].long()
         targets, negatives = _one_lookup(bank, batch["target"].long().cpu().numpy(), negative_ids)
-        return HistoryContent(torch.zeros(*history.shape, dim, device=device),
-                              {k: batch[f"history_{k}"] for k in self.CONTENT_KEYS},
+        return HistoryContent(torch.zeros(*history.shape, dim, device=device), content_of(batch, "history"),
                               targets.vectors, targets.found, None, negatives.vectors)
 
 
@@ -96,7 +94,8 @@ HISTORY_SOURCES = {"bank": BankHistory, "recompute": RecomputeHistory}
 
 
 # A negatives source picks the step's extra candidate ids (`ids`, before the step's bank lookup) and turns their
-# cached content [K, D] into item vectors for the objective (`vectors`: (vectors, ids passed to the objective)).
+# content [K, D] (the bank's, or fresh from the trunk cache) into item vectors for the objective (`vectors`:
+# (vectors, ids passed to the objective)).
 
 
 class InBatchNegatives:
@@ -105,7 +104,7 @@ class InBatchNegatives:
     def ids(self, num_items: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
 
-    def vectors(self, model: Recommender, ids: np.ndarray, cached: np.ndarray, device: torch.device):
+    def vectors(self, model: Recommender, ids: np.ndarray, content: torch.Tensor, device: torch.device):
         return None, None
 
 
@@ -118,19 +117,20 @@ class UniformNegatives:
     def ids(self, num_items: int) -> np.ndarray:
         return np.random.randint(1, num_items + 1, size=self.count)
 
-    def vectors(self, model: Recommender, ids: np.ndarray, cached: np.ndarray, device: torch.device):
+    def vectors(self, model: Recommender, ids: np.ndarray, content: torch.Tensor, device: torch.device):
         ids_t = torch.as_tensor(ids, device=device)
-        return model.item_vectors(_writable(cached, device), ids_t), ids_t
+        return model.item_vectors(content, ids_t), ids_t
 
 
 class CatalogueNegatives:
-    """The whole catalogue [N+1, D] from the bank (full softmax; row 0 = padding)."""
+    """The whole catalogue [N+1, D] (full softmax; row 0 = padding): content from the bank, or, where the trainer
+    can compute every item's content exactly each step (`exact_catalogue`), fresh and with gradients."""
 
     def ids(self, num_items: int) -> np.ndarray:
         return np.arange(num_items + 1)
 
-    def vectors(self, model: Recommender, ids: np.ndarray, cached: np.ndarray, device: torch.device):
-        return model.item_vectors(_writable(cached, device), torch.as_tensor(ids, device=device)), None
+    def vectors(self, model: Recommender, ids: np.ndarray, content: torch.Tensor, device: torch.device):
+        return model.item_vectors(content, torch.as_tensor(ids, device=device)), None
 
 
 # --------------------------------------------------------------------------- epoch statistics
@@ -210,10 +210,37 @@ class Trainer:
         self.optimizer, self.objective, self.negatives, self.history = optimizer, objective, negatives, history
         self.bank, self.job, self.num_items, self.device = bank, job, num_items, device
         self.callbacks = list(callbacks)
+        self.trunk_cache: TrunkCache | None = None  # set: item content comes from it, only encoder tops run
         self.global_step = 0
         self.total_steps = 0  # > 0: warm-up + cosine decay of every group's learning rate over this many steps
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
+
+    # ---- item content
+
+    def item_content(self, batch: dict, which: str) -> dict[str, torch.Tensor]:
+        """The content fields of the batch's `target` ([B]) or `history` ([B, L]) items: their trunk-cache rows
+        when the cache is on (the batch then carries ids only), else the decoded content the pipeline added."""
+        if not self.model.item_encoder.has_content:  # ID-only: no content, the stream carries ids only
+            return {"item_ids": batch[which].long()}
+        if self.trunk_cache is not None:
+            return self.trunk_cache.lookup(batch[which].long().to(self.device))
+        prefix = "" if which == "target" else "history_"
+        return {k: batch[prefix + k] for k in RAW_CONTENT_FIELDS}
+
+    def _negative_content(self, fetched: HistoryContent, ids: np.ndarray) -> torch.Tensor:
+        """The negatives' content [K, D]: fresh through the encoders' tops (with gradients) when every encoder is
+        frozen and cached (a projection of cached features: cheap for the whole catalogue), else the bank's."""
+        if self.trunk_cache is not None and not encoder_parameters(self.model)[0] and ids.size:
+            return self.model.item_encoder.encode_trunk(
+                self.trunk_cache.lookup(torch.as_tensor(ids, device=self.device)))
+        return _writable(fetched.negative_cached, self.device)
+
+    def build_trunk_cache(self, catalogue_batches: Iterable[dict]) -> TrunkCache:
+        """Run every item's frozen trunk once (`training.trunk_cache`); from then on steps and catalogue passes
+        run only the encoders' trained tops."""
+        self.trunk_cache = TrunkCache.build(self.model.item_encoder, catalogue_batches, self.num_items, self.device)
+        return self.trunk_cache
 
     # ---- one step
 
@@ -223,7 +250,8 @@ class Trainer:
         targets = batch["target"].long()
         target_np = targets.cpu().numpy()
         negative_ids = self.negatives.ids(self.num_items)  # before the step's one bank lookup
-        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device, negative_ids)
+        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device, negative_ids,
+                                     self.item_content)
         encode_mask = cached_content = None
         if job.memory.encode_fraction < 1.0:
             # LEMUR's encoder sampling; rows whose item has no bank vector yet are always encoded
@@ -231,9 +259,7 @@ class Trainer:
             encode_mask = torch.as_tensor(chosen | ~fetched.target_found, device=device)
             cached_content = _writable(fetched.target_cached, device)
         out = self.module(
-            target_ids=targets, image=batch["image"], image_mask=batch["image_mask"].bool(),
-            input_ids=batch["input_ids"].long(), attention_mask=batch["attention_mask"].long(),
-            text_mask=batch["text_mask"].bool(), history_ids=batch["history"].long(),
+            target_ids=targets, content=self.item_content(batch, "target"), history_ids=batch["history"].long(),
             history_content=fetched.history_content, encode_mask=encode_mask, target_cached_content=cached_content,
             history_item_content=fetched.history_item_content,
         )
@@ -241,7 +267,8 @@ class Trainer:
             labels = (batch["rating"].float() >= job.data.positive_rating).float()
             loss = self.objective(out.user, out.positive, labels, batch["user"].long(), targets)
         else:
-            negatives, negative_ids_t = self.negatives.vectors(model, negative_ids, fetched.negative_cached, device)
+            negatives, negative_ids_t = self.negatives.vectors(model, negative_ids,
+                                                               self._negative_content(fetched, negative_ids), device)
             loss = self.objective(out.user, out.positive, targets, negatives, negative_ids_t)
         unique_ids = out.unique_ids.cpu().numpy()
         unique_content = out.unique_content.detach()
@@ -317,7 +344,12 @@ class Trainer:
     # ---- the catalogue and evaluation
 
     def encode_catalogue(self, batches: Iterable[dict]) -> torch.Tensor:
-        """Decoded catalogue batches -> content table [N+1, D] (row 0 = padding), no gradient."""
+        """Decoded catalogue batches -> content table [N+1, D] (row 0 = padding), no gradient. With the trunk cache
+        the batches are not read: the cache's rows go through the encoders' tops."""
+        if not self.model.item_encoder.has_content:  # ID-only: nothing to read
+            return torch.zeros(self.num_items + 1, self.model.item_encoder.dim, device=self.device)
+        if self.trunk_cache is not None:
+            batches = self.trunk_cache.batches(self.job.train.eval_batch_size)
         return encode_catalog(self.model, batches, self.num_items, self.device)
 
     def refresh_bank(self, content: torch.Tensor, wait: bool = False) -> None:
@@ -401,22 +433,33 @@ def make_optimizer(model: Recommender, job: JobConfig) -> torch.optim.Optimizer:
     )
 
 
-def make_negatives(job: JobConfig):
+def exact_catalogue(job: JobConfig, trunk_cache: bool) -> bool:
+    """Can a step compute every catalogue item's vector exactly and cheaply? ID-only models (the id table), and
+    models whose encoders are all frozen with the trunk cache on (a projection of cached features)."""
+    return not job.model.modalities or (trunk_cache and all(
+        getattr(job, modality).unfreeze_top == 0 for modality in job.model.modalities))
+
+
+def make_negatives(job: JobConfig, num_items: int, exact: bool = False):
     """The config's negatives source: the whole catalogue for the full softmax, else in-batch (CTR: always)."""
     if job.model.task == "ctr":
         return InBatchNegatives()
-    if job.model.loss == "full_softmax":
+    if job.model.resolved_loss(num_items, exact) == "full_softmax":
         return CatalogueNegatives()
     return UniformNegatives(job.model.extra_negatives) if job.model.extra_negatives else InBatchNegatives()
 
 
 def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: ItemBank, *,
                   device: torch.device = torch.device("cpu"), model: Recommender | None = None,
-                  callbacks: Sequence[StepCallback] = ()) -> Trainer:
-    """The config's parts -> a Trainer (a fresh model from `build_recommender` unless one is given)."""
+                  callbacks: Sequence[StepCallback] = (), trunk_cache: bool = False) -> Trainer:
+    """The config's parts -> a Trainer (a fresh model from `build_recommender` unless one is given). `trunk_cache`:
+    whether the run will build one (`Trainer.build_trunk_cache`); with every encoder frozen it makes the full
+    softmax exact, which `model.loss=auto` then picks."""
     if model is None:
         model = build_recommender(job.model, job.image, job.text, num_items=num_items,
                                   max_history=job.data.max_history)
     model = model.to(device)
-    return Trainer(model, make_optimizer(model, job), build_objective(job.model, popularity), make_negatives(job),
-                   HISTORY_SOURCES[job.memory.mode](), bank, job, num_items, device=device, callbacks=callbacks)
+    exact = exact_catalogue(job, trunk_cache)
+    return Trainer(model, make_optimizer(model, job), build_objective(job.model, popularity, exact),
+                   make_negatives(job, num_items, exact), HISTORY_SOURCES[job.memory.mode](), bank, job, num_items,
+                   device=device, callbacks=callbacks)

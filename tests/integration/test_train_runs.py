@@ -85,8 +85,10 @@ def faulty(ray_cluster, workspace):
     from training.driver import run_training
     from training.faults import KillRankZeroAt
 
-    # the LEMUR recipe's Ray Data batch-inference pass fills the bank before the two workers start
-    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.max_failures=1")
+    # the LEMUR recipe's Ray Data batch-inference pass fills the bank before the two workers start; the top layers
+    # of each encoder train on the frozen-trunk cache (the training stream carries ids only), rebuilt on restart
+    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.max_failures=1",
+               "image.unfreeze_top=2", "text.unfreeze_top=1")
     fault = KillRankZeroAt(step=FAIL_AT, marker=str(Path(job.train.storage_path) / job.train.run_name / "fault_injected"))
     started = time.perf_counter()
     outcome = run_training(job, log=_quiet, callbacks=[fault])
@@ -114,6 +116,7 @@ def test_two_worker_run_is_tracked_and_its_bank_filled_by_ray_data(faulty):
     run = MlflowClient(faulty.tracking_uri).get_run(faulty.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "2"
+    assert run.data.metrics["trunk_cache_enabled"] == 1.0 and run.data.metrics["trunk_cache_mb"] > 0
     assert "test_ndcg_at_10" in run.data.metrics and "val_ndcg_at_10" in run.data.metrics
 
 

@@ -54,7 +54,7 @@ def test_wrong_types_name_the_key_and_the_expected_type(override, message):
         ("train.epochs=0", r"train\.epochs must be >= 1, got 0"),
         ("train.num_workers=0", r"train\.num_workers must be >= 1, got 0"),
         ("train.use_gpu=maybe", r"train\.use_gpu='maybe'; valid: auto, true, false"),
-        ("model.loss=bpr", r"model\.loss='bpr'; valid: sampled_softmax, full_softmax"),
+        ("model.loss=bpr", r"model\.loss='bpr'; valid: auto, sampled_softmax, full_softmax"),
         ("model.sequence_model=gru", r"valid: sasrec, lru"),
         ("model.modalities=image,audio", r"model\.modalities has \['audio'\]; valid: image, text"),
         ("model.dim=33", r"model\.dim=33 must be divisible by model\.num_heads=2"),

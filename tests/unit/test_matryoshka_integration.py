@@ -224,7 +224,7 @@ def test_training_gradient_reaches_every_block():
     model = build_model().train()
     batch, history = content_batch(6), histories(6)
     out = model(target_ids=torch.arange(1, 7), history_ids=history,
-                history_content=torch.randn(6, HISTORY, 32), **batch)
+                history_content=torch.randn(6, HISTORY, 32), content=batch)
     NestedSizesLoss(SampledSoftmaxLoss(temperature=0.1), SIZES)(out.user, out.positive, torch.arange(1, 7)).backward()
     layer = model.item_encoder.projection
     grad = layer.weight.grad

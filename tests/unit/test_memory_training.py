@@ -29,7 +29,7 @@ def content_for(ids: torch.Tensor) -> dict:
 
 
 def forward(model, targets, history, **kw):
-    return model(target_ids=targets, history_ids=history, **content_for(targets), **kw)
+    return model(target_ids=targets, history_ids=history, content=content_for(targets), **kw)
 
 
 def test_deduplicated_encoding_gives_the_same_loss_as_naive_encoding():

@@ -98,8 +98,8 @@ def test_gradient_reaches_image_and_text_encoders(raw_data_dir, tmp_path, image,
     trainable_text = {n: p.detach().clone() for n, p in model.item_encoder.text_encoder.named_parameters() if p.requires_grad}
     optimizer = torch.optim.SGD(backbone + rest, lr=0.5)
     out = model(
-        target_ids=batch["target"], image=batch["image"], image_mask=batch["image_mask"], input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"], text_mask=batch["text_mask"], history_ids=batch["history"],
+        target_ids=batch["target"], history_ids=batch["history"],
+        content={k: batch[k] for k in ("image", "image_mask", "input_ids", "attention_mask", "text_mask")},
         history_content=torch.zeros(6, 4, 16),
     )
     assert out.user.shape == (6, 16) and out.positive.shape == (6, 16)

@@ -18,7 +18,7 @@ from training.checkpoint import restore, save_checkpoint
 from training.job_config import build_config
 from training.offline_eval import DecodedCatalogue, content_spec_of
 from training.trainer import (BankHistory, CatalogueNegatives, InBatchNegatives, RecomputeHistory, UniformNegatives,
-                              EarlyStopping, build_trainer, lr_scale, make_negatives)
+                              EarlyStopping, build_trainer, exact_catalogue, lr_scale, make_negatives)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,14 @@ def _trainer(setting, *overrides: str, callbacks=()):
 
 
 def test_objectives_come_from_one_registry():
-    job = build_config("tiny")
+    job = build_config("tiny", ["model.loss=sampled_softmax"])
     popularity = np.ones(11)
     assert isinstance(build_objective(job.model, popularity), SampledSoftmaxLoss)
     job.model = dataclasses.replace(job.model, loss="full_softmax")
     assert isinstance(build_objective(job.model, popularity), FullSoftmaxLoss)
     job.model = dataclasses.replace(job.model, task="ctr")
     assert isinstance(build_objective(job.model, popularity), CTRLoss)
-    nested = build_config("tiny", ["model.matryoshka_sizes=8,16,32"])
+    nested = build_config("tiny", ["model.loss=sampled_softmax", "model.matryoshka_sizes=8,16,32"])
     wrapped = build_objective(nested.model, popularity)
     assert isinstance(wrapped, NestedSizesLoss) and isinstance(wrapped.base_loss, SampledSoftmaxLoss)
 
@@ -66,18 +66,29 @@ def test_negatives_sources_shape_and_choice(setting):
     num_items, dim = trainer.num_items, trainer.model.item_encoder.dim
     def sample(source):
         ids = source.ids(num_items)
-        return source.vectors(trainer.model, ids, trainer.bank.lookup(ids).vectors, trainer.device)
+        return source.vectors(trainer.model, ids, torch.as_tensor(trainer.bank.lookup(ids).vectors), trainer.device)
 
     assert InBatchNegatives().ids(num_items).size == 0 and sample(InBatchNegatives()) == (None, None)
     vectors, ids = sample(UniformNegatives(7))
     assert vectors.shape == (7, dim) and ids.shape == (7,) and int(ids.min()) >= 1 and int(ids.max()) <= num_items
     table, none = sample(CatalogueNegatives())
     assert table.shape == (num_items + 1, dim) and none is None
-    assert isinstance(make_negatives(build_config("tiny")), InBatchNegatives)
-    assert isinstance(make_negatives(build_config("tiny", ["model.loss=full_softmax"])), CatalogueNegatives)
-    uniform = build_config("tiny")
+    # loss=auto (every preset): the full softmax where every item's vector is exact each step and the catalogue
+    # fits, the in-batch sampled softmax otherwise
+    tiny, id_only = build_config("tiny"), build_config("tiny", ["model.use_id_embedding=true", "model.modalities="])
+    frozen = build_config("tiny", ["image.unfreeze_top=0", "text.unfreeze_top=0"])
+    limit = tiny.model.full_softmax_max_items
+    assert isinstance(make_negatives(tiny, 1682), InBatchNegatives)  # trained encoders: bank content would be stale
+    assert isinstance(make_negatives(id_only, 1682, exact_catalogue(id_only, False)), CatalogueNegatives)
+    assert isinstance(make_negatives(id_only, limit + 1, exact_catalogue(id_only, False)), InBatchNegatives)
+    assert isinstance(make_negatives(frozen, 1682, exact_catalogue(frozen, True)), CatalogueNegatives)
+    assert not exact_catalogue(frozen, False) and not exact_catalogue(tiny, True)
+    assert isinstance(build_objective(id_only.model, np.ones(1683), True), FullSoftmaxLoss)
+    assert isinstance(build_objective(tiny.model, np.ones(1683), False), SampledSoftmaxLoss)
+    assert isinstance(make_negatives(build_config("tiny", ["model.loss=full_softmax"]), 10**6), CatalogueNegatives)
+    uniform = build_config("tiny", ["model.loss=sampled_softmax"])
     uniform.model.extra_negatives = 5  # a fixed value (not a setting): 0 in every preset
-    assert make_negatives(uniform) == UniformNegatives(5)
+    assert make_negatives(uniform, 10) == UniformNegatives(5)
 
 
 def test_bank_history_equals_recomputed_history_when_the_bank_is_fresh(setting):
@@ -176,3 +187,16 @@ def test_a_trainer_with_a_planned_length_sets_every_groups_learning_rate(setting
     trainer.train_epoch(iter([batch] * 3), max_steps=3)
     for group in trainer.optimizer.param_groups:
         assert group["lr"] == pytest.approx(group["initial_lr"] * lr_scale(2, 40, 0.05, 0.1))
+
+
+def test_an_id_only_model_trains_on_ids_alone_with_the_exact_full_softmax(setting):
+    """ID-only: the stream carries ids only (nothing decoded), `auto` picks the full softmax (the id table is
+    exact every step) and a catalogue pass reads nothing."""
+    job, num_items, popularity, batch, _, _ = setting
+    trainer = _trainer(setting, "model.use_id_embedding=true", "model.modalities=")
+    assert isinstance(trainer.negatives, CatalogueNegatives) and isinstance(trainer.objective, FullSoftmaxLoss)
+    ids_only = {k: batch[k] for k in ("target", "history", "rating", "user")}
+    losses = [trainer.step(ids_only)[0].item() for _ in range(8)]
+    assert losses[-1] < losses[0]
+    content = trainer.encode_catalogue(iter(()))
+    assert content.shape == (num_items + 1, job.model.dim) and not content.any()

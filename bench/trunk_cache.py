@@ -1,0 +1,127 @@
+"""The frozen-trunk cache: training speed with and without it, end to end and frozen two-stage, in one run.
+
+    python -m bench.trunk_cache                      # movielens preset's model, 6 uncached and 40 cached steps
+    python -m bench.trunk_cache --uncached-steps 3 --cached-steps 20   # quicker
+
+The product's own trainer (`training.trainer`) runs in this process on real ml100k_mm batches with an in-process
+bank, as `bench/memory_bank.py` does. The model is the `movielens` preset's (EfficientNet-Lite0 at 64 px + MiniLM
+at 32 tokens, dim 128, SASRec, batch 128), in two regimes:
+- end to end: the top block of each encoder trains (image.unfreeze_top=1, text.unfreeze_top=1; the preset's),
+- frozen two-stage: nothing in the encoders trains (unfreeze_top=0), only the fusion and the recommender.
+Each regime runs uncached (every step decodes nothing here, batches are decoded beforehand, but runs the whole
+encoder) and cached (`memory.trunk_cache`: the trunk's output looked up per item, only the top runs). Step time
+excludes data loading. An epoch is estimated as (training examples / batch) x step time + one catalogue pass;
+the cache's one-off build (one catalogue pass through the trunks) is reported beside it.
+Goals (#19): cached end-to-end samples/s >= 5x uncached; an end-to-end epoch <= 1.5x a frozen two-stage epoch.
+Prints a table and writes bench/results/trunk_cache.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.memory_bank import bench_prepared, sampled_batches
+from memory.local import LocalMemoryBankClient
+from pipeline.content import ItemContentDecoder
+from pipeline.sequences import leave_one_out
+from pipeline.sources import ITEMS_FILE, load_manifest, read_interactions
+from training.job_config import build_config
+from training.offline_eval import DecodedCatalogue, content_spec_of
+from training.trainer import build_trainer
+
+REPO = Path(__file__).resolve().parents[1]
+REGIMES = {"end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
+           "frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0"]}
+
+
+def id_batches(train, batch_size: int, seed: int):
+    """What the training stream carries when the cache is on: ids only."""
+    rng = np.random.default_rng(seed)
+    while True:
+        rows = rng.integers(0, len(train), batch_size)
+        yield {"target": torch.as_tensor(train.target[rows]), "history": torch.as_tensor(train.history[rows]),
+               "rating": torch.as_tensor(train.rating[rows]), "user": torch.as_tensor(train.user[rows])}
+
+
+def measure(job, cached: bool, train, prepared: Path, num_items: int, steps: int, popularity) -> dict:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    spec = content_spec_of(job)
+    catalogue = DecodedCatalogue(prepared / ITEMS_FILE, num_items)
+    trainer = build_trainer(job, num_items, popularity, LocalMemoryBankClient(capacity=num_items + 1,
+                                                                               dim=job.model.dim), trunk_cache=cached)
+    row: dict = {"cached": cached}
+    if cached:
+        started = time.perf_counter()
+        cache = trainer.build_trunk_cache(catalogue.batches(spec))
+        row["cache_build_s"] = time.perf_counter() - started
+        row["cache_mb"] = cache.nbytes / 2**20
+        batches = id_batches(train, job.train.batch_size, 0)
+    else:
+        decoder = ItemContentDecoder(str(prepared / ITEMS_FILE), "target", spec.image_size, spec.tokenizer_path,
+                                     spec.max_length)
+        batches = sampled_batches(decoder, train, job.train.batch_size, 0)
+    started = time.perf_counter()
+    trainer.refresh_bank(trainer.encode_catalogue(catalogue.batches(spec)), wait=True)
+    row["catalogue_pass_s"] = time.perf_counter() - started
+    stats = trainer.train_epoch(batches, steps)
+    row["step_s"] = (stats.step_seconds - stats.first_step_seconds) / max(steps - 1, 1)
+    row["samples_per_s"] = job.train.batch_size / row["step_s"]
+    row["steps"] = steps
+    row["epoch_s"] = len(train) / job.train.batch_size * row["step_s"] + row["catalogue_pass_s"]
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'regime':<11} {'cache':<5} {'samples/s':>10} {'step s':>7} {'catalogue s':>11} {'epoch min':>9} "
+             f"{'build s':>7} {'MiB':>6}"]
+    for r in rows:
+        lines.append(f"{r['regime']:<11} {'on' if r['cached'] else 'off':<5} {r['samples_per_s']:>10.1f} "
+                     f"{r['step_s']:>7.3f} {r['catalogue_pass_s']:>11.1f} {r['epoch_s'] / 60:>9.1f} "
+                     f"{r.get('cache_build_s', float('nan')):>7.1f} {r.get('cache_mb', float('nan')):>6.1f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ml100k_mm"))
+    parser.add_argument("--uncached-steps", type=int, default=6)
+    parser.add_argument("--cached-steps", type=int, default=40)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "trunk_cache.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    prepared = bench_prepared(args.data)
+    num_items = load_manifest(prepared)["num_items"]
+    train = leave_one_out(read_interactions(prepared), 50).train
+    popularity = np.bincount(train.target, minlength=num_items + 1).astype(float)
+    rows = []
+    for regime, overrides in REGIMES.items():
+        job = build_config("movielens", overrides)
+        for cached in (False, True):
+            row = {"regime": regime, **measure(job, cached, train, prepared, num_items,
+                                               args.cached_steps if cached else args.uncached_steps, popularity)}
+            rows.append(row)
+            print(f"{regime} cache={'on' if cached else 'off'}: {row['samples_per_s']:.1f} samples/s", flush=True)
+    by = {(r["regime"], r["cached"]): r for r in rows}
+    summary = {
+        "cached_vs_uncached_end_to_end_samples_per_s": by["end_to_end", True]["samples_per_s"]
+        / by["end_to_end", False]["samples_per_s"],
+        "end_to_end_vs_frozen_epoch_cached": by["end_to_end", True]["epoch_s"] / by["frozen", True]["epoch_s"],
+        "end_to_end_vs_frozen_epoch_uncached": by["end_to_end", False]["epoch_s"] / by["frozen", False]["epoch_s"],
+        "training_examples": len(train),
+    }
+    print(format_table(rows))
+    print(json.dumps(summary, indent=2))
+    result = {"rows": rows, "summary": summary, "settings": vars(args), "machine": platform.platform(),
+              "threads": torch.get_num_threads()}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
