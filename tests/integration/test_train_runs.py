@@ -51,6 +51,9 @@ def workspace(raw_data_dir, tmp_path_factory) -> Path:
     return root
 
 
+TOP_LAYERS_TRAIN = ("image.unfreeze_top=2", "text.unfreeze_top=1")  # the frozen-trunk cache is on
+
+
 def _job(workspace: Path, name: str, *extra: str):
     return build_config("tiny", [
         f"data.prepared_dir={workspace / 'prepared'}",
@@ -87,8 +90,7 @@ def faulty(ray_cluster, workspace):
 
     # the LEMUR recipe's Ray Data batch-inference pass fills the bank before the two workers start; the top layers
     # of each encoder train on the frozen-trunk cache (the training stream carries ids only), rebuilt on restart
-    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.max_failures=1",
-               "image.unfreeze_top=2", "text.unfreeze_top=1")
+    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.max_failures=1", *TOP_LAYERS_TRAIN)
     fault = KillRankZeroAt(step=FAIL_AT, marker=str(Path(job.train.storage_path) / job.train.run_name / "fault_injected"))
     started = time.perf_counter()
     outcome = run_training(job, log=_quiet, callbacks=[fault])
@@ -161,7 +163,8 @@ def test_same_run_name_resumes_after_the_last_epoch_with_the_bank_restored_exact
     from training.driver import run_training
 
     # one worker this time: a checkpoint does not depend on the world size that wrote it
-    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.epochs=3", "train.num_workers=1")
+    job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.epochs=3", "train.num_workers=1",
+               *TOP_LAYERS_TRAIN)
     job.train.run_name = faulty.run_name  # Ray Train hands the latest checkpoint back
     resumed = run_training(job, log=_quiet)
     last = resumed.last_metrics
