@@ -52,7 +52,11 @@ class TrainConfig:
     grad_clip: ClassVar[float] = 1.0
     eval_batch_size: ClassVar[int] = 256
     keep_checkpoints: ClassVar[int] = 2  # the best by validation and the latest are kept besides
-    warmup_fraction: ClassVar[float] = 0.05  # of a run's planned steps: the learning rate rises linearly, then decays
+    # The learning rate rises linearly over the first 5% of a run's planned steps, at most 200 steps, then decays.
+    # Without the cap a run planned long for early stopping warmed up for epochs: ID-only, 40 planned epochs of
+    # 380 steps, warmed up over 760 steps and ended epoch 1 at validation NDCG@10 0.0159 (train loss 7.80).
+    warmup_fraction: ClassVar[float] = 0.05
+    warmup_max_steps: ClassVar[int] = 200
     final_lr_fraction: ClassVar[float] = 0.1  # ... along a cosine to this share of train.lr / train.encoder_lr
 
     @property

@@ -302,7 +302,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip)
         if self.total_steps:
             scale = lr_scale(self.global_step, self.total_steps, self.job.train.warmup_fraction,
-                             self.job.train.final_lr_fraction)
+                             self.job.train.final_lr_fraction, self.job.train.warmup_max_steps)
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * scale
         self.optimizer.step()
@@ -414,10 +414,12 @@ class EarlyStopping:
         return {"best_score": self.best_score, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs}
 
 
-def lr_scale(step: int, total: int, warmup_fraction: float, final_fraction: float) -> float:
+def lr_scale(step: int, total: int, warmup_fraction: float, final_fraction: float,
+             warmup_max_steps: int | None = None) -> float:
     """Learning-rate multiplier at `step` of `total`: linear warm-up over the first `warmup_fraction` of the
-    steps, then a cosine from 1 down to `final_fraction` at the last step (and after it)."""
-    warmup = max(1, int(warmup_fraction * total))
+    steps (at most `warmup_max_steps`), then a cosine from 1 down to `final_fraction` at the last step (and after
+    it)."""
+    warmup = max(1, min(int(warmup_fraction * total), warmup_max_steps or total))
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

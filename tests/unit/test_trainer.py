@@ -178,6 +178,9 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine():
     assert scales[0] == pytest.approx(0.2) and scales[4] == pytest.approx(1.0)  # 5 warm-up steps
     assert all(a >= b for a, b in zip(scales[4:], scales[5:]))  # never rises after the warm-up
     assert scales[total - 1] == pytest.approx(0.1, abs=1e-3) and scales[-1] == pytest.approx(0.1)
+    # a long planned run (early stopping ends it) warms up over at most warmup_max_steps, not 5% of its plan
+    assert lr_scale(199, 15_200, 0.05, 0.1, 200) == pytest.approx(1.0, abs=1e-3)
+    assert lr_scale(99, 15_200, 0.05, 0.1, 200) == pytest.approx(0.5)
 
 
 def test_a_trainer_with_a_planned_length_sets_every_groups_learning_rate(setting):
