@@ -32,14 +32,18 @@ MODEL_NAME = "recommender"  # the logged model's name in its run
 _REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "pyarrow", "faiss-cpu", "transformers", "pillow")
 
 
-class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
-    """An `ItemRecommender` (exact index) as an MLflow pyfunc model; see the module docstring for the frames."""
+with warnings.catch_warnings():
+    # MLflow asks for type hints on predict when the class is defined; it takes a DataFrame of lists, so none.
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
 
-    def load_context(self, context) -> None:
-        self.recommender = ItemRecommender.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
+    class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
+        """An `ItemRecommender` (exact index) as an MLflow pyfunc model; see the module docstring for the frames."""
 
-    def predict(self, context, model_input, params=None):
-        return predict_frame(self.recommender, model_input)
+        def load_context(self, context) -> None:
+            self.recommender = ItemRecommender.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
+
+        def predict(self, context, model_input, params=None):
+            return predict_frame(self.recommender, model_input)
 
 
 def predict_frame(recommender: ItemRecommender, frame: pd.DataFrame) -> pd.DataFrame:
@@ -104,8 +108,7 @@ def log_recommender_model(checkpoint_path: str | Path, run_id: str, tracking_uri
     with tempfile.TemporaryDirectory(prefix="mmrec-pyfunc-") as scratch:
         bundle = recommender.save_bundle(Path(scratch) / BUNDLE_ARTIFACT)
         with _use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            # predict takes a DataFrame of lists: no type-hint signature (MLflow suggests one on every log)
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")  # as above
             # Re-opening the finished run (it returns to FINISHED on exit) links the model to its training run.
             info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=RecommenderPyfunc(),
                                            artifacts={BUNDLE_ARTIFACT: str(bundle)},
