@@ -75,7 +75,9 @@ class ExactIndex:
     name = "exact"
 
     def __init__(self, vectors: np.ndarray, chunk: int = 256) -> None:
-        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))  # [N, d]
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        # a table from Ray's object store is a read-only view: torch wants its own writable copy
+        self.vectors = torch.from_numpy(vectors if vectors.flags.writeable else vectors.copy())  # [N, d]
         self.size = self.vectors.shape[1]
         self.chunk = chunk
 

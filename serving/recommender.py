@@ -93,6 +93,10 @@ class ItemRecommender:
         for mode in ([index] if isinstance(index, str) else list(index)):
             self._index(mode, None if mode != "funnel" else self.funnel_size)
 
+    def __getstate__(self) -> dict:
+        """Pickled (shipped to a Ray actor) without its indexes: faiss graphs do not pickle; they are rebuilt."""
+        return {**self.__dict__, "_indexes": {}}
+
     # ------------------------------------------------------------------------------------------------ loading
 
     @classmethod
