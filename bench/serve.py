@@ -166,7 +166,7 @@ def main() -> int:
     import faiss
     import torch
 
-    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result = {}
     result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                          "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
@@ -176,12 +176,20 @@ def main() -> int:
         print(format_table({"catalogue": result["catalogue"]}), flush=True)
     if "synthetic" in parts:
         result["synthetic"] = bench_synthetic(args.synthetic_items, args.synthetic_dim)
-    result["goals"] = goals(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(format_table(result))
+    print(format_table(save_sections(result, args.out)))
     print(f"\nwrote {args.out}")
     return 0
+
+
+def save_sections(sections: dict, out: Path) -> dict:
+    """Write `sections` into the JSON at `out`, keeping the sections of earlier runs that these do not replace
+    (each part of this benchmark can be re-run alone); the goals are recomputed. -> the whole result."""
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update(sections)
+    result["goals"] = goals(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
