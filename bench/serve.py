@@ -8,7 +8,7 @@ Parts (each is a function returning rows; `--parts` picks them; sections of benc
 does not redo are kept, so other parts, such as the HTTP latency of jobs.serve, can be added beside these):
 1. catalogue: the real catalogue of a trained checkpoint (`ItemRecommender.from_checkpoint`: fresh catalogue pass,
    the vectors `training.export` writes). Queries: every user's vector from their whole history (the recommender's
-   own `user_vectors`). Reference: exact search with the full-size vectors. Rows: exact at each Matryoshka size
+   own `user_vectors`), and every item's vector (item-to-item). Reference: exact search with the full-size vectors. Rows: exact at each Matryoshka size
    (small vectors alone), HNSW at full size, and the funnel (retrieve k' with the size-s prefix, re-rank full) at
    each smaller size and two k'. No history exclusion: this measures the index, not the filter.
 2. synthetic: N random unit vectors (default 1,000,000 x 128, float32): exact (one torch matmul + top-k) vs faiss
@@ -61,7 +61,9 @@ def measure(name: str, size: int, index: ItemIndex, build_s: float, queries: np.
 
 
 def bench_catalogue(checkpoint: Path, prepared_dir: Path | None, candidates: tuple[int, ...] = (50, 200)) -> dict:
-    """Part 1: every mode on the real catalogue's vectors, against exact full-size search."""
+    """Part 1: every mode on the real catalogue's vectors, against exact full-size search, for two query sets:
+    "users" (every user's vector from their whole history) and "items" (every item's own vector: "more like
+    this"). The spread of a query set is reported as the mean pairwise cosine of its queries (1 = all the same)."""
     from pipeline.sequences import order_interactions
     from pipeline.sources import read_interactions
     from serving.recommender import ItemRecommender
@@ -70,28 +72,29 @@ def bench_catalogue(checkpoint: Path, prepared_dir: Path | None, candidates: tup
     prepared = Path(recommender.source["items"]).parent
     ordered = order_interactions(read_interactions(prepared))
     histories = ordered.groupby("user_index", sort=True).item_id.apply(lambda s: s.astype(str).tolist()).tolist()
-    queries = recommender.user_vectors(histories)  # [U, D]
     items = recommender.item_vectors()  # [N, D]
+    query_sets = {"users": recommender.user_vectors(histories), "items": items}  # [U, D], [N, D]
     full = recommender.dim
-    exact, build_s = timed_build(lambda: ExactIndex(items))
-    truth = exact.search(queries, K).rows
-    rows = [measure("exact", full, exact, build_s, queries, truth)]
-    for size in recommender.sizes:
-        if size == full:
-            continue
-        small, build_s = timed_build(lambda: ExactIndex(recommender.item_vectors(size)))
-        rows.append(measure("exact", size, small, build_s, prefix(queries, size), truth))
-    hnsw, build_s = timed_build(lambda: HnswIndex(items))
-    rows.append(measure("hnsw", full, hnsw, build_s, queries, truth, m=32, ef_search=128))
-    for size in recommender.sizes:
-        if size == full:
-            continue
-        for k_prime in candidates:
-            funnel, build_s = timed_build(lambda: FunnelIndex(items, size, candidates=k_prime))
-            rows.append(measure("funnel", size, funnel, build_s, queries, truth, candidates=k_prime,
-                                rerank_size=full))
-    return {"checkpoint": str(checkpoint), "items": recommender.num_items, "queries": len(queries), "dim": full,
-            "sizes": list(recommender.sizes), "reference": f"exact at size {full}", "rows": rows}
+    smaller = [size for size in recommender.sizes if size != full]
+    exact, exact_build_s = timed_build(lambda: ExactIndex(items))
+    hnsw, hnsw_build_s = timed_build(lambda: HnswIndex(items))
+    small_exact = {size: timed_build(lambda: ExactIndex(recommender.item_vectors(size))) for size in smaller}
+    funnels = {(size, k_prime): timed_build(lambda: FunnelIndex(items, size, candidates=k_prime))
+               for size in smaller for k_prime in candidates}
+    rows, spread = [], {}
+    for name, queries in query_sets.items():
+        spread[name] = round(float(np.square(np.linalg.norm(queries.mean(axis=0)))), 4)
+        truth = exact.search(queries, K).rows
+        rows.append(measure("exact", full, exact, exact_build_s, queries, truth, query_set=name))
+        for size, (index, build_s) in small_exact.items():
+            rows.append(measure("exact", size, index, build_s, prefix(queries, size), truth, query_set=name))
+        rows.append(measure("hnsw", full, hnsw, hnsw_build_s, queries, truth, m=32, ef_search=128, query_set=name))
+        for (size, k_prime), (index, build_s) in funnels.items():
+            rows.append(measure("funnel", size, index, build_s, queries, truth, candidates=k_prime,
+                                rerank_size=full, query_set=name))
+    return {"checkpoint": str(checkpoint), "items": recommender.num_items, "queries": len(histories),
+            "dim": full, "sizes": list(recommender.sizes), "reference": f"exact at size {full}",
+            "mean_pairwise_cosine": spread, "rows": rows}
 
 
 def bench_synthetic(items: int, dim: int, queries: int = 200, seed: int = 0, ef_construction: int = 40,
