@@ -345,8 +345,7 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
     assert json.loads((out / "export.json").read_text())["registered_version"] == str(champion.version)
 
     # every registered version is an MLflow pyfunc model too: the champion loads; v2's answers are the library's
-    import mlflow
-    import pandas as pd
+    import mlflow.pyfunc
 
     from serving.recommender import ItemRecommender
 
