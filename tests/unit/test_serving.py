@@ -191,7 +191,7 @@ def test_registered_champion_loads_as_a_pyfunc_with_the_same_top_k(tiny_checkpoi
     from mlflow.tracking import MlflowClient
 
     from serving.pyfunc import log_recommender_model
-    from training.registry import CHAMPION, TAG_PYFUNC, ModelRegistry, register_training_run  # noqa: F401
+    from training.registry import CHAMPION, TAG_PYFUNC, ModelRegistry
 
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
