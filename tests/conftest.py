@@ -75,3 +75,62 @@ def prepared_dir(raw_data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "ml100k_mm"
     prepare_dataset(DataConfig(), raw_data_dir, out)
     return out
+
+
+SERVING_SIZES = (8, 16, 32)  # the tiny model's Matryoshka sizes in the serving tests (tiny's model.dim is 32)
+
+
+def train_tiny_checkpoint(prepared: Path, directory: Path, *, steps: int = 12, num_items: int | None = None,
+                          overrides: tuple[str, ...] = ()) -> Path:
+    """A real tiny checkpoint (model.pt + state.json, as a training run writes them): the `tiny` preset with
+    Matryoshka sizes 8/16/32 and id embeddings, trained `steps` steps in process (plain trainer, no Ray) on decoded
+    ml100k_mm batches. num_items < the catalogue: a checkpoint trained before the rest of the items existed."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from memory.local import LocalMemoryBankClient
+    from pipeline.content import ItemContentDecoder
+    from pipeline.sequences import item_popularity
+    from pipeline.sources import ITEMS_FILE, load_manifest
+    from pipeline.splits import build_splits
+    from training.checkpoint import save_checkpoint
+    from training.job_config import build_config
+    from training.offline_eval import content_spec_of
+    from training.trainer import build_trainer
+
+    sizes = ",".join(map(str, SERVING_SIZES))
+    job = build_config("tiny", [f"data.prepared_dir={prepared}", f"model.matryoshka_sizes=[{sizes}]",
+                                "model.use_id_embedding=true", "model.dropout=0.0", *overrides])
+    manifest = load_manifest(prepared)
+    num_items = num_items or int(manifest["num_items"])
+    splits = build_splits(job.data, prepared)
+    keep = (splits.train.target <= num_items) & (splits.train.history <= num_items).all(axis=1)
+    spec = content_spec_of(job)
+    decoder = ItemContentDecoder(str(prepared / ITEMS_FILE), "target", spec.image_size, spec.tokenizer_path,
+                                 spec.max_length)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    trainer = build_trainer(job, num_items, item_popularity(splits.train, num_items),
+                            LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim))
+    rows = np.flatnonzero(keep)
+    batches = []
+    for start in range(0, min(len(rows), 4 * 64), 64):
+        picked = rows[start:start + 64]
+        raw = decoder({"target": splits.train.target[picked], "history": splits.train.history[picked],
+                       "rating": splits.train.rating[picked], "user": splits.train.user[picked]})
+        batches.append({k: torch.as_tensor(v) for k, v in raw.items()})
+    trainer.train_epoch(iter(batches * (steps // len(batches) + 1)), max_steps=steps)
+    directory.mkdir(parents=True)
+    save_checkpoint(directory, trainer.model, trainer.optimizer, {
+        "config": job.to_dict(), "num_items": num_items, "matryoshka_sizes": list(SERVING_SIZES),
+        "watermark": int(manifest["watermark"]), "epoch": 0, "global_step": steps,
+    })
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(prepared_dir, tmp_path_factory) -> Path:
+    """`train_tiny_checkpoint` on the prepared ml100k_mm (once per test session)."""
+    return train_tiny_checkpoint(prepared_dir, tmp_path_factory.mktemp("serving") / "checkpoint")
