@@ -191,8 +191,8 @@ def build_app(options: ServeOptions) -> Application:
 
 
 def app_builder(args: dict[str, str]) -> Application:
-    """`serve run jobs.serve:app_builder key=value ...` (keys: the ServeOptions fields; host/port are Serve's own
-    there: `serve run --host/--port`)."""
+    """`serve run jobs.serve:app_builder key=value ...` (keys: the ServeOptions fields). `host` and `port` are not
+    the application's: Serve's HTTP options decide them (127.0.0.1:8000, or a Serve config file's http_options)."""
     return build_app(ServeOptions.from_strings(args))
 
 

@@ -2,7 +2,7 @@
 Ray Serve on the shared local Ray, real HTTP requests, and a promoted challenger picked up without a restart.
 
 The models are the session's `tiny_checkpoint` (conftest: the tiny preset trained in process, no Ray Train) and a
-second one trained longer; the serve job runs as its own process (its command line, as a user starts it) and joins
+copy of it with perturbed weights (version 2); the serve job runs as its own process (its command line, as a user starts it) and joins
 the `ray_cluster` fixture's Ray through RAY_ADDRESS. Answers are compared with the library API
 (`ItemRecommender.recommend`) and with the offline evaluation's ranking (`training.evaluate.score_users`).
 """
@@ -50,17 +50,33 @@ def _post(base: str, payload: dict | bytes) -> tuple[int, dict]:
     return _call(f"{base}/recommend", body)
 
 
+def _perturbed_copy(checkpoint: Path, directory: Path) -> Path:
+    """Another model for the promotion: the checkpoint's weights plus seeded noise (what this test checks is which
+    version answers, not how it was trained; a second training would cost a minute here)."""
+    import shutil
+
+    from training.checkpoint import MODEL_FILE, load_tensors
+
+    shutil.copytree(checkpoint, directory)
+    state = load_tensors(checkpoint / MODEL_FILE)
+    generator = torch.Generator().manual_seed(1)
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.dim() >= 2:  # weight matrices; BatchNorm statistics untouched
+            state[name] = tensor + 0.1 * tensor.std().nan_to_num() * torch.randn(tensor.shape, generator=generator)
+    torch.save(state, directory / MODEL_FILE)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def registry(prepared_dir, tiny_checkpoint, tmp_path_factory):
     """A SQLite registry with the tiny checkpoint as version 1 (@champion) and a longer-trained one as version 2."""
     from mlflow.tracking import MlflowClient
 
-    from tests.conftest import train_tiny_checkpoint
     from training.registry import ModelRegistry
 
     root = tmp_path_factory.mktemp("serve_registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    challenger = train_tiny_checkpoint(prepared_dir, root / "challenger", steps=30)
+    challenger = _perturbed_copy(tiny_checkpoint, root / "challenger")
     client = MlflowClient(uri)
     experiment = client.create_experiment("serve-e2e", artifact_location=(root / "art").as_uri())
     registry = ModelRegistry(uri, MODEL, storage_path=root / "runs")
