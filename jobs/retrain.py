@@ -36,9 +36,11 @@ def main() -> int:
     from training.registry import RegistryError
     from training.retrain.lock import RetrainLockedError
     from training.retrain.run import run_retrain
+    from serving.pyfunc import log_recommender_model
 
     try:
-        outcome = run_retrain(job, prepare=args.prepare)
+        # the challenger is registered as an MLflow pyfunc model as well (models:/NAME@challenger loads)
+        outcome = run_retrain(job, prepare=args.prepare, serving_model=log_recommender_model)
     except RetrainLockedError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_LOCKED

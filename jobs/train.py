@@ -27,10 +27,13 @@ def main() -> int:
     print(f"\nMLflow run: {outcome.mlflow_run_id} ({outcome.tracking_uri}); checkpoint: {outcome.checkpoint_path}")
     print(f"Browse: mlflow ui --backend-store-uri {outcome.tracking_uri}")
     if job.tracking.registered_model and outcome.checkpoint_path:
+        from serving.pyfunc import log_recommender_model
         from training.registry import register_training_run
 
+        # the version is also an MLflow pyfunc model: mlflow.pyfunc.load_model("models:/NAME@champion")
         version, champion = register_training_run(job, run_id=outcome.mlflow_run_id,
-                                                   checkpoint_path=outcome.checkpoint_path, metrics=outcome.metrics)
+                                                   checkpoint_path=outcome.checkpoint_path, metrics=outcome.metrics,
+                                                   serving_model=log_recommender_model)
         print(f"Registered models:/{version.name}/{version.version}" + (" as @champion (the first)" if champion else ""))
     return 0
 

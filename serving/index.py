@@ -74,10 +74,12 @@ class ExactIndex:
 
     name = "exact"
 
-    def __init__(self, vectors: np.ndarray, chunk: int = 256) -> None:
-        self.vectors = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))  # [N, d]
+    def __init__(self, vectors: np.ndarray, chunk: int = 256, max_chunk_scores: int = 2**25) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        # a table from Ray's object store is a read-only view: torch wants its own writable copy
+        self.vectors = torch.from_numpy(vectors if vectors.flags.writeable else vectors.copy())  # [N, d]
         self.size = self.vectors.shape[1]
-        self.chunk = chunk
+        self.chunk = max(1, min(chunk, max_chunk_scores // max(len(vectors), 1)))  # [chunk, N] scores <= 128 MiB
 
     def __len__(self) -> int:
         return self.vectors.shape[0]

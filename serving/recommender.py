@@ -93,6 +93,10 @@ class ItemRecommender:
         for mode in ([index] if isinstance(index, str) else list(index)):
             self._index(mode, None if mode != "funnel" else self.funnel_size)
 
+    def __getstate__(self) -> dict:
+        """Pickled (shipped to a Ray actor) without its indexes: faiss graphs do not pickle; they are rebuilt."""
+        return {**self.__dict__, "_indexes": {}}
+
     # ------------------------------------------------------------------------------------------------ loading
 
     @classmethod
@@ -284,6 +288,17 @@ class ItemRecommender:
                                            item_indices=item_indices, scores=scores[found].astype(float).tolist(),
                                            unknown_history=missing, size=score_size))
         return results
+
+    @torch.inference_mode()
+    def user_vectors(self, histories: Sequence[Sequence[str]], size: int | None = None) -> np.ndarray:
+        """histories (raw ids, newest last; unknown ids ignored) -> [U, size or D] normalised user vectors, the
+        queries `recommend` searches with (benchmarks and other indexes use them)."""
+        known = [[self._index_of[str(i)] for i in history if str(i) in self._index_of] for history in histories]
+        if not all(known):
+            raise RecommendationError("every history needs at least one item id of the catalogue")
+        if size is not None and size not in self.sizes:
+            raise RecommendationError(f"size {size!r} is not served; this model serves sizes {list(self.sizes)}")
+        return self._user_vectors(known, size or self.dim)
 
     def _check_request(self, k: int, size: int | None, mode: str) -> tuple[int | None, int]:
         """-> (the size the index retrieves with, the size of the returned scores); RecommendationError if bad."""

@@ -10,6 +10,9 @@ incremental retraining and operators need to know about it:
     data_watermark    newest interaction (unix s) in the data the version was made from, held-out window included
     trained_through   newest interaction it was trained on; the next retrain trains on what is newer than this
     git_commit, config_hash, metric.<name> (its held-out scores), and the promotion-gate record for challengers
+With a `serving_model` logger (the jobs inject `serving.pyfunc.log_recommender_model`; training may not import
+serving), a version's `source` is an MLflow model logged in its run (tag `pyfunc_model_uri`: `models:/m-...`), so
+`mlflow.pyfunc.load_model("models:/NAME@champion")` loads it; the `checkpoint_path` tag still names the copy.
 Aliases: `champion` is what serves and what the next retrain starts from; `challenger` is the latest retrain's
 result, promoted or not. `models:/NAME@ALIAS` and `models:/NAME/VERSION` resolve to a checkpoint directory.
 """
@@ -21,6 +24,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pipeline.owned_dirs import require_replaceable, staged
 from training.checkpoint import STATE_FILE, is_checkpoint, read_state
@@ -31,8 +35,13 @@ CHALLENGER = "challenger"
 TAG_CHECKPOINT = "checkpoint_path"
 TAG_DATA_WATERMARK = "data_watermark"
 TAG_TRAINED_THROUGH = "trained_through"
+TAG_PYFUNC = "pyfunc_model_uri"  # the logged MLflow model a version's source is (when a serving_model logger was given)
 TAG_SIZES = "matryoshka_sizes"  # the vector sizes the checkpoint serves (comma-separated; one size = no Matryoshka)
 _MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+# (pinned checkpoint copy, run id, tracking URI) -> (the logged model's artifact location, its model id)
+ServingModelLogger = Callable[[Path, str, str], tuple[str, str]]
 
 
 class RegistryError(LookupError):
@@ -116,9 +125,11 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
 class ModelRegistry:
     """The registered model `name` in the MLflow registry at `tracking_uri`."""
 
-    def __init__(self, tracking_uri: str, name: str, storage_path: str | Path | None = None) -> None:
+    def __init__(self, tracking_uri: str, name: str, storage_path: str | Path | None = None, *,
+                 serving_model: ServingModelLogger | None = None) -> None:
         """storage_path: the jobs' `train.storage_path`; registered checkpoints are copied under it (see
-        `registered_root`). Only `register` needs it."""
+        `registered_root`). Only `register` needs it. serving_model: logs the checkpoint copy as an MLflow model
+        in the run, which then is each new version's source (None: the source is the checkpoint copy)."""
         from mlflow.tracking import MlflowClient
 
         if not name:
@@ -126,6 +137,7 @@ class ModelRegistry:
         self.tracking_uri = tracking_uri
         self.name = name
         self.storage_path = storage_path
+        self.serving_model = serving_model
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def _ensure_model(self) -> None:
@@ -159,9 +171,13 @@ class ModelRegistry:
             **{f"metric.{metric_key(k)}": f"{float(v):.6g}" for k, v in metrics.items() if isinstance(v, (int, float))},
             **(tags or {}),
         }
+        source, model_id = str(checkpoint_path), None
+        if self.serving_model is not None:
+            source, model_id = self.serving_model(checkpoint_path, run_id, self.tracking_uri)
+            all_tags[TAG_PYFUNC] = f"models:/{model_id}"
         self._ensure_model()
-        version = self.client.create_model_version(self.name, source=str(checkpoint_path), run_id=run_id,
-                                                   tags=all_tags)
+        version = self.client.create_model_version(self.name, source=source, run_id=run_id, tags=all_tags,
+                                                   model_id=model_id)
         return self._info(version)
 
     def set_alias(self, alias: str, version: str) -> None:
@@ -222,9 +238,10 @@ def resolve_model(uri: str, tracking_uri: str) -> ModelVersionInfo:
     return info
 
 
-def register_training_run(job, *, run_id: str, checkpoint_path: str,
-                          metrics: dict[str, float]) -> tuple[ModelVersionInfo, bool]:
+def register_training_run(job, *, run_id: str, checkpoint_path: str, metrics: dict[str, float],
+                          serving_model: ServingModelLogger | None = None) -> tuple[ModelVersionInfo, bool]:
     """Register a full training run's checkpoint; make it `champion` when the model has none yet.
+    serving_model: see `ModelRegistry` (jobs.train passes the pyfunc logger).
 
     A full run has seen (and trained up to) everything in its prepared data, so both watermarks are the data
     watermark recorded in the checkpoint. Returns (the new version, whether it became champion).
@@ -234,7 +251,7 @@ def register_training_run(job, *, run_id: str, checkpoint_path: str,
     watermark = int(read_state(checkpoint_path)["watermark"])
 
     registry = ModelRegistry(resolve_tracking_uri(job.tracking), job.tracking.registered_model,
-                             job.train.storage_path)
+                             job.train.storage_path, serving_model=serving_model)
     test_metrics = {k[len("test_"):]: v for k, v in metrics.items() if k.startswith("test_")}
     info = registry.register(run_id=run_id, checkpoint_path=checkpoint_path, data_watermark=watermark,
                              trained_through=watermark, config_hash=job.config_hash(), metrics=test_metrics,

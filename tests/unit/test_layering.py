@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-LAYERS = "matryoshka | encoders memory | pipeline model | training | jobs | bench"  # README, "Layout"
+LAYERS = "matryoshka | encoders memory | pipeline model | training | serving | jobs | bench"  # README, "Layout"
 # Everything `jobs.evaluate` and `jobs.export` import, at module level and inside main().
 OFFLINE_MODULES = ["jobs.evaluate", "jobs.export", "pipeline.splits", "training.offline_eval", "training.export",
                    "training.registry", "training.tracking", "training.checkpoint", "training.job_config"]

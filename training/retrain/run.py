@@ -33,7 +33,7 @@ from training.retrain.selection import holdout_start, incremental_splits, read_f
 
 if TYPE_CHECKING:
     from training.job_config import JobConfig
-    from training.registry import ModelVersionInfo
+    from training.registry import ModelVersionInfo, ServingModelLogger
 
 
 @dataclass
@@ -66,8 +66,12 @@ def challenger_config(job: "JobConfig", champion_job: "JobConfig", champion_chec
     )
 
 
-def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: bool = False) -> RetrainOutcome:
+def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: bool = False,
+                serving_model: "ServingModelLogger | None" = None) -> RetrainOutcome:
     """One incremental retrain of `tracking.registered_model` (see the module docstring).
+
+    serving_model: logs the challenger as an MLflow model too (`training.registry.ModelRegistry`; jobs.retrain
+        passes `serving.pyfunc.log_recommender_model`).
 
     prepare: first re-prepare `data.raw_dir` into `data.prepared_dir` (under the lock), so that one scheduled
         command picks up the raw data that arrived since the last run.
@@ -86,7 +90,7 @@ def run_retrain(job: "JobConfig", log: Callable[[str], None] = print, prepare: b
         raise ConfigError(str(err)) from None
     prepared = Path(job.data.prepared_dir).resolve()
     registry = ModelRegistry(resolve_tracking_uri(job.tracking), job.tracking.registered_model,
-                             job.train.storage_path)
+                             job.train.storage_path, serving_model=serving_model)
     with RetrainLock(lock_path(job), cfg.lock_stale_seconds):
         if prepare:
             started = time.perf_counter()
