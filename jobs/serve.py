@@ -18,7 +18,6 @@ mode (exact | hnsw | funnel). Bad requests get a 4xx and {"error": "<one line>"}
 """
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import signal
