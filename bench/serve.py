@@ -283,9 +283,14 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def run_http_bench(base_url: str, prepared_dir: Path, *, max_history: int, concurrencies: list[int],
-                   seconds: float, variants=HTTP_VARIANTS) -> list[LoadResult]:
+                   seconds: float, sizes: list[int], variants=HTTP_VARIANTS) -> list[LoadResult]:
+    """Every variant the served model supports (the funnel needs its prefix size below the full one) at every
+    concurrency."""
     results = []
     for label, fields in variants:
+        if fields.get("size") is not None and not (fields["size"] in sizes and fields["size"] < max(sizes)):
+            print(f"{label:<11} skipped: the model serves sizes {sizes}")
+            continue
         bodies = request_bodies(prepared_dir, fields, max_history)
         for concurrency in concurrencies:
             result = measure_http(base_url, bodies, concurrency, seconds, variant=label)
@@ -329,11 +334,11 @@ def bench_http(args: argparse.Namespace, prepared_dir: Path | None) -> dict:
           f"{os.cpu_count()} CPUs on this machine\n{HTTP_HEADER}", flush=True)
     load_before = [round(x, 2) for x in os.getloadavg()]  # other users of the machine: read the numbers with it
     try:
-        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
-        rows = run_http_bench(base, prepared_dir, max_history=max_history, concurrencies=concurrencies,
-                              seconds=args.seconds)
         with urllib.request.urlopen(f"{base}/model", timeout=30) as response:
             info = json.loads(response.read())["info"]
+        concurrencies = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        rows = run_http_bench(base, prepared_dir, max_history=max_history, concurrencies=concurrencies,
+                              seconds=args.seconds, sizes=info["sizes"])
     finally:
         if process is not None:
             stop_server(process)
@@ -376,9 +381,9 @@ def format_table(result: dict) -> str:
             lines.append(f"{row['mode']:<8} {row['size']:>5} {row.get('candidates', ''):>7} "
                          f"{row.get('ef_search', ''):>5} {row['build_s']:>9.3f} {row['recall@10']:>10.4f} "
                          f"{row['ms_per_query']:>9.3f} {row.get('speedup_vs_exact', ''):>8}")
-    http = result.get("http")
-    if http:
-        lines.append(f"\nhttp: {http['model']}, {http['items']:,} items, {http['replicas']} replica(s) x "
+    for key in sorted(k for k in result if k.startswith("http")):
+        http = result[key]
+        lines.append(f"\n{key}: {http['model']}, {http['items']:,} items, {http['replicas']} replica(s) x "
                      f"{http['cpus_per_replica']:g} CPU, {http['cpus']} CPUs, load average {http['load_average_before']}")
         lines.append(HTTP_HEADER)
         lines += [format_http_row(LoadResult(**row)) for row in http["rows"]]
@@ -407,6 +412,8 @@ def main() -> int:
     http.add_argument("--seconds", type=float, default=8.0, help="measured seconds per (variant, concurrency)")
     http.add_argument("--replicas", type=int, default=1)
     http.add_argument("--cpus-per-replica", type=float, default=1.0)
+    http.add_argument("--http-section", default="http", help="the serve.json key of this http run (compare "
+                      "settings side by side: e.g. http_2replicas); the goal is read from 'http'")
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"catalogue", "synthetic", "http"}
@@ -426,8 +433,8 @@ def main() -> int:
     if "synthetic" in parts:
         result["synthetic"] = bench_synthetic(args.synthetic_items, args.synthetic_dim)
     if "http" in parts:
-        result["http"] = bench_http(args, args.prepared_dir)
-        result["http"]["command"] = "python -m bench.serve " + " ".join(sys.argv[1:])
+        result[args.http_section] = bench_http(args, args.prepared_dir)
+        result[args.http_section]["command"] = "python -m bench.serve " + " ".join(sys.argv[1:])
     result["goals"] = goals(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -90,11 +90,6 @@ class TrackingConfig:
         default="mmrec",
         metadata={"help": 'MLflow registered model a finished run is registered as (also a folder name under '
                           '<storage_path>/registered/); "" = do not register'})
-    gallery_users: int = field(
-        default=6, metadata={"help": "test users in the run's recommendation gallery artifact (gallery/index.html: "
-                                     "their last posters beside their top 10); 0 = no gallery"})
 
     def __post_init__(self) -> None:
         check_plain_name(self.registered_model, "tracking.registered_model")
-        if self.gallery_users < 0:
-            raise ValueError(f"tracking.gallery_users must be >= 0, got {self.gallery_users}")

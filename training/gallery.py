@@ -29,6 +29,7 @@ from training.evaluate import score_users
 from training.metrics import history_mask, target_ranks
 
 GALLERY_DIR = "gallery"  # the run's artifact folder: gallery/index.html and gallery/gallery.json
+GALLERY_USERS = 6  # test users shown (a constant, not a config key: the config keeps few keys on purpose)
 THUMBNAIL_SIZE = (96, 144)  # width, height: posters are ~185 x 278
 
 
@@ -165,8 +166,9 @@ def render_html(rows: list[GalleryRow], items: dict[int, CatalogueItem], *, head
     return "".join(parts)
 
 
-def write_gallery(checkpoint_dir: Path, prepared_dir: Path, examples: Examples, out_dir: Path, *, users: int = 6,
-                  k: int = 10, history_shown: int = 5, batch_size: int = 256) -> list[Path]:
+def write_gallery(checkpoint_dir: Path, prepared_dir: Path, examples: Examples, out_dir: Path, *,
+                  users: int = GALLERY_USERS, k: int = 10, history_shown: int = 5,
+                  batch_size: int = 256) -> list[Path]:
     """A checkpoint and its test examples -> out_dir/index.html and out_dir/gallery.json (the rows); -> paths."""
     from pipeline.sources import load_manifest
     from training.offline_eval import DecodedCatalogue, load_checkpoint
