@@ -36,8 +36,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from jobs.cli import run_main
-from serving.online import (ModelSlot, ModelSource, RequestError, UserHistories, answer, catalogue_dir,
-                            load_warm_recommender, parse_recommend_request)
+from serving.online import (ModelSlot, ModelSource, RecommendRequest, RequestError, Served, UserHistories,
+                            answer_batch, catalogue_dir, load_warm_recommender, parse_recommend_request)
 
 APP_NAME = "mmrec"
 log = logging.getLogger("jobs.serve")
@@ -63,7 +63,10 @@ class ServeOptions:
     replicas: int = field(default=1, metadata={"help": "Ray Serve replicas"})
     cpus_per_replica: float = field(default=1.0, metadata={"help": "CPUs each replica reserves (also its torch "
                                                                    "threads, at least 1)"})
-    max_ongoing_requests: int = field(default=16, metadata={"help": "requests a replica works on at once"})
+    max_ongoing_requests: int = field(default=32, metadata={"help": "requests a replica works on at once"})
+    max_batch: int = field(default=16, metadata={"help": "requests answered together by one model pass (dynamic "
+                                                         "batching; 1 = one at a time)"})
+    batch_wait_ms: float = field(default=2.0, metadata={"help": "how long a request waits for others to batch with"})
     user_histories: bool = field(default=True, metadata={"help": "load users' histories from the prepared data "
                                                                  "(user_id requests)"})
 
@@ -74,9 +77,10 @@ class ServeOptions:
             raise ConfigError("give at most one of --model and --checkpoint")
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be 1..65535, got {self.port}")
-        if self.poll_s < 0 or self.replicas < 1 or self.cpus_per_replica <= 0 or self.max_ongoing_requests < 1:
-            raise ConfigError("--poll-s must be >= 0, --replicas and --max-ongoing-requests >= 1, "
-                              "--cpus-per-replica > 0")
+        if (self.poll_s < 0 or self.replicas < 1 or self.cpus_per_replica <= 0 or self.max_ongoing_requests < 1
+                or self.max_batch < 1 or self.batch_wait_ms < 0):
+            raise ConfigError("--poll-s and --batch-wait-ms must be >= 0, --replicas, --max-ongoing-requests and "
+                              "--max-batch >= 1, --cpus-per-replica > 0")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"--route-prefix must start with '/', got {self.route_prefix!r}")
 
@@ -150,6 +154,8 @@ class RecommenderDeployment:
         self.histories = (UserHistories.from_prepared(catalogue_dir(self.slot.served.recommender))
                           if options.user_histories else None)
         self.started = time.time()
+        self._answer_together.set_max_batch_size(options.max_batch)
+        self._answer_together.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
         self.slot.start_polling(options.poll_s)
 
     def check_health(self) -> None:  # Serve replaces a replica that stopped following its alias
@@ -161,13 +167,21 @@ class RecommenderDeployment:
         try:
             parsed = parse_recommend_request(await request.body())
             served = self.slot.served  # this request is answered by this model, whatever is swapped in meanwhile
-            return JSONResponse(await run_in_threadpool(answer, served, parsed, self.histories))
+            result = await self._answer_together((served, parsed))
+            if isinstance(result, RequestError):
+                raise result
+            return JSONResponse(result)
         except RequestError as err:
             return JSONResponse({"error": str(err)}, status_code=err.status)
         except Exception as err:  # noqa: BLE001 -- one line to the client, the traceback to the replica's log
             log.exception("recommend failed")
             first = str(err).splitlines()[0][:200] if str(err) else ""
             return JSONResponse({"error": f"internal error: {type(err).__name__}: {first}"}, status_code=500)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _answer_together(self, items: list[tuple[Served, RecommendRequest]]) -> list:
+        """Requests that arrive together share one model pass (`serving.online.answer_batch`), off the event loop."""
+        return await run_in_threadpool(answer_batch, items, self.histories)
 
     @api.get("/healthz")
     def healthz(self) -> dict:

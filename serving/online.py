@@ -257,24 +257,23 @@ def catalogue_dir(recommender: ItemRecommender) -> Path:
     return Path(recommender.source["items"]).parent
 
 
-def answer(served: Served, request: RecommendRequest, histories: UserHistories | None) -> dict[str, Any]:
-    """A parsed request -> {"items": [{"item_id", "score"}], "unknown_history", "size", "model"}.
-    `RequestError` 404 for an unknown user, 422 for what the recommender refuses (k, size, candidates...)."""
-    history: Sequence[str]
+def _history_of(request: RecommendRequest, histories: UserHistories | None) -> list[str]:
     if request.history is not None:
-        history = request.history
-    elif histories is None:
+        return request.history
+    if histories is None:
         raise RequestError(422, "this server has no user histories loaded: send 'history' instead of 'user_id'")
-    else:
-        history = histories.get(request.user_id or "")
+    return histories.get(request.user_id or "")
+
+
+def _options(request: RecommendRequest) -> dict[str, Any]:
     options: dict[str, Any] = {"exclude_history": request.exclude_history, "size": request.size,
                                "candidates": request.candidates}
     if request.mode is not None:
         options["mode"] = request.mode
-    try:
-        result = served.recommender.recommend(history, request.k, **options)
-    except RecommendationError as err:
-        raise RequestError(422, str(err).splitlines()[0] if str(err) else "refused by the recommender") from None
+    return options
+
+
+def _response(served: Served, request: RecommendRequest, result) -> dict[str, Any]:
     return {
         "items": [{"item_id": item, "score": float(score)} for item, score in zip(result.item_ids, result.scores)],
         "unknown_history": list(result.unknown_history),
@@ -282,3 +281,57 @@ def answer(served: Served, request: RecommendRequest, histories: UserHistories |
         "model": {"source": served.source, "version": served.version},
         **({"user_id": request.user_id} if request.user_id is not None else {}),
     }
+
+
+def _refused(err: RecommendationError) -> RequestError:
+    return RequestError(422, str(err).splitlines()[0] if str(err) else "refused by the recommender")
+
+
+def answer_batch(items: Sequence[tuple[Served, RecommendRequest]],
+                 histories: UserHistories | None) -> list[dict[str, Any] | RequestError]:
+    """Many parsed requests -> for each, its response or its `RequestError` (returned, not raised).
+
+    Requests for the same model with the same options share one `recommend_batch` call (one sequence-model pass
+    for all their histories: what dynamic batching in `jobs.serve` buys); a group the recommender refuses as a
+    whole (one history of unknown items) is answered request by request, so only the bad one fails.
+    """
+    out: list[dict[str, Any] | RequestError | None] = [None] * len(items)
+    groups: dict[tuple, list[tuple[int, list[str]]]] = {}
+    for position, (served, request) in enumerate(items):
+        try:
+            history = _history_of(request, histories)
+        except RequestError as err:
+            out[position] = err
+            continue
+        key = (id(served), request.k, request.size, request.mode, request.exclude_history,
+               tuple(request.candidates) if request.candidates is not None else None)
+        groups.setdefault(key, []).append((position, history))
+    for members in groups.values():
+        served, request = items[members[0][0]]
+        try:
+            results = served.recommender.recommend_batch([history for _, history in members], request.k,
+                                                         **_options(request))
+        except RecommendationError as err:
+            if len(members) == 1:
+                out[members[0][0]] = _refused(err)
+                continue
+            results = [None] * len(members)
+        for (position, history), result in zip(members, results):
+            served, request = items[position]
+            if result is None:  # the group was refused: this request alone
+                try:
+                    result = served.recommender.recommend(history, request.k, **_options(request))
+                except RecommendationError as err:
+                    out[position] = _refused(err)
+                    continue
+            out[position] = _response(served, request, result)
+    return out  # type: ignore[return-value]
+
+
+def answer(served: Served, request: RecommendRequest, histories: UserHistories | None) -> dict[str, Any]:
+    """A parsed request -> {"items": [{"item_id", "score"}], "unknown_history", "size", "model"}.
+    `RequestError` 404 for an unknown user, 422 for what the recommender refuses (k, size, candidates...)."""
+    (result,) = answer_batch([(served, request)], histories)
+    if isinstance(result, RequestError):
+        raise result
+    return result

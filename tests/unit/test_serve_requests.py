@@ -92,3 +92,32 @@ def test_serve_command_line_refuses_bad_input_in_one_line(tmp_path: Path, monkey
         ServeOptions.from_strings({"polls": "2"})
     with pytest.raises(ConfigError, match="is not a valid int"):
         ServeOptions.from_strings({"port": "eighty"})
+
+
+def test_answers_in_a_batch_equal_answers_one_by_one(tiny_checkpoint: Path, prepared_dir: Path):
+    """What jobs.serve's dynamic batching runs: one model pass per (model, options) group; a group the
+    recommender refuses is answered one by one, so only the bad request fails."""
+    from serving.online import Served, answer, answer_batch
+    from serving.recommender import ItemRecommender
+
+    served = Served(ItemRecommender.from_checkpoint(tiny_checkpoint, prepared_dir=prepared_dir), "checkpoint", "")
+    histories = UserHistories.from_prepared(prepared_dir)
+    bodies = [{"history": ["50", "172", "181"], "k": 5}, {"user_id": "42", "k": 5}, {"history": ["1", "2"], "k": 5},
+              {"history": ["no-such-item"], "k": 5}, {"user_id": "no-such-user", "k": 5},
+              {"history": ["50"], "k": 3, "size": 16}, {"history": ["7", "8"], "k": 3, "size": 16},
+              {"history": ["50"], "k": 3, "size": 12}, {"user_id": "7", "k": 4, "mode": "funnel", "size": 8}]
+    requests = [parse_recommend_request(json.dumps(body)) for body in bodies]
+    together = answer_batch([(served, request) for request in requests], histories)
+    for body, request, batched in zip(bodies, requests, together):
+        try:
+            alone = answer(served, request, histories)
+        except RequestError as err:
+            assert isinstance(batched, RequestError), body
+            assert (batched.status, str(batched)) == (err.status, str(err))
+            continue
+        assert not isinstance(batched, RequestError), (body, batched)
+        assert [i["item_id"] for i in batched["items"]] == [i["item_id"] for i in alone["items"]], body
+        assert [i["score"] for i in batched["items"]] == pytest.approx([i["score"] for i in alone["items"]], abs=1e-5)
+        assert batched["size"] == alone["size"] and batched.get("user_id") == alone.get("user_id")
+    assert [type(r).__name__ for r in together].count("RequestError") == 3
+    assert [r.status for r in together if isinstance(r, RequestError)] == [422, 404, 422]
