@@ -8,7 +8,8 @@
 Locally it starts Ray (or joins the cluster named by RAY_ADDRESS), deploys, prints the URL and blocks until Ctrl-C
 (or SIGTERM), then deletes the application. Given an alias (the default follows @champion), every replica checks
 the registry every --poll-s seconds and, when the alias names another version, loads it beside the one serving
-and swaps: a promoted challenger is served without a restart and without refusing requests.
+and swaps: a promoted challenger is served without a restart and without refusing requests. Requests that
+arrive together are answered by one model pass (dynamic batching: --max-batch, --batch-wait-ms).
 
     curl -s localhost:8000/recommend -d '{"history": ["50", "172", "181"], "k": 5}'
     curl -s localhost:8000/recommend -d '{"user_id": "42", "k": 10, "size": 32, "mode": "funnel"}'
