@@ -101,8 +101,9 @@ def served(ray_cluster, registry, prepared_dir, tmp_path_factory):
              "--prepared-dir", str(prepared_dir)],
             cwd=log_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    started = time.time()
     try:
-        deadline = time.time() + 240
+        deadline = started + 240
         while True:
             try:
                 if _call(f"{base}/healthz", timeout=5)[0] == 200:
@@ -112,6 +113,7 @@ def served(ray_cluster, registry, prepared_dir, tmp_path_factory):
             if job.poll() is not None or time.time() > deadline:
                 pytest.fail(f"jobs.serve did not come up (exit {job.poll()}):\n{log_path.read_text()[-4000:]}")
             time.sleep(1)
+        print(f"\n[e2e] jobs.serve answered /healthz {time.time() - started:.0f}s after it was started")
         yield base
     finally:
         job.send_signal(signal.SIGTERM)  # the job deletes its application and exits 0
