@@ -176,7 +176,8 @@ def search_filtered(index: ItemIndex, exact: ExactIndex, queries: np.ndarray, k:
     queries [Q, d]; exclude: per query, distinct rows never returned (the user's history); allowed [N] bool (a candidate
     filter) or None. `index` is asked for enough rows to survive the filters (k + the query's exclusions,
     scaled by 1 / the allowed fraction, x2); a query still short of min(k, rows it may get) is answered by
-    `exact` with a mask, so filtering never loses results, it only costs time. `exact` must search the same
+    `exact` with a mask, so filtering never loses results, it only costs time. When that fetch would be a
+    quarter of the table or more, every query is answered by the masked exact scan directly. `exact` must search the same
     vectors at the same size as `index` ranks with.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -190,6 +191,8 @@ def search_filtered(index: ItemIndex, exact: ExactIndex, queries: np.ndarray, k:
     most_excluded = max((len(e) for e in exclude), default=0)
     fetch = (k + most_excluded) * (1 if allowed is None else 2 * num_rows / max(allowed_count, 1))
     fetch = int(min(num_rows, np.ceil(fetch)))
+    if 4 * fetch >= num_rows:  # asking the index for a large share of the table costs more than a masked scan
+        return exact.search(queries, k, banned=_banned(exclude, allowed, num_rows))
     found = index.search(queries, fetch)
     scores = np.full((len(queries), k), -np.inf, np.float32)
     rows = np.full((len(queries), k), -1, np.int64)

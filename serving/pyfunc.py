@@ -4,7 +4,8 @@ This module owns `RecommenderPyfunc` (an `mlflow.pyfunc.PythonModel` around `Ite
 `log_recommender_model`, which the registry calls (injected by the jobs: `training.registry` may not import
 `serving`) so that every registered version's source is a logged MLflow model as well as a checkpoint copy.
 
-The logged model holds one artifact, "bundle": `ItemRecommender.save_bundle` of the checkpoint (model.pt,
+The model is logged "from code" (`serving/pyfunc_entry.py`, no cloudpickle of the model object: loading a
+tampered artifact cannot unpickle code) and holds one artifact, "bundle": `ItemRecommender.save_bundle` of the checkpoint (model.pt,
 state.json, catalogue.parquet with the content vector of every catalogue item), so loading runs no image decoding
 and no encoder pass. Code: the model is loaded by the installed `mmrec` package (`serving.pyfunc` is imported by
 name), not by copies of our packages in the model (`code_paths`): a copy would be put first on sys.path at load
@@ -18,7 +19,6 @@ Input: a pandas DataFrame, one row per user: `history` (list of raw item ids, ne
 from __future__ import annotations
 
 import tempfile
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -28,22 +28,20 @@ import pandas as pd
 from serving.recommender import ItemRecommender, RecommendationError
 
 BUNDLE_ARTIFACT = "bundle"
+ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")  # logged as code, not pickled (see that file)
 MODEL_NAME = "recommender"  # the logged model's name in its run
 _REQUIREMENTS = ("torch", "mlflow", "numpy", "pandas", "pyarrow", "faiss-cpu", "transformers", "pillow")
 
 
-with warnings.catch_warnings():
-    # MLflow asks for type hints on predict when the class is defined; it takes a DataFrame of lists, so none.
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
+    """An `ItemRecommender` (exact index) as an MLflow pyfunc model; see the module docstring for the frames."""
 
-    class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
-        """An `ItemRecommender` (exact index) as an MLflow pyfunc model; see the module docstring for the frames."""
+    def load_context(self, context) -> None:
+        self.recommender = ItemRecommender.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
 
-        def load_context(self, context) -> None:
-            self.recommender = ItemRecommender.from_bundle(context.artifacts[BUNDLE_ARTIFACT])
-
-        def predict(self, context, model_input, params=None):
-            return predict_frame(self.recommender, model_input)
+    # A DataFrame hint: MLflow infers no signature from it and does no schema enforcement (the rows hold lists).
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return predict_frame(self.recommender, model_input)
 
 
 def predict_frame(recommender: ItemRecommender, frame: pd.DataFrame) -> pd.DataFrame:
@@ -107,10 +105,9 @@ def log_recommender_model(checkpoint_path: str | Path, run_id: str, tracking_uri
     recommender = ItemRecommender.from_checkpoint(checkpoint_path, prepared_dir=prepared_dir)
     with tempfile.TemporaryDirectory(prefix="mmrec-pyfunc-") as scratch:
         bundle = recommender.save_bundle(Path(scratch) / BUNDLE_ARTIFACT)
-        with _use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")  # as above
+        with _use_tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             # Re-opening the finished run (it returns to FINISHED on exit) links the model to its training run.
-            info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=RecommenderPyfunc(),
+            info = mlflow.pyfunc.log_model(name=MODEL_NAME, python_model=str(ENTRY_FILE),
                                            artifacts={BUNDLE_ARTIFACT: str(bundle)},
                                            pip_requirements=requirements())
     return MlflowClient(tracking_uri).get_logged_model(info.model_id).artifact_location, info.model_id

@@ -205,6 +205,9 @@ def test_registered_champion_loads_as_a_pyfunc_with_the_same_top_k(tiny_checkpoi
     assert version.tags[TAG_PYFUNC].startswith("models:/m-")
     assert registry.get(CHAMPION).checkpoint_path == version.checkpoint_path  # the jobs still find the checkpoint
     assert client.get_run(run_id).info.status == "FINISHED"  # re-opened to log the model, finished again
+    logged = {p.name for p in (tmp_path / "artifacts").rglob("*") if p.is_file()}
+    assert {"MLmodel", "model.pt", "catalogue.parquet", "requirements.txt"} <= logged
+    assert not any(name.endswith(".pkl") for name in logged), logged  # logged from code: nothing to unpickle
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)

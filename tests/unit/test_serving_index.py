@@ -97,3 +97,14 @@ def test_filtered_search_equals_masked_brute_force(mode, allowed_count):
 def test_recall_at_k_counts_overlap():
     assert recall_at_k(np.array([[1, 2, 3]]), np.array([[3, 4, 1]])) == pytest.approx(2 / 3)
     assert recall_at_k(np.array([[1, -1]]), np.array([[1, -1]])) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["hnsw", "funnel"])
+def test_a_query_whose_over_fetch_finds_no_allowed_row_falls_back_to_exact(mode):
+    """The allowed rows are the 300 the query likes least: the index's over-fetch (the best 134) holds none."""
+    items, query = unit_vectors(2000, 16, 11), unit_vectors(1, 16, 12)
+    allowed = np.zeros(2000, dtype=bool)
+    allowed[np.argsort(query[0] @ items.T)[:300]] = True
+    index = HnswIndex(items) if mode == "hnsw" else FunnelIndex(items, 8, candidates=20)
+    hits = search_filtered(index, ExactIndex(items), query, 10, allowed=allowed)
+    assert hits.rows[0].tolist() == brute_force(query, items, 10, ~allowed[None])[0]
