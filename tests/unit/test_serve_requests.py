@@ -121,3 +121,30 @@ def test_answers_in_a_batch_equal_answers_one_by_one(tiny_checkpoint: Path, prep
         assert batched["size"] == alone["size"] and batched.get("user_id") == alone.get("user_id")
     assert [type(r).__name__ for r in together].count("RequestError") == 3
     assert [r.status for r in together if isinstance(r, RequestError)] == [422, 404, 422]
+
+
+def test_a_promoted_version_that_fails_to_load_leaves_the_served_one(tiny_checkpoint: Path, prepared_dir: Path,
+                                                                       tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    from serving.online import ModelSlot, ModelSource, load_warm_recommender
+    from training.registry import ModelRegistry
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("slot", artifact_location=(tmp_path / "art").as_uri())
+    registry = ModelRegistry(uri, "m", storage_path=tmp_path / "runs")
+    versions = [registry.register(run_id=client.create_run(experiment).info.run_id, checkpoint_path=tiny_checkpoint,
+                                  data_watermark=0, trained_through=0, config_hash="x", metrics={})
+                for _ in range(2)]
+    registry.set_alias("champion", "1")
+    slot = ModelSlot(ModelSource(model_uri="models:/m@champion", tracking_uri=uri),
+                     lambda target: load_warm_recommender(target, uri, prepared_dir=prepared_dir))
+    assert slot.served.version == "1" and slot.refresh() is False  # the alias has not moved
+    (versions[1].checkpoint_path / "model.pt").write_bytes(b"not a checkpoint")  # version 2's copy is broken
+    registry.set_alias("champion", "2")
+    before = slot.served
+    assert slot.refresh() is False and slot.served is before
+    assert slot.describe()["last_refresh_error"].startswith("CheckpointError:")
+    registry.set_alias("champion", "1")
+    assert slot.refresh() is False and slot.describe()["last_refresh_error"] is None
