@@ -87,7 +87,12 @@ def test_serve_command_line_refuses_bad_input_in_one_line(tmp_path: Path, monkey
     code, err = _serve_main(["--port", "x"], monkeypatch, capsys)
     assert code == 2 and "invalid int value: 'x'" in err
     # `serve run jobs.serve:app_builder key=value` arguments are checked the same way
+    from ray.serve import Application
+
+    from jobs.serve import app_builder
+
     assert ServeOptions.from_strings({"poll_s": "2.5", "user_histories": "false"}).poll_s == 2.5
+    assert isinstance(app_builder({"model": "models:/mmrec@champion", "replicas": "2", "max_batch": "4"}), Application)
     with pytest.raises(ConfigError, match="unknown serve argument"):
         ServeOptions.from_strings({"polls": "2"})
     with pytest.raises(ConfigError, match="is not a valid int"):
