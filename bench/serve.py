@@ -8,7 +8,7 @@ Parts (each is a function returning rows; `--parts` picks them; sections of benc
 does not redo are kept, so other parts, such as the HTTP latency of jobs.serve, can be added beside these):
 1. catalogue: the real catalogue of a trained checkpoint (`ItemRecommender.from_checkpoint`: fresh catalogue pass,
    the vectors `training.export` writes). Queries: every user's vector from their whole history (the recommender's
-   own `user_vectors`). Reference: exact search with the full-size vectors. Rows: exact at each Matryoshka size
+   own `user_vectors`), and every item's vector (item-to-item). Reference: exact search with the full-size vectors. Rows: exact at each Matryoshka size
    (small vectors alone), HNSW at full size, and the funnel (retrieve k' with the size-s prefix, re-rank full) at
    each smaller size and two k'. No history exclusion: this measures the index, not the filter.
 2. synthetic: N random unit vectors (default 1,000,000 x 128, float32): exact (one torch matmul + top-k) vs faiss
@@ -87,7 +87,9 @@ def measure(name: str, size: int, index: ItemIndex, build_s: float, queries: np.
 
 
 def bench_catalogue(checkpoint: Path, prepared_dir: Path | None, candidates: tuple[int, ...] = (50, 200)) -> dict:
-    """Part 1: every mode on the real catalogue's vectors, against exact full-size search."""
+    """Part 1: every mode on the real catalogue's vectors, against exact full-size search, for two query sets:
+    "users" (every user's vector from their whole history) and "items" (every item's own vector: "more like
+    this"). The spread of a query set is reported as the mean pairwise cosine of its queries (1 = all the same)."""
     from pipeline.sequences import order_interactions
     from pipeline.sources import read_interactions
     from serving.recommender import ItemRecommender
@@ -96,28 +98,29 @@ def bench_catalogue(checkpoint: Path, prepared_dir: Path | None, candidates: tup
     prepared = Path(recommender.source["items"]).parent
     ordered = order_interactions(read_interactions(prepared))
     histories = ordered.groupby("user_index", sort=True).item_id.apply(lambda s: s.astype(str).tolist()).tolist()
-    queries = recommender.user_vectors(histories)  # [U, D]
     items = recommender.item_vectors()  # [N, D]
+    query_sets = {"users": recommender.user_vectors(histories), "items": items}  # [U, D], [N, D]
     full = recommender.dim
-    exact, build_s = timed_build(lambda: ExactIndex(items))
-    truth = exact.search(queries, K).rows
-    rows = [measure("exact", full, exact, build_s, queries, truth)]
-    for size in recommender.sizes:
-        if size == full:
-            continue
-        small, build_s = timed_build(lambda: ExactIndex(recommender.item_vectors(size)))
-        rows.append(measure("exact", size, small, build_s, prefix(queries, size), truth))
-    hnsw, build_s = timed_build(lambda: HnswIndex(items))
-    rows.append(measure("hnsw", full, hnsw, build_s, queries, truth, m=32, ef_search=128))
-    for size in recommender.sizes:
-        if size == full:
-            continue
-        for k_prime in candidates:
-            funnel, build_s = timed_build(lambda: FunnelIndex(items, size, candidates=k_prime))
-            rows.append(measure("funnel", size, funnel, build_s, queries, truth, candidates=k_prime,
-                                rerank_size=full))
-    return {"checkpoint": str(checkpoint), "items": recommender.num_items, "queries": len(queries), "dim": full,
-            "sizes": list(recommender.sizes), "reference": f"exact at size {full}", "rows": rows}
+    smaller = [size for size in recommender.sizes if size != full]
+    exact, exact_build_s = timed_build(lambda: ExactIndex(items))
+    hnsw, hnsw_build_s = timed_build(lambda: HnswIndex(items))
+    small_exact = {size: timed_build(lambda: ExactIndex(recommender.item_vectors(size))) for size in smaller}
+    funnels = {(size, k_prime): timed_build(lambda: FunnelIndex(items, size, candidates=k_prime))
+               for size in smaller for k_prime in candidates}
+    rows, spread = [], {}
+    for name, queries in query_sets.items():
+        spread[name] = round(float(np.square(np.linalg.norm(queries.mean(axis=0)))), 4)
+        truth = exact.search(queries, K).rows
+        rows.append(measure("exact", full, exact, exact_build_s, queries, truth, query_set=name))
+        for size, (index, build_s) in small_exact.items():
+            rows.append(measure("exact", size, index, build_s, prefix(queries, size), truth, query_set=name))
+        rows.append(measure("hnsw", full, hnsw, hnsw_build_s, queries, truth, m=32, ef_search=128, query_set=name))
+        for (size, k_prime), (index, build_s) in funnels.items():
+            rows.append(measure("funnel", size, index, build_s, queries, truth, candidates=k_prime,
+                                rerank_size=full, query_set=name))
+    return {"checkpoint": str(checkpoint), "items": recommender.num_items, "queries": len(histories),
+            "dim": full, "sizes": list(recommender.sizes), "reference": f"exact at size {full}",
+            "mean_pairwise_cosine": spread, "rows": rows}
 
 
 def bench_synthetic(items: int, dim: int, queries: int = 200, seed: int = 0, ef_construction: int = 40,
@@ -230,24 +233,26 @@ def request_bodies(prepared_dir: Path, variant_fields: dict, max_history: int, u
 
 
 def untrained_checkpoint(preset: str, prepared_dir: Path, directory: Path, seed: int = 0) -> Path:
-    """A checkpoint directory (model.pt + state.json) of `preset`'s architecture at its seeded initial weights."""
+    """A checkpoint of `preset` at its initial weights (seeded): pretrained encoders give real content geometry
+    without a training run. Vectors only: not a model to judge recommendations by."""
     import torch
 
     from model.build import build_recommender
     from pipeline.sources import load_manifest
-    from training.checkpoint import save_checkpoint
+    from training.checkpoint import MODEL_FILE, STATE_FILE
     from training.job_config import build_config
 
-    job = build_config(preset, [f"data.prepared_dir={prepared_dir}"])
+    job = build_config(preset, [f"data.prepared_dir={prepared_dir.resolve()}"])
     manifest = load_manifest(prepared_dir)
     torch.manual_seed(seed)
     model = build_recommender(job.model, job.image, job.text, num_items=int(manifest["num_items"]),
                               max_history=job.data.max_history)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(directory, model, torch.optim.SGD(model.parameters(), lr=0.1), {
-        "config": job.to_dict(), "num_items": int(manifest["num_items"]),
-        "matryoshka_sizes": list(job.model.supported_sizes), "watermark": int(manifest["watermark"]),
-        "epoch": 0, "global_step": 0, "note": "untrained: for latency benchmarks only"})
+    directory.mkdir(parents=True)
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    (directory / STATE_FILE).write_text(json.dumps({
+        "config": job.to_dict(), "num_items": int(manifest["num_items"]), "watermark": manifest["watermark"],
+        "matryoshka_sizes": list(job.model.supported_sizes), "epoch": 0, "global_step": 0,
+        "note": f"untrained {preset} (seed {seed}): bench.serve vectors only"}))
     return directory
 
 
@@ -363,11 +368,15 @@ def bench_http(args: argparse.Namespace, prepared_dir: Path | None) -> dict:
 
 def goals(result: dict) -> dict:
     out = {}
-    catalogue = result.get("catalogue")
-    if catalogue:
-        funnels = [r for r in catalogue["rows"] if r["mode"] == "funnel"]
-        out["funnel_recall@10_min"] = min(r["recall@10"] for r in funnels) if funnels else None
-        out["funnel_recall_goal_0.95_met"] = bool(funnels) and all(r["recall@10"] >= 0.95 for r in funnels)
+    for name, catalogue in result.items():
+        if not name.startswith("catalogue") or not isinstance(catalogue, dict):
+            continue
+        for query_set in ("users", "items"):
+            funnels = [r for r in catalogue["rows"] if r["mode"] == "funnel" and r.get("query_set") == query_set]
+            if funnels:
+                best = max(r["recall@10"] for r in funnels)
+                out[f"{name}.{query_set}.funnel_recall@10_best"] = best
+                out[f"{name}.{query_set}.funnel_recall_goal_0.95_met"] = best >= 0.95
     synthetic = result.get("synthetic")
     if synthetic:
         best = max(r["speedup_vs_exact"] for r in synthetic["rows"] if r["mode"] == "hnsw")
@@ -382,7 +391,7 @@ def goals(result: dict) -> dict:
 
 def format_table(result: dict) -> str:
     lines = []
-    for part in ("catalogue", "synthetic"):
+    for part in [name for name in result if name.startswith("catalogue")] + ["synthetic"]:
         section = result.get(part)
         if not section:
             continue
@@ -394,7 +403,7 @@ def format_table(result: dict) -> str:
             lines.append(f"{row.get('query_set', 'users'):<7} {row['mode']:<8} {row['size']:>5} {row.get('candidates', ''):>7} "
                          f"{row.get('ef_search', ''):>5} {row['build_s']:>9.3f} {row['recall@10']:>10.4f} "
                          f"{row['ms_per_query']:>9.3f} {row.get('speedup_vs_exact', ''):>8}")
-    for key in sorted(k for k in result if k.startswith("http")):
+    for key in sorted(k for k in result if k.startswith("http") and "rows" in result[k]):
         http = result[key]
         lines.append(f"\n{key}: {http['model']}, {http['items']:,} items, {http['replicas']} replica(s) x "
                      f"{http['cpus_per_replica']:g} CPU, {http['cpus']} CPUs, load average {http['load_average_before']}")
@@ -408,7 +417,13 @@ def format_table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint (needed by the catalogue part)")
+    parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint (the catalogue part needs it or "
+                        "--untrained-preset)")
+    parser.add_argument("--untrained-preset", default="",
+                        help="instead of --checkpoint: the initial weights of this preset (e.g. movielens_mrl, whose "
+                             "pretrained encoders give real content vectors); needs --prepared-dir")
+    parser.add_argument("--name", default="catalogue",
+                        help="the result section of the catalogue part (catalogue, catalogue_<what>)")
     parser.add_argument("--prepared-dir", type=Path, default=None,
                         help="its prepared data (default: the checkpoint config's data.prepared_dir)")
     parser.add_argument("--parts", default="catalogue,synthetic",
@@ -430,8 +445,10 @@ def main() -> int:
     args = parser.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"catalogue", "synthetic", "http"}
-    if unknown or ("catalogue" in parts and args.checkpoint is None):
+    if unknown or ("catalogue" in parts and args.checkpoint is None and not args.untrained_preset):
         parser.error(f"unknown parts {sorted(unknown)}" if unknown else "the catalogue part needs --checkpoint")
+    if not args.name.startswith("catalogue") or (args.untrained_preset and args.prepared_dir is None):
+        parser.error("--name must start with 'catalogue'; --untrained-preset needs --prepared-dir")
     import faiss
     import torch
 
@@ -441,8 +458,13 @@ def main() -> int:
                          "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
                          "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if "catalogue" in parts:
-        result["catalogue"] = bench_catalogue(args.checkpoint, args.prepared_dir)
-        print(format_table({"catalogue": result["catalogue"]}), flush=True)
+        with tempfile.TemporaryDirectory(prefix="bench-serve-") as scratch:
+            checkpoint = args.checkpoint or untrained_checkpoint(args.untrained_preset, args.prepared_dir,
+                                                                 Path(scratch) / "checkpoint")
+            result[args.name] = bench_catalogue(checkpoint, args.prepared_dir)
+        if args.untrained_preset:
+            result[args.name]["checkpoint"] = f"untrained {args.untrained_preset}, seed 0"
+        print(format_table({args.name: result[args.name]}), flush=True)
     if "synthetic" in parts:
         result["synthetic"] = bench_synthetic(args.synthetic_items, args.synthetic_dim)
     if "http" in parts:

@@ -345,8 +345,38 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
     assert json.loads((out / "export.json").read_text())["registered_version"] == str(champion.version)
 
+    # every registered version is an MLflow pyfunc model too: the champion loads; v2's answers are the library's
+    import mlflow.pyfunc
+
+    from serving.recommender import ItemRecommender
+
+    assert champion.tags["pyfunc_model_uri"].startswith("models:/m-") and v2.tags["pyfunc_model_uri"] != \
+        v1.tags["pyfunc_model_uri"]
+    histories = pd.DataFrame({"history": [["1", "50", "181"], ["7", "no-such-item"]], "k": [5, 3]})
+    with mlflow_tracking(tracking_uri):
+        assert mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(histories).item_ids.map(len).tolist() \
+            == [5, 3]
+        predicted = mlflow.pyfunc.load_model(f"models:/{MODEL}/2").predict(histories)
+    library = ItemRecommender.from_model_uri(f"models:/{MODEL}/2", tracking_uri, prepared_dir=prepared)
+    assert predicted.item_ids.tolist() == [library.recommend(["1", "50", "181"], 5).item_ids,
+                                           library.recommend(["7"], 3).item_ids]
+    assert predicted.unknown_history.tolist() == [[], ["no-such-item"]]
+
     code, _, stderr = in_process("evaluate bad alias (in process)", "jobs.evaluate", "--model", f"models:/{MODEL}@nope")
     assert code == 2 and "has no alias 'nope'" in stderr
 
     timings["total"] = time.perf_counter() - started
     print("\n" + "\n".join(f"{step:<34} {seconds:6.1f} s" for step, seconds in timings.items()))
+
+
+@contextlib.contextmanager
+def mlflow_tracking(uri: str):
+    """MLflow's fluent API (pyfunc.load_model) reads the global tracking URI: set it for the block only."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
