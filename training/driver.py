@@ -24,13 +24,14 @@ from training.overrides import ConfigError, flatten
 from memory.client import create_memory_bank
 from pipeline.content import decoded_catalog_bytes, write_examples
 from pipeline.owned_dirs import check_no_overlap, require_replaceable
-from pipeline.sequences import ColdStartSplits, Splits, item_popularity
+from pipeline.sequences import ColdStartSplits, Examples, Splits, item_popularity
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, report_metrics
 from pipeline.splits import build_splits
 from pipeline.stages import catalog_dataset, decoded_catalog_dataset, train_dataset
 from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
 from training.evaluate import popularity_metrics, write_size_report
+from training.gallery import GALLERY_DIR, GALLERY_USERS, write_gallery
 from training.loop import train_loop_per_worker
 from training.trunk_cache import trunk_cache_plan
 from training.trainer import StepCallback, exact_catalogue
@@ -275,6 +276,8 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
         for path in write_size_report(metrics, run_dir / "matryoshka"):  # size x metric table + plot (Matryoshka)
             tracker.log_artifact(path, "matryoshka")
         checkpoint_path = best_checkpoint.path if best_checkpoint else None
+        if checkpoint_path:
+            log_gallery(tracker, Path(checkpoint_path), prepared, splits.test, run_dir / GALLERY_DIR, log=log)
         tracker.set_tags({"checkpoint_path": str(checkpoint_path), "watermark": str(manifest["watermark"]),
                           "matryoshka_sizes": ",".join(map(str, job.model.supported_sizes))})
         status = "FINISHED"
@@ -284,6 +287,24 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
         tracker.finish(status)
         if bank is not None:
             bank.destroy()
+
+
+def log_gallery(tracker: Tracker, checkpoint: Path, prepared: Path, test: Examples, out_dir: Path,
+                log=print) -> None:
+    """The recommendation gallery of the best checkpoint -> the run's gallery/ artifacts. A gallery that cannot be
+    drawn (a poster library fault, a full disk) costs the run its gallery only: one line and a tag, not the run."""
+    started = time.perf_counter()
+    try:
+        paths = write_gallery(checkpoint, prepared, test, out_dir)
+        for path in paths:
+            tracker.log_artifact(path, GALLERY_DIR)
+    except Exception as err:  # noqa: BLE001 -- see the docstring
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+        tracker.set_tags({"gallery_error": reason})
+        log(f"[train] recommendation gallery skipped: {reason}")
+        return
+    log(f"[train] recommendation gallery ({GALLERY_USERS} test users) logged as {GALLERY_DIR}/index.html "
+        f"in {time.perf_counter() - started:.1f}s")
 
 
 def best_of(result: Result, metric: str):

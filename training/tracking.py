@@ -1,7 +1,9 @@
 """The one place that talks to MLflow. Side effects happen on rank 0 / the driver only.
 
 Tracking URI: `tracking.tracking_uri`, else $MLFLOW_TRACKING_URI, else a SQLite file in the working directory.
-Experiments get an absolute artifact location (relative ones land in Ray's temporary session folders).
+Experiments get an absolute artifact location (relative ones land in Ray's temporary session folders) and are
+marked as model-training experiments (`EXPERIMENT_KIND_TAG`), so the MLflow 3 UI opens them in its training view
+(runs, metrics, models) and not in its GenAI view (traces, prompts).
 """
 from __future__ import annotations
 
@@ -14,9 +16,31 @@ from typing import Any
 from training.config import TrackingConfig
 
 
+# MLflow 3's UI reads an experiment's kind from this tag (no Python constant exists for it in mlflow 3.17; the
+# values are the UI's `ExperimentKind` enum). Without the tag the UI guesses the kind, or asks, from what it finds.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def ensure_training_experiment(client, cfg: TrackingConfig) -> str:
+    """The id of experiment `cfg.experiment`, created if missing, marked as a model-training experiment.
+
+    An existing experiment without a kind (made by an older version of this product) gets the tag; one a person
+    deliberately set to another kind in the UI keeps it.
+    """
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        location = Path(cfg.artifact_root).resolve().as_uri()
+        return client.create_experiment(cfg.experiment, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
 
 
 class Tracker:
@@ -36,12 +60,7 @@ class Tracker:
 
         uri = resolve_tracking_uri(cfg)
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            location = Path(cfg.artifact_root).resolve().as_uri()
-            experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = ensure_training_experiment(client, cfg)
         existing = client.search_runs(
             [experiment_id], filter_string=f"tags.ray_run_name = '{run_name}' and attributes.status != 'FINISHED'"
         )

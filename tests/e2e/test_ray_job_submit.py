@@ -253,6 +253,7 @@ def test_train_retrain_and_serve_through_ray_job_submit(ray_head: str, raw_data_
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name("mmrec")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
     for key in ("test_recall_at_10", "test_ndcg_at_10", "test_mrr"):

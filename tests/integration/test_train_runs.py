@@ -159,6 +159,51 @@ def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(faulty):
     assert _history(outcome, "data.bad_item_fraction") == [(0, 0.0)]
 
 
+def test_the_run_logs_a_recommendation_gallery_of_its_best_checkpoint(faulty, workspace):
+    """gallery/index.html and gallery.json are artifacts of the run; each user's top 10 is the score ranking of the
+    best checkpoint over a fresh catalogue pass, and the held-out item is marked where it is in the top 10."""
+    import re
+
+    import mlflow
+    import torch
+
+    from pipeline.content import read_examples
+    from pipeline.sources import ITEMS_FILE
+    from training.evaluate import score_users
+    from training.metrics import history_mask
+    from training.offline_eval import DecodedCatalogue, load_checkpoint
+
+    run_id = faulty.mlflow_run_id
+    files = {a.path for a in mlflow.MlflowClient(faulty.tracking_uri).list_artifacts(run_id, "gallery")}
+    assert files == {"gallery/index.html", "gallery/gallery.json"}
+    mlflow.set_tracking_uri(faulty.tracking_uri)
+    gallery = mlflow.artifacts.load_dict(f"runs:/{run_id}/gallery/gallery.json")
+    page = mlflow.artifacts.load_text(f"runs:/{run_id}/gallery/index.html")
+    rows = gallery["rows"]
+    assert len(rows) == 6 and gallery["k"] == 10 and gallery["checkpoint"] == str(faulty.checkpoint_path)
+
+    loaded = load_checkpoint(Path(faulty.checkpoint_path))
+    content = DecodedCatalogue(workspace / "prepared" / ITEMS_FILE, CATALOGUE).encode(loaded)
+    test = read_examples(faulty.run_dir / "data" / "test.parquet")
+    history = torch.as_tensor(test.history[[row["example"] for row in rows]])
+    scores = score_users(loaded.model, content, history)  # [6, N+1]
+    if gallery["mask_history"]:
+        scores = scores.masked_fill(history_mask(history, CATALOGUE + 1, pad_id=0), float("-inf"))
+    sections = page.split("<section")[1:]
+    assert len(sections) == 6
+    for row, user_scores, section in zip(rows, scores, sections):
+        assert row["top"] == torch.topk(user_scores, 10).indices.tolist()
+        assert row["target"] == int(test.target[row["example"]])
+        assert row["history"] == [int(i) for i in test.history[row["example"]] if i][-5:]
+        shown_top = section.split("class='strip top'>")[1]
+        assert [int(i) for i in re.findall(r'data-item-index="(\d+)"', shown_top)] == row["top"]
+        marked = [int(i) for i in re.findall(r'<figure class="hit" data-item-id="[^"]*" data-item-index="(\d+)"',
+                                             section)]
+        assert marked == ([row["target"]] if row["target"] in row["top"] else [])
+    # posters embedded (items 1..600 of ml100k_mm almost all have one)
+    assert page.count("data:image/jpeg;base64,") >= 0.9 * 6 * 15
+
+
 def test_same_run_name_resumes_after_the_last_epoch_with_the_bank_restored_exactly(workspace, faulty):
     from training.driver import run_training
 
