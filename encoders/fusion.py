@@ -74,7 +74,8 @@ class ItemEncoder(nn.Module):
                               attention_mask=attention_mask, text_mask=text_mask)
         return fields
 
-    def encode_trunk(self, fields: dict[str, torch.Tensor], size: int | None = None) -> torch.Tensor:
+    def encode_trunk(self, fields: dict[str, torch.Tensor], size: int | None = None, *,
+                     dropout: bool = True) -> torch.Tensor:
         """Trunk fields of B items (`content_trunk`, or rows of the trunk cache) -> content vectors [B, D]
         (zeros if no content). `size` (a Matryoshka size) runs only the size-s sub-projection -> [B, size], equal
         to the first `size` dims of the full vectors."""
@@ -88,7 +89,9 @@ class ItemEncoder(nn.Module):
         if self.text_encoder is not None:
             features = self.text_encoder.top(fields["text_trunk"], fields["input_ids"], fields["attention_mask"])
             parts.append(self._with_placeholder(features, fields["text_mask"].bool(), self.missing_text))
-        features = self.dropout(torch.cat(parts, dim=-1))
+        features = torch.cat(parts, dim=-1)
+        if dropout:
+            features = self.dropout(features)
         if size is None or size == self.dim:
             return self.projection(features)
         if not isinstance(self.projection, MatryoshkaLinear):

@@ -230,10 +230,12 @@ class Trainer:
 
     def _negative_content(self, fetched: HistoryContent, ids: np.ndarray) -> torch.Tensor:
         """The negatives' content [K, D]: fresh through the encoders' tops (with gradients) when every encoder is
-        frozen and cached (a projection of cached features: cheap for the whole catalogue), else the bank's."""
+        frozen and cached (a projection of cached features: cheap for the whole catalogue), else the bank's. Like
+        the bank's vectors they are made without dropout (on every item's 1,664 features it cost more than the
+        projection itself: 53 ms against 13 ms a step on 2 cores)."""
         if self.trunk_cache is not None and not encoder_parameters(self.model)[0] and ids.size:
             return self.model.item_encoder.encode_trunk(
-                self.trunk_cache.lookup(torch.as_tensor(ids, device=self.device)))
+                self.trunk_cache.lookup(torch.as_tensor(ids, device=self.device)), dropout=False)
         return _writable(fetched.negative_cached, self.device)
 
     def build_trunk_cache(self, catalogue_batches: Iterable[dict]) -> TrunkCache:
