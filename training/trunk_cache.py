@@ -84,8 +84,11 @@ def plan_trunk_cache(encoder: ItemEncoder, probe: dict, num_items: int, *, wante
 class TrunkCache:
     """Every item's trunk fields, one tensor [N+1, ...] per field (row 0 = padding)."""
 
-    def __init__(self, fields: dict[str, torch.Tensor]) -> None:
+    def __init__(self, fields: dict[str, torch.Tensor], encoders_frozen: bool = False) -> None:
         self.fields = fields
+        # no encoder parameter trains: the cache holds whole encoders' outputs, and fresh vectors for the whole
+        # catalogue are only a projection away
+        self.encoders_frozen = encoders_frozen
 
     @classmethod
     def build(cls, encoder: ItemEncoder, batches: Iterable[dict], num_items: int,
@@ -109,7 +112,8 @@ class TrunkCache:
         missing = int((~seen[1:]).sum())
         if missing:
             raise RuntimeError(f"the trunk cache's catalogue pass did not cover {missing} of {num_items} items")
-        return cls(fields)
+        encoders = [e for e in (encoder.image_encoder, encoder.text_encoder) if e is not None]
+        return cls(fields, not any(p.requires_grad for e in encoders for p in e.parameters()))
 
     def lookup(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """item ids [*] -> trunk fields [*, ...] (what `ItemEncoder.encode_trunk` and `Recommender.forward` take)."""

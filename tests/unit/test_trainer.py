@@ -203,3 +203,22 @@ def test_an_id_only_model_trains_on_ids_alone_with_the_exact_full_softmax(settin
     assert losses[-1] < losses[0]
     content = trainer.encode_catalogue(iter(()))
     assert content.shape == (num_items + 1, job.model.dim) and not content.any()
+
+
+def test_frozen_encoders_on_the_trunk_cache_train_on_ids_with_the_exact_full_softmax(setting):
+    """Frozen two-stage: the cache is the whole encoders, the stream carries ids only, and `auto` trains on every
+    item's fresh vector (a projection of cached features) instead of the bank's."""
+    job, num_items, popularity, batch, catalogue, _ = setting
+    job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "image.unfreeze_top=0",
+                                "text.unfreeze_top=0"])
+    torch.manual_seed(0)
+    trainer = build_trainer(job, num_items, popularity, LocalMemoryBankClient(capacity=num_items + 1,
+                                                                              dim=job.model.dim), trunk_cache=True)
+    cache = trainer.build_trunk_cache(catalogue.batches(content_spec_of(job)))
+    assert cache.encoders_frozen and isinstance(trainer.negatives, CatalogueNegatives)
+    trainer.refresh_bank(trainer.encode_catalogue(iter(())), wait=True)
+    ids_only = {k: batch[k] for k in ("target", "history", "rating", "user")}
+    projection = trainer.model.item_encoder.projection.weight
+    before = projection.detach().clone()
+    losses = [trainer.step(ids_only)[0].item() for _ in range(8)]
+    assert losses[-1] < losses[0] and not torch.equal(projection, before)
