@@ -228,15 +228,24 @@ class Trainer:
         prefix = "" if which == "target" else "history_"
         return {k: batch[prefix + k] for k in RAW_CONTENT_FIELDS}
 
+    @property
+    def _negatives_from_bank(self) -> bool:
+        """Whether the negatives' content is the bank's. It is not for ID-only models (no content: zeros) nor for
+        frozen encoders on the trunk cache (fresh), and then the step does not ask the bank for it."""
+        encoder = self.model.item_encoder
+        return encoder.has_content and not (self.trunk_cache is not None and self.trunk_cache.encoders_frozen)
+
     def _negative_content(self, fetched: HistoryContent, ids: np.ndarray) -> torch.Tensor:
-        """The negatives' content [K, D]: fresh through the encoders' tops (with gradients) when every encoder is
-        frozen and cached (a projection of cached features: cheap for the whole catalogue), else the bank's. Like
-        the bank's vectors they are made without dropout (on every item's 1,664 features it cost more than the
-        projection itself: 53 ms against 13 ms a step on 2 cores)."""
-        if self.trunk_cache is not None and self.trunk_cache.encoders_frozen and ids.size:
-            return self.model.item_encoder.encode_trunk(
-                self.trunk_cache.lookup(torch.as_tensor(ids, device=self.device)), dropout=False)
-        return _writable(fetched.negative_cached, self.device)
+        """The negatives' content [K, D]: zeros for ID-only models; fresh through the encoders' tops (with
+        gradients) when every encoder is frozen and cached (a projection of cached features: cheap for the whole
+        catalogue); else the bank's. Like the bank's vectors the fresh ones are made without dropout (on every
+        item's 1,664 features it cost more than the projection itself: 53 ms against 13 ms a step on 2 cores)."""
+        if self._negatives_from_bank:
+            return _writable(fetched.negative_cached, self.device)
+        if not self.model.item_encoder.has_content or not ids.size:
+            return torch.zeros(len(ids), self.model.item_encoder.dim, device=self.device)
+        return self.model.item_encoder.encode_trunk(
+            self.trunk_cache.lookup(torch.as_tensor(ids, device=self.device)), dropout=False)
 
     def build_trunk_cache(self, catalogue_batches: Iterable[dict]) -> TrunkCache:
         """Run every item's frozen trunk once (`training.trunk_cache`); from then on steps and catalogue passes
@@ -252,7 +261,8 @@ class Trainer:
         targets = batch["target"].long()
         target_np = targets.cpu().numpy()
         negative_ids = self.negatives.ids(self.num_items)  # before the step's one bank lookup
-        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device, negative_ids,
+        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device,
+                                     negative_ids if self._negatives_from_bank else negative_ids[:0],
                                      self.item_content)
         encode_mask = cached_content = None
         if job.memory.encode_fraction < 1.0:
