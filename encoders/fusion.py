@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encoders.dropout import Dropout
 from matryoshka.layers import MatryoshkaLinear
 
 
@@ -48,7 +49,7 @@ class ItemEncoder(nn.Module):
                 projection = (MatryoshkaLinear(feature_dim, dim, matryoshka_sizes) if matryoshka_sizes
                               else nn.Linear(feature_dim, dim))
             self.projection = projection
-            self.dropout = nn.Dropout(dropout)
+            self.dropout = Dropout(dropout)
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.02)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from encoders.dropout import Dropout
+
 
 __all__ = [
     "lru_scan_reference",
@@ -147,7 +149,7 @@ class GatedFeedForward(nn.Module):
         super().__init__()
         hidden_dim = hidden_dim or dim
         self.gate, self.value, self.out = nn.Linear(dim, hidden_dim), nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """[*, D] -> [*, D]"""
@@ -173,7 +175,7 @@ class LRUBlock(nn.Module):
         self.lru = LRU(dim, r_min=r_min, r_max=r_max, max_phase=max_phase, use_parallel_scan=use_parallel_scan)
         self.ffn_norm = nn.LayerNorm(dim)
         self.ffn = GatedFeedForward(dim, ffn_multiplier * dim, dropout=dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
         """[B, L, D], [B, L] bool (True = real) -> [B, L, D]"""
@@ -211,7 +213,7 @@ class LRUSequenceModel(nn.Module):
         self.dim = dim
         self.max_len = max_len
         self.input_norm = nn.LayerNorm(dim)
-        self.input_dropout = nn.Dropout(dropout)
+        self.input_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             LRUBlock(dim, dropout, r_min, r_max, max_phase, use_parallel_scan, ffn_multiplier)
             for _ in range(num_layers)

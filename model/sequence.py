@@ -5,9 +5,13 @@ Interface shared by every sequence model: forward(item_vectors [B, L, D], paddin
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from encoders.dropout import Dropout, dropout
 
 
 class CausalSelfAttentionBlock(nn.Module):
@@ -19,8 +23,8 @@ class CausalSelfAttentionBlock(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim)
         hidden = ffn_multiplier * dim
-        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-        self.dropout = nn.Dropout(dropout)
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), Dropout(dropout), nn.Linear(hidden, dim))
+        self.dropout = Dropout(dropout)
         self.attn_dropout = dropout
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -28,9 +32,15 @@ class CausalSelfAttentionBlock(nn.Module):
         b, length, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
-        )
+        if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
+            # SDPA's own dropout draws a Bernoulli sample per weight (slow on CPU): the same attention, spelled out
+            weights = (q @ k.transpose(-2, -1)).mul_(1 / math.sqrt(q.shape[-1]))
+            weights = weights.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1)
+            attended = dropout(weights, self.attn_dropout) @ v
+        else:
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+            )
         x = x + self.dropout(self.out(attended.transpose(1, 2).reshape(b, length, dim)))
         return x + self.dropout(self.ffn(self.norm2(x)))
 
@@ -42,7 +52,7 @@ class SASRec(nn.Module):
         self.max_len = max_len
         self.positions = nn.Embedding(max_len, dim)
         nn.init.normal_(self.positions.weight, std=0.02)
-        self.input_dropout = nn.Dropout(dropout)
+        self.input_dropout = Dropout(dropout)
         self.blocks = nn.ModuleList(
             CausalSelfAttentionBlock(dim, num_heads, dropout, ffn_multiplier) for _ in range(num_layers)
         )
