@@ -28,8 +28,9 @@ from matryoshka.layers import at_size, truncate, validate_sizes  # noqa: F401 (a
 
 @dataclass
 class StepOutput:
-    user: torch.Tensor  # [B, D]
-    positive: torch.Tensor  # [B, D]
+    user: torch.Tensor  # [M, D] (M = B, or with all_positions every real history position)
+    positive: torch.Tensor  # [M, D] the vector of the item each user state must rank first
+    positive_ids: torch.Tensor  # [M] that item's id
     unique_ids: torch.Tensor  # [U] distinct target ids of the batch
     unique_content: torch.Tensor  # [U, D] their fresh content vectors (written back to the bank)
 
@@ -91,6 +92,7 @@ class Recommender(nn.Module):
         encode_mask: torch.Tensor | None = None,
         target_cached_content: torch.Tensor | None = None,
         history_item_content: dict[str, torch.Tensor] | None = None,
+        all_positions: bool = False,
     ) -> StepOutput:
         """Batch of B examples: the targets' content [B, ...] per field, cached history content [B, L, D].
 
@@ -100,6 +102,10 @@ class Recommender(nn.Module):
         `target_cached_content` [B, D] (bank vectors, no gradient). history_item_content (memory.mode=recompute):
         the same fields for every history item ([B, L, ...] per field); those items are then encoded too,
         with gradients, instead of read from the bank. Every distinct item is encoded once per step.
+        all_positions (`train.targets=all`, SASRec's objective): every real history position's state is a user
+        state too, whose positive is the next item (the next history item, or the target after the last); the
+        history items' vectors are those the sequence model reads (fresh for targets and recomputed history, the
+        bank's otherwise). The last position's row of each example comes last, in batch order.
         """
         rows = torch.arange(target_ids.shape[0], device=target_ids.device)
         if encode_mask is not None:
@@ -128,8 +134,21 @@ class Recommender(nn.Module):
             target_content = fresh_targets
         positive = self.item_vectors(target_content, target_ids)
         history_content = replace_with_fresh(history_ids, history_content, unique_ids, content_vectors)
-        user = self.user_vectors(history_ids, history_content)
-        return StepOutput(user=user, positive=positive, unique_ids=unique_ids, unique_content=content_vectors)
+        if not all_positions:
+            user = self.user_vectors(history_ids, history_content)
+            return StepOutput(user=user, positive=positive, positive_ids=target_ids, unique_ids=unique_ids,
+                              unique_content=content_vectors)
+        real = history_ids > 0
+        vectors = self.item_vectors(history_content, history_ids) * real[..., None]  # [B, L, D]
+        states = F.normalize(self.sequence_model(vectors, real), dim=-1)
+        # position i (< L-1) predicts history item i+1; it is real whenever item i is (histories are left-padded)
+        inner = real[:, :-1]
+        return StepOutput(
+            user=torch.cat([states[:, :-1][inner], states[:, -1]]),
+            positive=torch.cat([vectors[:, 1:][inner], positive]),
+            positive_ids=torch.cat([history_ids[:, 1:][inner], target_ids]),
+            unique_ids=unique_ids, unique_content=content_vectors,
+        )
 
 
 def unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

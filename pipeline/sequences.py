@@ -139,6 +139,23 @@ def time_split(interactions: pd.DataFrame, max_history: int, split_at: int) -> S
     )
 
 
+def window_examples(train: Examples) -> Examples:
+    """Training examples for a loss at every history position (`train.targets=all`): per user, every L-th
+    example counted back from the user's last one (L = the history length), so that the kept examples' histories
+    plus targets tile the user's training sequence without overlap and each training target is predicted once.
+
+    Needs the examples of a user consecutive and in time order, as every split here builds them.
+    """
+    if not len(train):
+        return train
+    users = train.user
+    last = np.r_[users[1:] != users[:-1], True]
+    last_row = np.flatnonzero(last)
+    counts = np.diff(np.r_[-1, last_row])
+    rows_to_end = np.repeat(last_row, counts) - np.arange(len(users))  # 0 for each user's last example
+    return train.subset(rows_to_end % train.history.shape[1] == 0)
+
+
 def item_popularity(train: Examples, num_items: int) -> np.ndarray:
     """Target counts per item index [N+1] (index 0 = padding, always 0): the popularity baseline and logQ."""
     return np.bincount(train.target, minlength=num_items + 1).astype(np.float64)

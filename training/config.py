@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 USE_GPU = ("auto", "true", "false")
+TARGETS = ("last", "all")
 # Folders of train.storage_path that the product itself owns beside the run directories.
 RESERVED_STORAGE_NAMES = ("registered", "locks")
 
@@ -26,6 +27,11 @@ class TrainConfig:
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
     max_steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0 = the whole epoch)"})
+    targets: str = field(
+        default="last",
+        metadata={"help": "last: an example's target is its only loss term; all: every history position also "
+                          "predicts the item after it (SASRec's objective) and the examples are thinned to "
+                          "non-overlapping windows, so an epoch predicts each training interaction once"})
     num_workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel)"})
     use_gpu: str = field(
         default="auto", metadata={"help": "auto (a GPU per worker when the cluster has one), true or false"})
@@ -71,6 +77,8 @@ class TrainConfig:
         for key in ("lr", "encoder_lr"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"train.targets={self.targets!r}; valid: {', '.join(TARGETS)}")
         if self.use_gpu not in USE_GPU:
             raise ValueError(f"train.use_gpu={self.use_gpu!r}; valid: {', '.join(USE_GPU)}")
         if self.cpus_per_worker <= 0:

@@ -24,7 +24,7 @@ from training.overrides import ConfigError, flatten
 from memory.client import create_memory_bank
 from pipeline.content import decoded_catalog_bytes, write_examples
 from pipeline.owned_dirs import check_no_overlap, require_replaceable
-from pipeline.sequences import ColdStartSplits, Examples, Splits, item_popularity
+from pipeline.sequences import ColdStartSplits, Examples, Splits, item_popularity, window_examples
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, report_metrics
 from pipeline.splits import build_splits
 from pipeline.stages import catalog_dataset, decoded_catalog_dataset, train_dataset
@@ -34,7 +34,7 @@ from training.evaluate import popularity_metrics, write_size_report
 from training.gallery import GALLERY_DIR, GALLERY_USERS, write_gallery
 from training.loop import train_loop_per_worker
 from training.trunk_cache import trunk_cache_plan
-from training.trainer import StepCallback, exact_catalogue
+from training.trainer import StepCallback, check_targets, exact_catalogue
 from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
@@ -157,7 +157,12 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 paths[name] = str(write_examples(subset, work / f"{name}.parquet"))
         log(f"[train] cold start: {len(splits.cold_items)} items held out of training; "
             f"test users with a warm target {len(splits.test_warm)}, with a cold target {len(splits.test_cold)}")
-    train_path = write_examples(splits.train, work / "train.parquet")
+    stream = splits.train
+    if job.train.targets == "all":  # every history position is a loss term: non-overlapping windows suffice
+        stream = window_examples(splits.train)
+        log(f"[train] train.targets=all: {len(stream)} windows of up to {job.data.max_history + 1} interactions "
+            f"stand for the {len(splits.train)} training examples")
+    train_path = write_examples(stream, work / "train.parquet")
     popularity = item_popularity(splits.train, num_items)
     np.save(work / "popularity.npy", popularity)
     paths["popularity"] = str(work / "popularity.npy")
@@ -201,6 +206,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
         log(f"[train] {cache_plan.describe()}")
         loss = job.model.resolved_loss(num_items, exact_catalogue(job, cache_plan.enabled))
         log(f"[train] loss: {loss}" + (" (model.loss=auto)" if job.model.loss == "auto" else ""))
+        check_targets(job, loss)
         tracker.log_params({"model.loss_resolved": loss})
         tracker.log_metrics({"trunk_cache_enabled": float(cache_plan.enabled),
                              "trunk_cache_mb": cache_plan.total_bytes / 2**20})
@@ -236,7 +242,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 "job": job.to_dict(),
                 "paths": paths,
                 "num_items": num_items,
-                "num_train_examples": len(splits.train),
+                "num_train_examples": len(stream),
                 "bank": bank,
                 "tracking_uri": tracker.tracking_uri,
                 "mlflow_run_id": tracker.run_id,

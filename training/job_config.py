@@ -114,4 +114,6 @@ def validate(config: JobConfig) -> JobConfig:
     if config.train.batch_size < 2 and config.model.loss != "full_softmax":
         raise ConfigError("train.batch_size must be >= 2 for in-batch negatives (model.loss=sampled_softmax or "
                           "auto beyond model.full_softmax_max_items)")
+    if config.train.targets == "all" and config.model.task != "retrieval":
+        raise ConfigError("train.targets=all needs model.task=retrieval (a CTR example is one labelled pair)")
     return dataclasses.replace(config)

@@ -30,6 +30,7 @@ from model.recommender import Recommender
 from pipeline.sequences import Examples
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
 from training.job_config import JobConfig
+from training.overrides import ConfigError
 from training.trunk_cache import RAW_CONTENT_FIELDS, TrunkCache
 
 StepCallback = Callable[[int], None]  # called with the global step before that step runs
@@ -273,7 +274,7 @@ class Trainer:
         out = self.module(
             target_ids=targets, content=self.item_content(batch, "target"), history_ids=batch["history"].long(),
             history_content=fetched.history_content, encode_mask=encode_mask, target_cached_content=cached_content,
-            history_item_content=fetched.history_item_content,
+            history_item_content=fetched.history_item_content, all_positions=job.train.targets == "all",
         )
         if job.model.task == "ctr":
             labels = (batch["rating"].float() >= job.data.positive_rating).float()
@@ -281,7 +282,7 @@ class Trainer:
         else:
             negatives, negative_ids_t = self.negatives.vectors(model, negative_ids,
                                                                self._negative_content(fetched, negative_ids), device)
-            loss = self.objective(out.user, out.positive, targets, negatives, negative_ids_t)
+            loss = self.objective(out.user, out.positive, out.positive_ids, negatives, negative_ids_t)
         unique_ids = out.unique_ids.cpu().numpy()
         unique_content = out.unique_content.detach()
         info = {"unique_ids": unique_ids, "unique_content": unique_content.cpu().numpy(),
@@ -454,6 +455,15 @@ def exact_catalogue(job: JobConfig, trunk_cache: bool) -> bool:
         getattr(job, modality).unfreeze_top == 0 for modality in job.model.modalities))
 
 
+def check_targets(job: JobConfig, loss: str) -> None:
+    """`train.targets=all` makes every history position a row of the loss (about 40 a example): only the full
+    softmax takes them as they are; in-batch negatives would be a [rows, rows] matrix."""
+    if job.train.targets == "all" and loss != "full_softmax":
+        raise ConfigError(f"train.targets=all needs the full softmax, and this run's loss is {loss}: it is chosen "
+                          "where every item's vector is exact each step (ID-only, or frozen encoders on the trunk "
+                          "cache) and the catalogue has at most model.full_softmax_max_items items")
+
+
 def make_negatives(job: JobConfig, num_items: int, exact: bool = False):
     """The config's negatives source: the whole catalogue for the full softmax, else in-batch (CTR: always)."""
     if job.model.task == "ctr":
@@ -474,6 +484,7 @@ def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: 
                                   max_history=job.data.max_history)
     model = model.to(device)
     exact = exact_catalogue(job, trunk_cache)
+    check_targets(job, job.model.resolved_loss(num_items, exact))
     return Trainer(model, make_optimizer(model, job), build_objective(job.model, popularity, exact),
                    make_negatives(job, num_items, exact), HISTORY_SOURCES[job.memory.mode](), bank, job, num_items,
                    device=device, callbacks=callbacks)

@@ -123,3 +123,29 @@ def test_the_id_table_starts_small_and_random():
                                             use_id_embedding=True), ImageEncoderConfig(), text, num_items=5,
                                 max_history=4)
     assert 0.005 < default.item_encoder.id_embedding.weight[1:].std() < 0.05
+
+
+def test_all_positions_adds_each_history_positions_next_item_and_keeps_the_last_rows():
+    """train.targets=all: the rows of the last position equal the one-target forward; an inner row is the state
+    at that position (causal: later items do not change it), and its positive is the next history item."""
+    torch.manual_seed(0)
+    model = build_recommender(ModelConfig(dim=16, modalities=(), use_id_embedding=True, num_layers=2, num_heads=2,
+                                          dropout=0.0), ImageEncoderConfig(kind="tiny_cnn"), TextEncoderConfig(kind="tiny"),
+                              num_items=30, max_history=5).eval()
+
+    def forward(history, targets, **kwargs):
+        return model(target_ids=targets, content={"item_ids": targets}, history_ids=history,
+                     history_content=torch.zeros(*history.shape, 16), **kwargs)
+
+    history = torch.tensor([[0, 0, 3, 4, 5], [1, 2, 3, 4, 6], [0, 0, 0, 0, 9]])
+    targets = torch.tensor([7, 8, 10])
+    last, dense = forward(history, targets), forward(history, targets, all_positions=True)
+    inner = int((history[:, :-1] > 0).sum())
+    assert dense.user.shape == (inner + 3, 16) and inner == 2 + 4 + 0
+    assert torch.allclose(dense.user[-3:], last.user, atol=1e-6) and torch.allclose(dense.positive[-3:], last.positive)
+    assert dense.positive_ids.tolist() == [4, 5, 2, 3, 4, 6, 7, 8, 10]
+    # row 3: user 1 after items 1, 2 predicts item 3; the items after position 1 do not change that state
+    changed = forward(torch.tensor([[1, 2, 11, 12, 13]]), torch.tensor([14]), all_positions=True)
+    assert torch.allclose(dense.user[3], changed.user[1], atol=1e-5)
+    assert not torch.allclose(dense.user[4], changed.user[2], atol=1e-3)
+    assert torch.allclose(dense.positive[3], model.item_vectors(torch.zeros(16), torch.tensor(3)), atol=1e-6)

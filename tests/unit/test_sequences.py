@@ -1,7 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from pipeline.sequences import item_popularity, leave_one_out, order_interactions, time_split
+from pipeline.sequences import (cold_start_split, item_popularity, leave_one_out, order_interactions, sample_cold_items,
+                                time_split, window_examples)
 
 
 def frame(rows):
@@ -53,3 +54,30 @@ def test_popularity_counts_train_targets():
     df = frame([(0, 1, 1), (0, 2, 2), (0, 2, 3), (0, 3, 4), (0, 1, 5), (0, 1, 6)])
     pop = item_popularity(leave_one_out(df, 3).train, num_items=4)
     assert pop.tolist() == [0, 0, 2, 1, 0]
+
+
+def test_windows_tile_each_users_training_sequence_from_its_end():
+    df = frame([(0, i, 10 * i) for i in range(1, 10)] + [(1, 20, 1), (1, 21, 2), (1, 22, 3), (1, 23, 4)])
+    train = leave_one_out(df, max_history=3).train  # user 0 trains on targets 2..7, user 1 on 21
+    windows = window_examples(train)
+    assert windows.target.tolist() == [4, 7, 21]  # every 3rd example counted back from each user's last one
+    assert windows.history.tolist() == [[1, 2, 3], [4, 5, 6], [0, 0, 20]]
+
+
+def test_windows_predict_every_training_target_exactly_once_on_real_data(prepared_dir):
+    """With a loss at every history position (train.targets=all), the windows' next items are exactly the
+    training targets, per user: plain leave-one-out, the time split and the cold-start split."""
+    from pipeline.sources import read_interactions
+
+    interactions = read_interactions(prepared_dir)
+    num_items = int(interactions.item_index.max())
+    cold = sample_cold_items(num_items, 0.1, seed=0)
+    for train in (leave_one_out(interactions, 50).train, time_split(interactions, 50, 888_000_000).train,
+                  cold_start_split(interactions, 50, cold).train):
+        windows = window_examples(train)
+        inner = windows.history[:, :-1] > 0
+        predicted = np.concatenate([windows.history[:, 1:][inner], windows.target])
+        users = np.concatenate([np.broadcast_to(windows.user[:, None], inner.shape)[inner], windows.user])
+        assert len(windows) < len(train) / 20
+        expected = sorted(zip(train.user.tolist(), train.target.tolist()))
+        assert sorted(zip(users.tolist(), predicted.tolist())) == expected

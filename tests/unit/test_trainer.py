@@ -19,6 +19,7 @@ from training.job_config import build_config
 from training.offline_eval import DecodedCatalogue, content_spec_of
 from training.trainer import (BankHistory, CatalogueNegatives, InBatchNegatives, RecomputeHistory, UniformNegatives,
                               EarlyStopping, build_trainer, exact_catalogue, lr_scale, make_negatives)
+from training.overrides import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +223,24 @@ def test_frozen_encoders_on_the_trunk_cache_train_on_ids_with_the_exact_full_sof
     before = projection.detach().clone()
     losses = [trainer.step(ids_only)[0].item() for _ in range(8)]
     assert losses[-1] < losses[0] and not torch.equal(projection, before)
+
+
+def test_a_loss_at_every_history_position_needs_the_full_softmax_and_learns(setting):
+    """train.targets=all: ID-only (exact catalogue, full softmax) trains on windows; where the loss would be the
+    sampled softmax (a trained encoder, bank content) or the task is CTR, the config is refused in one line."""
+    job, num_items, popularity, batch, _, splits = setting
+    trainer = _trainer(setting, "model.use_id_embedding=true", "model.modalities=", "train.targets=all")
+    from pipeline.sequences import window_examples
+
+    windows = window_examples(splits.train)
+    rows = np.arange(32)
+    ids_only = {"target": torch.as_tensor(windows.target[rows]), "history": torch.as_tensor(windows.history[rows]),
+                "rating": torch.as_tensor(windows.rating[rows]), "user": torch.as_tensor(windows.user[rows])}
+    losses = [trainer.step(ids_only)[0].item() for _ in range(8)]
+    assert losses[-1] < losses[0]
+    with pytest.raises(ConfigError, match="needs the full softmax, and this run's loss is sampled_softmax"):
+        _trainer(setting, "train.targets=all")
+    with pytest.raises(ConfigError, match="needs model.task=retrieval"):
+        build_config("tiny", ["train.targets=all", "model.task=ctr"])
+    with pytest.raises(ValueError, match="train.targets='every'; valid: last, all"):
+        build_config("tiny", ["train.targets=every"])
