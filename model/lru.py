@@ -130,6 +130,16 @@ class LRU(nn.Module):
         states = scan(self.lambdas(), drive)  # [B, L, H]
         return states.real @ self.C_re.T - states.imag @ self.C_im.T + self.D * x
 
+    def last(self, x: Tensor) -> Tensor:
+        """[B, L, D] real -> [B, D]: ``forward(x)[:, -1]`` without the scan or the other positions' read-out.
+        The last state is a weighted sum of the drives, h_{L-1} = sum_t lambda^(L-1-t) (B x_t)."""
+        gain = torch.exp(self.gamma_log)[:, None]
+        drive = torch.complex(x @ (self.B_re * gain).T, x @ (self.B_im * gain).T)  # [B, L, H] complex
+        log_lambda = torch.complex(-torch.exp(self.nu_log), torch.exp(self.theta_log))  # [H]
+        age = torch.arange(x.shape[1] - 1, -1, -1, device=x.device, dtype=self.nu_log.dtype)  # L-1 ... 0
+        state = (drive * torch.exp(age[:, None] * log_lambda[None])).sum(1)  # [B, H]
+        return state.real @ self.C_re.T - state.imag @ self.C_im.T + self.D * x[:, -1]
+
     def forward_complex(self, x: Tensor) -> Tensor:
         """[B, L, D] -> [B, L, D]: ``forward`` computed with complex B and C (reference for the real-matmul form)."""
         gain = torch.exp(self.gamma_log)[:, None]
@@ -186,6 +196,13 @@ class LRUBlock(nn.Module):
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x * real
 
+    def last(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        """``forward(x, padding_mask)[:, -1]`` [B, D], with the read-out and feed-forward at the last position only."""
+        real = padding_mask.unsqueeze(-1).to(x.dtype)
+        last = x[:, -1] + self.dropout(self.lru.last(self.lru_norm(x) * real))
+        last = last + self.dropout(self.ffn(self.ffn_norm(last)))
+        return last * real[:, -1]
+
 
 class LRUSequenceModel(nn.Module):
     """Stack of LRU blocks behind the sequence-model interface.
@@ -221,6 +238,19 @@ class LRUSequenceModel(nn.Module):
 
     def forward(self, item_vectors: Tensor, padding_mask: Tensor) -> Tensor:
         """[B, L, D], [B, L] bool (True = real item) -> [B, L, D]"""
+        x = self._inputs(item_vectors, padding_mask)
+        for block in self.blocks:
+            x = block(x, padding_mask)
+        return x
+
+    def last_state(self, item_vectors: Tensor, padding_mask: Tensor) -> Tensor:
+        """``forward(...)[:, -1]`` [B, D] (the user state), the last block computed at the last position only."""
+        x = self._inputs(item_vectors, padding_mask)
+        for block in self.blocks[:-1]:
+            x = block(x, padding_mask)
+        return self.blocks[-1].last(x, padding_mask)
+
+    def _inputs(self, item_vectors: Tensor, padding_mask: Tensor) -> Tensor:
         if item_vectors.shape[:2] != padding_mask.shape:
             raise ValueError(
                 f"item_vectors {tuple(item_vectors.shape)} and padding_mask {tuple(padding_mask.shape)} disagree on [B, L]"
@@ -228,7 +258,4 @@ class LRUSequenceModel(nn.Module):
         if item_vectors.shape[-1] != self.dim:
             raise ValueError(f"expected item vectors of width {self.dim}, got {item_vectors.shape[-1]}")
         real = padding_mask.unsqueeze(-1).to(item_vectors.dtype)
-        x = self.input_dropout(self.input_norm(item_vectors)) * real
-        for block in self.blocks:
-            x = block(x, padding_mask)
-        return x
+        return self.input_dropout(self.input_norm(item_vectors)) * real

@@ -74,7 +74,7 @@ class Recommender(nn.Module):
         self._check_size(size)
         real = history_ids > 0
         vectors = self.item_vectors(history_content, history_ids) * real[..., None]
-        state = self.sequence_model(vectors, real)[:, -1]  # [B, D]
+        state = self.sequence_model.last_state(vectors, real)  # [B, D]: forward(...)[:, -1], computed for it
         return state if size is None else truncate(state, size)
 
     def user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,

@@ -27,11 +27,14 @@ class CausalSelfAttentionBlock(nn.Module):
         self.dropout = Dropout(dropout)
         self.attn_dropout = dropout
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """x [B, L, D], attn_mask [B, 1, L, L] bool (True = may attend) -> [B, L, D]"""
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x [B, L, D], attn_mask [B, 1, L, L] bool (True = may attend) -> [B, L, D]; `last_only`: only the
+        last position's output [B, 1, D] (its query, projection and feed-forward; keys and values need all)."""
         b, length, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, length, 3, self.num_heads, dim // self.num_heads).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
+        if last_only:
+            q, attn_mask, x, length = q[:, :, -1:], attn_mask[:, :, -1:], x[:, -1:], 1
         if self.training and self.attn_dropout > 0 and x.device.type == "cpu":
             # SDPA's own dropout draws a Bernoulli sample per weight (slow on CPU): the same attention, spelled out
             weights = (q @ k.transpose(-2, -1)).mul_(1 / math.sqrt(q.shape[-1]))
@@ -60,6 +63,13 @@ class SASRec(nn.Module):
 
     def forward(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """item_vectors [B, L, D], padding_mask [B, L] bool -> [B, L, D]"""
+        x, mask = self._inputs(item_vectors, padding_mask)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def _inputs(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the first block's input [B, L, D], the attention mask [B, 1, L, L])"""
         b, length, _ = item_vectors.shape
         if length > self.max_len:
             raise ValueError(f"history length {length} > max_len {self.max_len}")
@@ -72,7 +82,11 @@ class SASRec(nn.Module):
         # softmax, which would be NaN); real positions therefore never see padding.
         eye = torch.eye(length, dtype=torch.bool, device=x.device)
         mask = (causal[None] & padding_mask[:, None, :]) | eye[None]  # [B, L, L]
-        mask = mask[:, None]  # [B, 1, L, L]
-        for block in self.blocks:
+        return x, mask[:, None]  # [B, 1, L, L]
+
+    def last_state(self, item_vectors: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """``forward(...)[:, -1]`` [B, D] (the user state), the last block computed for the last query only."""
+        x, mask = self._inputs(item_vectors, padding_mask)
+        for block in self.blocks[:-1]:
             x = block(x, mask)
-        return self.norm(x)
+        return self.norm(self.blocks[-1](x, mask, last_only=True)[:, -1])

@@ -149,3 +149,19 @@ def test_all_positions_adds_each_history_positions_next_item_and_keeps_the_last_
     assert torch.allclose(dense.user[3], changed.user[1], atol=1e-5)
     assert not torch.allclose(dense.user[4], changed.user[2], atol=1e-3)
     assert torch.allclose(dense.positive[3], model.item_vectors(torch.zeros(16), torch.tensor(3)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sasrec", "lru1", "lru2"])
+def test_the_user_state_computed_for_the_last_position_only_is_the_full_forwards_last(kind):
+    """`last_state` (what serving and evaluation call) skips the other positions' work in the last block."""
+    from model.lru import LRUSequenceModel
+
+    torch.manual_seed(0)
+    model = (SASRec(dim=32, max_len=9, num_layers=2, num_heads=2, dropout=0.0) if kind == "sasrec"
+             else LRUSequenceModel(dim=32, max_len=9, num_layers=int(kind[-1]), dropout=0.0)).eval()
+    x = torch.randn(4, 9, 32)
+    real = torch.ones(4, 9, dtype=torch.bool)
+    real[1, :5] = False  # a short history
+    real[2, :8] = False  # one item
+    assert torch.allclose(model.last_state(x * real[..., None], real), model(x * real[..., None], real)[:, -1],
+                          atol=1e-5)
