@@ -198,10 +198,14 @@ def main() -> int:
             print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
                 f"{s}/{m}={metrics[s][m]:.4f}" for s in SUBSETS for m in METRICS), flush=True)
             partial.write_text(json.dumps(runs, indent=2))  # survives an interruption (--resume)
-            if not any(run["method"] == POPULARITY and run["seed"] == seed for run in runs):
-                subsets = subset_popularity(outcome.run_dir, job)
-                runs.append({"method": POPULARITY, "seed": seed, "wall_seconds": 0.0, "metrics": {
-                    s: {m: float(v[m]) for m in METRICS} for s, v in subsets.items()}})
+        trained = next((run for run in runs if run["seed"] == seed and run["method"] != POPULARITY), None)
+        if trained is not None and not any(run["method"] == POPULARITY and run["seed"] == seed for run in runs):
+            # from the files a trained run of this seed wrote (the same split for every method); a subset
+            # without examples (warm / cold with --cold-fraction 0) is NaN, as it is for the trained methods
+            job = method_config(trained["method"], seed, args)
+            subsets = subset_popularity(Path(job.train.storage_path).resolve() / trained["run_name"], job)
+            runs.append({"method": POPULARITY, "seed": seed, "wall_seconds": 0.0, "metrics": {
+                s: {m: float(subsets[s][m]) if s in subsets else float("nan") for m in METRICS} for s in SUBSETS}})
     order = [POPULARITY, *methods, *(m for m in METHODS if m not in methods)]  # resumed runs may add methods
     runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
     summary = summarise(runs)
