@@ -36,12 +36,18 @@ class SampledSoftmaxLoss:
     Vectors are expected L2-normalised; logits are cosine / temperature.
     """
 
-    def __init__(self, temperature: float, item_log_prob: torch.Tensor | None = None, num_items: int | None = None) -> None:
+    def __init__(self, temperature: float, item_log_prob: torch.Tensor | None = None, num_items: int | None = None,
+                 unique_candidates: bool = False) -> None:
         self.temperature = temperature
         self.item_log_prob = item_log_prob  # [N+1] log sampling probability of each item as an in-batch negative
         self.num_items = num_items
+        # every distinct positive item is one candidate column, not one per row (train.targets=all: ~40 rows per
+        # window, most items many times over; a [rows, rows] matrix would be mostly repeats)
+        self.unique_candidates = unique_candidates
 
     def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
+        if self.unique_candidates:
+            return self._unique(user, positive, positive_ids)
         batch = user.shape[0]
         logits = user @ positive.T / self.temperature  # [B, B]
         if self.item_log_prob is not None:
@@ -59,6 +65,19 @@ class SampledSoftmaxLoss:
             logits = torch.cat([logits, extra], dim=1)
         labels = torch.arange(batch, device=user.device)
         return F.cross_entropy(logits, labels)
+
+    def _unique(self, user, positive, positive_ids):
+        """Candidates: each distinct positive item once (its first row's vector); a row's own column holds its own
+        positive's logit (the gradient reaches every row's positive)."""
+        ids, inverse = torch.unique(positive_ids, return_inverse=True)
+        rows = torch.arange(len(positive_ids), device=user.device)
+        first = torch.full_like(ids, len(positive_ids)).scatter_reduce(0, inverse, rows, reduce="amin")
+        logits = user @ positive[first].T / self.temperature  # [M, U]
+        own = (user * positive).sum(-1, keepdim=True) / self.temperature
+        logits = logits.scatter(1, inverse[:, None], own)
+        if self.item_log_prob is not None:
+            logits = logits - (self.item_log_prob.to(user.device)[ids] + math.log(len(positive_ids)))[None, :]
+        return F.cross_entropy(logits, inverse)
 
 
 class FullSoftmaxLoss:
@@ -137,30 +156,32 @@ class NestedSizesLoss:
         return total
 
 
-def _sampled_softmax(cfg, popularity: np.ndarray) -> SampledSoftmaxLoss:
+def _sampled_softmax(cfg, popularity: np.ndarray, unique_candidates: bool = False) -> SampledSoftmaxLoss:
     log_prob = None
     if cfg.logq_correction:
         smoothed = popularity + 1.0
         log_prob = torch.as_tensor(np.log(smoothed / smoothed.sum()), dtype=torch.float32)
-    return SampledSoftmaxLoss(cfg.temperature, item_log_prob=log_prob, num_items=len(popularity) - 1)
+    return SampledSoftmaxLoss(cfg.temperature, item_log_prob=log_prob, num_items=len(popularity) - 1,
+                              unique_candidates=unique_candidates)
 
 
 OBJECTIVES: dict[str, Callable] = {
     "sampled_softmax": _sampled_softmax,
-    "full_softmax": lambda cfg, popularity: FullSoftmaxLoss(cfg.temperature),
+    "full_softmax": lambda cfg, popularity, unique_candidates=False: FullSoftmaxLoss(cfg.temperature),
 }
 
 
-def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False):
+def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False, all_positions: bool = False):
     """The model config (`model.task`, `model.loss`, Matryoshka sizes) + training item counts [N+1] -> objective.
     `exact_catalogue`: whether the trainer computes every item's vector exactly each step (`model.loss=auto`).
+    `all_positions` (`train.targets=all`): the sampled softmax takes each distinct item once as a candidate.
 
     Retrieval objectives share `RetrievalLoss`'s call; with Matryoshka sizes they are wrapped in
     `NestedSizesLoss`. `task=ctr` gives `CTRLoss` (its own call: labels and groups instead of negatives).
     """
     if cfg.task == "ctr":
         return CTRLoss(cfg.temperature, cfg.ctr_contrastive_weight)
-    base = OBJECTIVES[cfg.resolved_loss(len(popularity) - 1, exact_catalogue)](cfg, popularity)
+    base = OBJECTIVES[cfg.resolved_loss(len(popularity) - 1, exact_catalogue)](cfg, popularity, all_positions)
     if cfg.matryoshka_sizes:  # fMRLRec: the same loss at every nested size, weighted and summed
         return NestedSizesLoss(base, cfg.matryoshka_sizes, cfg.loss_weights)
     return base

@@ -204,9 +204,10 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 f" in {time.perf_counter() - started:.1f}s")
         cache_plan = trunk_cache_plan(job, items_path, spec, num_items)
         log(f"[train] {cache_plan.describe()}")
-        loss = job.model.resolved_loss(num_items, exact_catalogue(job, cache_plan.enabled))
+        exact = exact_catalogue(job, cache_plan.enabled)
+        loss = job.model.resolved_loss(num_items, exact)
         log(f"[train] loss: {loss}" + (" (model.loss=auto)" if job.model.loss == "auto" else ""))
-        check_targets(job, loss)
+        check_targets(job, loss, exact)
         tracker.log_params({"model.loss_resolved": loss})
         tracker.log_metrics({"trunk_cache_enabled": float(cache_plan.enabled),
                              "trunk_cache_mb": cache_plan.total_bytes / 2**20})

@@ -455,13 +455,20 @@ def exact_catalogue(job: JobConfig, trunk_cache: bool) -> bool:
         getattr(job, modality).unfreeze_top == 0 for modality in job.model.modalities))
 
 
-def check_targets(job: JobConfig, loss: str) -> None:
-    """`train.targets=all` makes every history position a row of the loss (about 40 a example): only the full
-    softmax takes them as they are; in-batch negatives would be a [rows, rows] matrix."""
-    if job.train.targets == "all" and loss != "full_softmax":
-        raise ConfigError(f"train.targets=all needs the full softmax, and this run's loss is {loss}: it is chosen "
-                          "where every item's vector is exact each step (ID-only, or frozen encoders on the trunk "
-                          "cache) and the catalogue has at most model.full_softmax_max_items items")
+def check_targets(job: JobConfig, loss: str, exact: bool) -> None:
+    """`train.targets=all` scores every history position's next item: every vector in the loss must be fresh,
+    or the model learns to tell fresh vectors from the bank's instead of ranking. So either the full softmax
+    over an exact catalogue (ID-only, frozen encoders on the trunk cache), or the sampled softmax over the step's
+    own items with history items recomputed (`memory.mode=recompute`), never the bank's."""
+    if job.train.targets != "all":
+        return
+    if loss == "full_softmax" and not exact:
+        raise ConfigError("train.targets=all with model.loss=full_softmax needs every item's vector fresh each step "
+                          "(ID-only, or frozen encoders on the trunk cache); with trained encoders use "
+                          "model.loss=auto (the sampled softmax) and memory.mode=recompute")
+    if loss == "sampled_softmax" and job.memory.mode != "recompute":
+        raise ConfigError("train.targets=all with the sampled softmax needs memory.mode=recompute (history items "
+                          "are positives too, and the bank's vectors would be stale ones)")
 
 
 def make_negatives(job: JobConfig, num_items: int, exact: bool = False):
@@ -484,7 +491,8 @@ def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: 
                                   max_history=job.data.max_history)
     model = model.to(device)
     exact = exact_catalogue(job, trunk_cache)
-    check_targets(job, job.model.resolved_loss(num_items, exact))
-    return Trainer(model, make_optimizer(model, job), build_objective(job.model, popularity, exact),
+    check_targets(job, job.model.resolved_loss(num_items, exact), exact)
+    return Trainer(model, make_optimizer(model, job),
+                   build_objective(job.model, popularity, exact, all_positions=job.train.targets == "all"),
                    make_negatives(job, num_items, exact), HISTORY_SOURCES[job.memory.mode](), bank, job, num_items,
                    device=device, callbacks=callbacks)

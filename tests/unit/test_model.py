@@ -165,3 +165,24 @@ def test_the_user_state_computed_for_the_last_position_only_is_the_full_forwards
     real[2, :8] = False  # one item
     assert torch.allclose(model.last_state(x * real[..., None], real), model(x * real[..., None], real)[:, -1],
                           atol=1e-5)
+
+
+def test_sampled_softmax_over_distinct_items_is_the_full_softmax_when_every_item_is_in_the_step():
+    """train.targets=all: each distinct positive item is one candidate; with every catalogue item among the
+    positives (and no logQ) that is exactly the full softmax over their vectors, and a row whose positive vector
+    differs from its item's first row keeps its own logit."""
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)  # row 0: padding
+    ids = torch.tensor([3, 1, 2, 5, 4, 3, 1, 2])  # items 1..5, some twice
+    user = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)
+    unique = SampledSoftmaxLoss(temperature=0.1, unique_candidates=True)
+    assert torch.allclose(unique(user, table[ids], ids), FullSoftmaxLoss(temperature=0.1)(user, table[ids], ids,
+                                                                                          table), atol=1e-5)
+    own = table[ids].clone()
+    own[5] = torch.nn.functional.normalize(torch.randn(8), dim=-1)  # item 3's second row: another vector
+    logits = user[5] @ table[1:].T / 0.1
+    logits[2] = user[5] @ own[5] / 0.1  # column of item 3
+    expected_row = -(logits[2] - torch.logsumexp(logits, 0))
+    full = unique(user, own, ids) * 8
+    rest = sum(FullSoftmaxLoss(temperature=0.1)(user[[i]], own[[i]], ids[[i]], table) for i in range(8) if i != 5)
+    assert full.item() == pytest.approx((rest + expected_row).item(), abs=1e-4)

@@ -238,8 +238,15 @@ def test_a_loss_at_every_history_position_needs_the_full_softmax_and_learns(sett
                 "rating": torch.as_tensor(windows.rating[rows]), "user": torch.as_tensor(windows.user[rows])}
     losses = [trainer.step(ids_only)[0].item() for _ in range(8)]
     assert losses[-1] < losses[0]
-    with pytest.raises(ConfigError, match="needs the full softmax, and this run's loss is sampled_softmax"):
-        _trainer(setting, "train.targets=all")
+    with pytest.raises(ConfigError, match="with the sampled softmax needs memory.mode=recompute"):
+        _trainer(setting, "train.targets=all")  # trained encoders, history from the bank: stale positives
+    with pytest.raises(ConfigError, match="with model.loss=full_softmax needs every item's vector fresh"):
+        _trainer(setting, "train.targets=all", "model.loss=full_softmax", "memory.mode=recompute")
+    # trained encoders, history recomputed: the sampled softmax over the step's distinct items
+    content_model = _trainer(setting, "train.targets=all", "memory.mode=recompute")
+    assert content_model.objective.unique_candidates
+    losses = [content_model.step(batch)[0].item() for _ in range(6)]
+    assert losses[-1] < losses[0]
     with pytest.raises(ConfigError, match="needs model.task=retrieval"):
         build_config("tiny", ["train.targets=all", "model.task=ctr"])
     with pytest.raises(ValueError, match="train.targets='every'; valid: last, all"):
