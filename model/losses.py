@@ -81,17 +81,25 @@ class SampledSoftmaxLoss:
 
 
 class FullSoftmaxLoss:
-    """Cross-entropy over every catalogue item: `negatives` is the full item table [N+1, D] (row 0 = padding)."""
+    """Cross-entropy over every catalogue item: `negatives` is the full item table [N+1, D] (row 0 = padding).
 
-    def __init__(self, temperature: float) -> None:
+    `fresh_table`: the table is computed this step with gradients (an exact catalogue: ID-only, frozen encoders on
+    the trunk cache), so the target's own row is its positive and every column is made the same way. Otherwise
+    (the table is the bank's) the fresh, gradient-carrying positive replaces the target's row. Mixing the two
+    kinds in one exact table let a model tell the positive apart by how it was made: frozen encoders with
+    positives through dropout and a clean table reached train loss 2.5 with validation NDCG@10 0.029.
+    """
+
+    def __init__(self, temperature: float, fresh_table: bool = False) -> None:
         self.temperature = temperature
+        self.fresh_table = fresh_table
 
     def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
         if negatives is None:
             raise ValueError("FullSoftmaxLoss needs the full item table as `negatives`")
         logits = user @ negatives.T / self.temperature  # [B, N+1]
-        # the fresh (gradient-carrying) positive replaces the table's row for the target
-        logits = logits.scatter(1, positive_ids[:, None], (user * positive).sum(-1, keepdim=True) / self.temperature)
+        if not self.fresh_table:
+            logits = logits.scatter(1, positive_ids[:, None], (user * positive).sum(-1, keepdim=True) / self.temperature)
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, positive_ids)
 
@@ -156,7 +164,8 @@ class NestedSizesLoss:
         return total
 
 
-def _sampled_softmax(cfg, popularity: np.ndarray, unique_candidates: bool = False) -> SampledSoftmaxLoss:
+def _sampled_softmax(cfg, popularity: np.ndarray, unique_candidates: bool = False,
+                     exact: bool = False) -> SampledSoftmaxLoss:
     log_prob = None
     if cfg.logq_correction:
         smoothed = popularity + 1.0
@@ -167,7 +176,8 @@ def _sampled_softmax(cfg, popularity: np.ndarray, unique_candidates: bool = Fals
 
 OBJECTIVES: dict[str, Callable] = {
     "sampled_softmax": _sampled_softmax,
-    "full_softmax": lambda cfg, popularity, unique_candidates=False: FullSoftmaxLoss(cfg.temperature),
+    "full_softmax": lambda cfg, popularity, unique_candidates=False, exact=False: FullSoftmaxLoss(
+        cfg.temperature, fresh_table=exact),
 }
 
 
@@ -181,7 +191,8 @@ def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False, 
     """
     if cfg.task == "ctr":
         return CTRLoss(cfg.temperature, cfg.ctr_contrastive_weight)
-    base = OBJECTIVES[cfg.resolved_loss(len(popularity) - 1, exact_catalogue)](cfg, popularity, all_positions)
+    base = OBJECTIVES[cfg.resolved_loss(len(popularity) - 1, exact_catalogue)](cfg, popularity, all_positions,
+                                                                                exact_catalogue)
     if cfg.matryoshka_sizes:  # fMRLRec: the same loss at every nested size, weighted and summed
         return NestedSizesLoss(base, cfg.matryoshka_sizes, cfg.loss_weights)
     return base

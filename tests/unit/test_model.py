@@ -186,3 +186,19 @@ def test_sampled_softmax_over_distinct_items_is_the_full_softmax_when_every_item
     full = unique(user, own, ids) * 8
     rest = sum(FullSoftmaxLoss(temperature=0.1)(user[[i]], own[[i]], ids[[i]], table) for i in range(8) if i != 5)
     assert full.item() == pytest.approx((rest + expected_row).item(), abs=1e-4)
+
+
+def test_full_softmax_over_a_fresh_table_scores_the_targets_own_row():
+    """An exact catalogue (computed this step, with gradients): the positive argument is not used, so a
+    positive made differently (e.g. through dropout) cannot be told apart from the other rows."""
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1).requires_grad_()
+    user = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    ids = torch.tensor([2, 5, 1])
+    noisy = torch.nn.functional.normalize(table[ids] + 0.5, dim=-1)
+    loss = FullSoftmaxLoss(temperature=0.2, fresh_table=True)(user, noisy, ids, table)
+    logits = user @ table.T / 0.2
+    logits[:, 0] = float("-inf")
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, ids))
+    loss.backward()
+    assert table.grad[ids].abs().sum() > 0 and table.grad[0].abs().sum() == 0

@@ -84,7 +84,8 @@ def test_negatives_sources_shape_and_choice(setting):
     assert isinstance(make_negatives(id_only, limit + 1, exact_catalogue(id_only, False)), InBatchNegatives)
     assert isinstance(make_negatives(frozen, 1682, exact_catalogue(frozen, True)), CatalogueNegatives)
     assert not exact_catalogue(frozen, False) and not exact_catalogue(tiny, True)
-    assert isinstance(build_objective(id_only.model, np.ones(1683), True), FullSoftmaxLoss)
+    exact_loss = build_objective(id_only.model, np.ones(1683), True)
+    assert isinstance(exact_loss, FullSoftmaxLoss) and exact_loss.fresh_table  # the table's own rows are positives
     assert isinstance(build_objective(tiny.model, np.ones(1683), False), SampledSoftmaxLoss)
     assert isinstance(make_negatives(build_config("tiny", ["model.loss=full_softmax"]), 10**6), CatalogueNegatives)
     uniform = build_config("tiny", ["model.loss=sampled_softmax"])
