@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from matryoshka.layers import at_size, matryoshka_loss, validate_sizes
+from model.recommender import unique_first
 
 
 class RetrievalLoss(Protocol):
@@ -69,9 +70,7 @@ class SampledSoftmaxLoss:
     def _unique(self, user, positive, positive_ids):
         """Candidates: each distinct positive item once (its first row's vector); a row's own column holds its own
         positive's logit (the gradient reaches every row's positive)."""
-        ids, inverse = torch.unique(positive_ids, return_inverse=True)
-        rows = torch.arange(len(positive_ids), device=user.device)
-        first = torch.full_like(ids, len(positive_ids)).scatter_reduce(0, inverse, rows, reduce="amin")
+        ids, first, inverse = unique_first(positive_ids)
         logits = user @ positive[first].T / self.temperature  # [M, U]
         own = (user * positive).sum(-1, keepdim=True) / self.temperature
         logits = logits.scatter(1, inverse[:, None], own)
