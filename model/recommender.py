@@ -72,10 +72,15 @@ class Recommender(nn.Module):
         The sequence model runs at full width; `size` truncates its last state.
         """
         self._check_size(size)
-        real = history_ids > 0
-        vectors = self.item_vectors(history_content, history_ids) * real[..., None]
+        real, vectors = self._history_vectors(history_ids, history_content)
         state = self.sequence_model.last_state(vectors, real)  # [B, D]: forward(...)[:, -1], computed for it
         return state if size is None else truncate(state, size)
+
+    def _history_vectors(self, history_ids: torch.Tensor,
+                         history_content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (real [B, L] bool, the sequence model's input: item vectors, zero at padding [B, L, D])"""
+        real = history_ids > 0
+        return real, self.item_vectors(history_content, history_ids) * real[..., None]
 
     def user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
                      size: int | None = None) -> torch.Tensor:
@@ -138,8 +143,7 @@ class Recommender(nn.Module):
             user = self.user_vectors(history_ids, history_content)
             return StepOutput(user=user, positive=positive, positive_ids=target_ids, unique_ids=unique_ids,
                               unique_content=content_vectors)
-        real = history_ids > 0
-        vectors = self.item_vectors(history_content, history_ids) * real[..., None]  # [B, L, D]
+        real, vectors = self._history_vectors(history_ids, history_content)
         states = F.normalize(self.sequence_model(vectors, real), dim=-1)
         # position i (< L-1) predicts history item i+1; it is real whenever item i is (histories are left-padded)
         inner = real[:, :-1]
