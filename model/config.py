@@ -41,6 +41,10 @@ class ModelConfig:
         metadata={"help": "retrieval (next-item softmax) or ctr (LEMUR's click BCE + grouped contrastive)"})
     matryoshka_weights: tuple[float, ...] = field(
         default=(), metadata={"help": "loss weight per Matryoshka size (empty = all 1)"})
+    unseen_from_content: bool = field(
+        default=True,
+        metadata={"help": "items in no training example are left out of the full softmax and their id vector is "
+                          "predicted from their content (a ridge fit on the other items), not trained as negatives"})
 
     # Fixed (not settings). The logQ correction (subtract log sampling probability from in-batch negatives) is
     # always on: without it the model learns to rank popular items down, which full ranking on MovieLens punishes

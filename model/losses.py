@@ -4,12 +4,12 @@
 negatives), with duplicate-item collisions masked and the logQ popularity correction available.
 `FullSoftmaxLoss`: cross-entropy over the whole catalogue (fMRLRec's choice; feasible when the catalogue fits).
 `CTRLoss`: LEMUR's click objective. `NestedSizesLoss`: any retrieval loss summed over Matryoshka sizes.
-`build_objective` is the one place where the model config picks and wraps them (`OBJECTIVES`).
+`build_objective` is the one place where the model config picks and wraps them.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -87,11 +87,15 @@ class FullSoftmaxLoss:
     (the table is the bank's) the fresh, gradient-carrying positive replaces the target's row. Mixing the two
     kinds in one exact table let a model tell the positive apart by how it was made: frozen encoders with
     positives through dropout and a clean table reached train loss 2.5 with validation NDCG@10 0.029.
+
+    `excluded` [N+1] bool: items that are no candidate (the items in no training example, whose scores should
+    come from their content alone, `Recommender.fill_unseen_ids`, not from being pushed down as negatives).
     """
 
-    def __init__(self, temperature: float, fresh_table: bool = False) -> None:
+    def __init__(self, temperature: float, fresh_table: bool = False, excluded: torch.Tensor | None = None) -> None:
         self.temperature = temperature
         self.fresh_table = fresh_table
+        self.excluded = excluded
 
     def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
         if negatives is None:
@@ -100,6 +104,8 @@ class FullSoftmaxLoss:
         if not self.fresh_table:
             logits = logits.scatter(1, positive_ids[:, None], (user * positive).sum(-1, keepdim=True) / self.temperature)
         logits[:, 0] = float("-inf")
+        if self.excluded is not None:
+            logits = logits.masked_fill(self.excluded.to(logits.device), float("-inf"))
         return F.cross_entropy(logits, positive_ids)
 
 
@@ -163,35 +169,40 @@ class NestedSizesLoss:
         return total
 
 
-def _sampled_softmax(cfg, popularity: np.ndarray, unique_candidates: bool = False,
-                     exact: bool = False) -> SampledSoftmaxLoss:
+def _retrieval_objective(cfg, popularity: np.ndarray, exact_catalogue: bool, all_positions: bool,
+                         seen: np.ndarray | None) -> RetrievalLoss:
+    """The full softmax where the config resolves to it (over a table fresh each step if `exact_catalogue`; without
+    the unseen items if `model.unseen_from_content` and `seen` is known), else the sampled softmax with logQ
+    correction (distinct-item candidates if `all_positions`)."""
+    num_items = len(popularity) - 1
+    if cfg.resolved_loss(num_items, exact_catalogue) == "full_softmax":
+        excluded = None
+        if cfg.unseen_from_content and seen is not None:
+            excluded = torch.as_tensor(~np.asarray(seen, dtype=bool))
+            excluded[0] = False  # the padding is masked anyway
+        return FullSoftmaxLoss(cfg.temperature, fresh_table=exact_catalogue, excluded=excluded)
     log_prob = None
     if cfg.logq_correction:
         smoothed = popularity + 1.0
         log_prob = torch.as_tensor(np.log(smoothed / smoothed.sum()), dtype=torch.float32)
-    return SampledSoftmaxLoss(cfg.temperature, item_log_prob=log_prob, num_items=len(popularity) - 1,
-                              unique_candidates=unique_candidates)
+    return SampledSoftmaxLoss(cfg.temperature, item_log_prob=log_prob, num_items=num_items,
+                              unique_candidates=all_positions)
 
 
-OBJECTIVES: dict[str, Callable] = {
-    "sampled_softmax": _sampled_softmax,
-    "full_softmax": lambda cfg, popularity, unique_candidates=False, exact=False: FullSoftmaxLoss(
-        cfg.temperature, fresh_table=exact),
-}
-
-
-def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False, all_positions: bool = False):
+def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False, all_positions: bool = False,
+                    seen: np.ndarray | None = None):
     """The model config (`model.task`, `model.loss`, Matryoshka sizes) + training item counts [N+1] -> objective.
     `exact_catalogue`: whether the trainer computes every item's vector exactly each step (`model.loss=auto`).
     `all_positions` (`train.targets=all`): the sampled softmax takes each distinct item once as a candidate.
+    `seen` [N+1] bool: the items in a training example (`pipeline.sequences.seen_items`); the others are no
+    candidates of the full softmax under `model.unseen_from_content`.
 
     Retrieval objectives share `RetrievalLoss`'s call; with Matryoshka sizes they are wrapped in
     `NestedSizesLoss`. `task=ctr` gives `CTRLoss` (its own call: labels and groups instead of negatives).
     """
     if cfg.task == "ctr":
         return CTRLoss(cfg.temperature, cfg.ctr_contrastive_weight)
-    base = OBJECTIVES[cfg.resolved_loss(len(popularity) - 1, exact_catalogue)](cfg, popularity, all_positions,
-                                                                                exact_catalogue)
+    base = _retrieval_objective(cfg, popularity, exact_catalogue, all_positions, seen)
     if cfg.matryoshka_sizes:  # fMRLRec: the same loss at every nested size, weighted and summed
         return NestedSizesLoss(base, cfg.matryoshka_sizes, cfg.loss_weights)
     return base

@@ -65,6 +65,32 @@ class Recommender(nn.Module):
         """content [*, >=size] + id embedding of ids [*] -> normalised item vectors [*, size or D]"""
         return F.normalize(self.raw_item_vectors(content, ids, size), dim=-1)
 
+    @torch.no_grad()
+    def fill_unseen_ids(self, content: torch.Tensor, seen: torch.Tensor, ridge: float = 1e-2) -> int:
+        """Give each item in no training example (`seen` [N+1] False; row 0, the padding, excepted) the id vector
+        that a ridge regression from content [N+1, D] to id vector, fitted on the seen items, predicts for it.
+        -> how many rows were written (0 without id embeddings or unseen items).
+
+        Such a row gets no gradient (its item is in no example, and the full softmax leaves it out), so it would
+        keep its random initial vector while every warm item carries content plus a learned preference: new
+        items then rank below random. With the predicted row an item competes as an average item with its
+        content would. `ridge` scales the penalty to the features' mean energy. ID-only models (content all
+        zeros) give every unseen item the seen items' mean id vector."""
+        table = self.item_encoder.id_embedding
+        unseen = ~seen.to(torch.bool)
+        unseen[0] = False
+        if table is None or not bool(unseen.any()):
+            return 0
+        fitted = seen.to(torch.bool).clone()
+        fitted[0] = False
+        features = torch.cat([content, torch.ones(len(content), 1, device=content.device)], dim=1).double()
+        x, y = features[fitted], table.weight[fitted].double()
+        gram = x.T @ x
+        penalty = ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+        weights = torch.linalg.solve(gram + penalty, x.T @ y)  # [D+1, D]
+        table.weight[unseen] = (features[unseen] @ weights).to(table.weight.dtype)
+        return int(unseen.sum())
+
     def raw_user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
                          size: int | None = None) -> torch.Tensor:
         """history_ids [B, L] (0 = padding), history_content [B, L, D] -> unnormalised user vectors [B, size or D].

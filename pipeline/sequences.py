@@ -161,6 +161,16 @@ def item_popularity(train: Examples, num_items: int) -> np.ndarray:
     return np.bincount(train.target, minlength=num_items + 1).astype(np.float64)
 
 
+def seen_items(train: Examples, num_items: int) -> np.ndarray:
+    """Whether each item index [N+1] occurs in a training example, as its target or in its history (index 0, the
+    padding, never does)."""
+    seen = np.zeros(num_items + 1, dtype=bool)
+    seen[train.target] = True
+    seen[train.history.ravel()] = True
+    seen[0] = False
+    return seen
+
+
 @dataclass
 class ColdStartSplits(Splits):
     """Splits whose training side never sees `cold_items`; evaluation keeps full histories.

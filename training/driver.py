@@ -24,7 +24,7 @@ from training.overrides import ConfigError, flatten
 from memory.client import create_memory_bank
 from pipeline.content import decoded_catalog_bytes, write_examples
 from pipeline.owned_dirs import check_no_overlap, require_replaceable
-from pipeline.sequences import ColdStartSplits, Examples, Splits, item_popularity, window_examples
+from pipeline.sequences import ColdStartSplits, Examples, Splits, item_popularity, seen_items, window_examples
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, load_manifest, report_metrics
 from pipeline.splits import build_splits
 from pipeline.stages import catalog_dataset, decoded_catalog_dataset, train_dataset
@@ -166,6 +166,12 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
     popularity = item_popularity(splits.train, num_items)
     np.save(work / "popularity.npy", popularity)
     paths["popularity"] = str(work / "popularity.npy")
+    seen = seen_items(splits.train, num_items)
+    np.save(work / "seen.npy", seen)
+    paths["seen"] = str(work / "seen.npy")
+    if job.model.unseen_from_content and not seen[1:].all():
+        log(f"[train] {int((~seen[1:]).sum())} items in no training example: id vectors predicted from content "
+            f"(model.unseen_from_content)")
 
     tracker = Tracker.start(job.tracking, run_name, tags={"preset": job.preset, "config_hash": job.config_hash()})
     tracker.log_params(flatten(job.to_dict()))

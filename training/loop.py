@@ -33,6 +33,7 @@ class WorkerPaths:
     validation: Path
     test: Path
     popularity: Path
+    seen: Path | None = None  # [N+1] bool: the items in a training example (model.unseen_from_content)
     # cold-start runs (data.cold_item_fraction > 0): the test examples split by warm / cold target
     test_warm: Path | None = None
     test_cold: Path | None = None
@@ -58,7 +59,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     np.random.seed(job.train.seed + rank)
     device = ray.train.torch.get_device()
     trainer = build_trainer(job, num_items, np.load(paths.popularity), bank, device=device,
-                            callbacks=loop_config.get("callbacks", ()), trunk_cache=loop_config.get("trunk_cache", False))
+                            callbacks=loop_config.get("callbacks", ()), trunk_cache=loop_config.get("trunk_cache", False),
+                            seen=np.load(paths.seen) if paths.seen is not None else None)
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as resume_dir:
         restored = restore(trainer, resume_dir=Path(resume_dir) if resume_dir else None,

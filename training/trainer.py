@@ -206,8 +206,13 @@ class Trainer:
 
     def __init__(self, model: Recommender, optimizer: torch.optim.Optimizer, objective, negatives, history,
                  bank: ItemBank, job: JobConfig, num_items: int, *, device: torch.device = torch.device("cpu"),
-                 module: torch.nn.Module | None = None, callbacks: Sequence[StepCallback] = ()) -> None:
+                 module: torch.nn.Module | None = None, callbacks: Sequence[StepCallback] = (),
+                 seen: np.ndarray | None = None) -> None:
         self.model, self.module = model, module if module is not None else model
+        # the items in a training example [N+1]; under model.unseen_from_content the others get their id vector
+        # from their content at every catalogue pass (`Recommender.fill_unseen_ids`)
+        self.seen = torch.as_tensor(seen, device=device) if seen is not None and job.model.unseen_from_content \
+            else None
         self.optimizer, self.objective, self.negatives, self.history = optimizer, objective, negatives, history
         self.bank, self.job, self.num_items, self.device = bank, job, num_items, device
         self.callbacks = list(callbacks)
@@ -373,8 +378,11 @@ class Trainer:
     def end_epoch(self, catalogue_batches: Iterable[dict],
                   validation: Examples) -> tuple[dict[str, float], torch.Tensor]:
         """One catalogue pass: it refreshes every bank entry (staleness bounded to one epoch) and scores the
-        `val_*` metrics. -> (metrics, the content table [N+1, D] for more evaluation)."""
+        `val_*` metrics. -> (metrics, the content table [N+1, D] for more evaluation). Unseen items' id vectors are
+        predicted from this content first, so evaluation and the checkpoint score them by it."""
         content = self.encode_catalogue(catalogue_batches)
+        if self.seen is not None:
+            self.model.fill_unseen_ids(content, self.seen)
         self.refresh_bank(content, wait=True)
         return {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}, content
 
@@ -482,10 +490,12 @@ def make_negatives(job: JobConfig, num_items: int, exact: bool = False):
 
 def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: ItemBank, *,
                   device: torch.device = torch.device("cpu"), model: Recommender | None = None,
-                  callbacks: Sequence[StepCallback] = (), trunk_cache: bool = False) -> Trainer:
+                  callbacks: Sequence[StepCallback] = (), trunk_cache: bool = False,
+                  seen: np.ndarray | None = None) -> Trainer:
     """The config's parts -> a Trainer (a fresh model from `build_recommender` unless one is given). `trunk_cache`:
     whether the run will build one (`Trainer.build_trunk_cache`); with every encoder frozen it makes the full
-    softmax exact, which `model.loss=auto` then picks."""
+    softmax exact, which `model.loss=auto` then picks. `seen` [N+1] bool: the items in a training example
+    (`pipeline.sequences.seen_items`), for `model.unseen_from_content`; None: every item is treated as seen."""
     if model is None:
         model = build_recommender(job.model, job.image, job.text, num_items=num_items,
                                   max_history=job.data.max_history)
@@ -493,6 +503,6 @@ def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: 
     exact = exact_catalogue(job, trunk_cache)
     check_targets(job, job.model.resolved_loss(num_items, exact), exact)
     return Trainer(model, make_optimizer(model, job),
-                   build_objective(job.model, popularity, exact, all_positions=job.train.targets == "all"),
+                   build_objective(job.model, popularity, exact, all_positions=job.train.targets == "all", seen=seen),
                    make_negatives(job, num_items, exact), HISTORY_SOURCES[job.memory.mode](), bank, job, num_items,
-                   device=device, callbacks=callbacks)
+                   device=device, callbacks=callbacks, seen=seen)

@@ -25,7 +25,7 @@ def test_unknown_key_names_it_and_lists_the_valid_keys():
         build_config("tiny", ["train=1"])
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         build_config("tiny", ["train.lr"])
-    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; valid: tiny, movielens, movielens_mrl, gpu"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'huge'; valid: tiny, movielens, movielens_e2e, movielens_mrl, gpu"):
         build_config("huge")
 
 

@@ -73,8 +73,8 @@ def test_config_overrides_from_the_command_line():
     assert job.model.supported_sizes == (16, 64)
 
 
-def test_movielens_mrl_preset_is_movielens_with_the_measured_matryoshka_configuration():
-    mrl, base = build_config("movielens_mrl"), build_config("movielens")
+def test_movielens_mrl_preset_is_movielens_e2e_with_the_measured_matryoshka_configuration():
+    mrl, base = build_config("movielens_mrl"), build_config("movielens_e2e")
     model = mrl.model
     assert (model.sequence_model, model.num_layers, model.dim) == ("lru", 1, 512)
     assert model.matryoshka_sizes == (32, 128, 512) and model.loss_weights == (0.25, 0.5, 1.0)

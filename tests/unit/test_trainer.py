@@ -11,7 +11,7 @@ import torch
 from memory.local import LocalMemoryBankClient
 from model.losses import CTRLoss, FullSoftmaxLoss, NestedSizesLoss, SampledSoftmaxLoss, build_objective
 from pipeline.content import ItemContentDecoder
-from pipeline.sequences import item_popularity
+from pipeline.sequences import item_popularity, seen_items
 from pipeline.sources import ITEMS_FILE, load_manifest
 from pipeline.splits import build_splits
 from training.checkpoint import restore, save_checkpoint
@@ -252,3 +252,32 @@ def test_a_loss_at_every_history_position_needs_the_full_softmax_and_learns(sett
         build_config("tiny", ["train.targets=all", "model.task=ctr"])
     with pytest.raises(ValueError, match="train.targets='every'; valid: last, all"):
         build_config("tiny", ["train.targets=every"])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_catalogue_pass_fills_the_unseen_rows_before_it_scores(setting, enabled):
+    """Through the trainer: with the setting on, end_epoch writes the predicted rows (evaluation, the bank and the
+    checkpoint see them); the steps send those rows no gradient."""
+    job, num_items, popularity, batch, catalogue, splits = setting
+    job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "model.dropout=0.0",
+                                "model.use_id_embedding=true", "model.modalities=",
+                                f"model.unseen_from_content={str(enabled).lower()}"])
+    seen = seen_items(splits.train, num_items)
+    unseen = np.flatnonzero(~seen[1:]) + 1
+    assert len(unseen) > 0  # the tiny preset's 120 users leave items out
+    torch.manual_seed(0)
+    trainer = build_trainer(job, num_items, popularity, LocalMemoryBankClient(capacity=num_items + 1,
+                                                                              dim=job.model.dim), seen=seen)
+    table = trainer.model.item_encoder.id_embedding.weight
+    ids_only = {k: batch[k] for k in ("target", "history", "rating", "user")}
+    trainer.optimizer.zero_grad()
+    loss, _ = trainer.forward_loss(ids_only)
+    loss.backward()
+    assert (not table.grad[unseen].any()) == enabled  # excluded from the softmax: no gradient at all
+    before = table.detach().clone()
+    trainer.end_epoch(catalogue.batches(content_spec_of(job)), splits.validation)
+    changed = (table.detach() != before).any(1)
+    assert changed[unseen].all().item() == enabled and not changed[torch.as_tensor(seen)].any()
+    if enabled:
+        torch.testing.assert_close(table[unseen[0]].detach(), before[torch.as_tensor(seen)].mean(0),
+                                   rtol=1e-3, atol=1e-3)

@@ -1,0 +1,87 @@
+"""Items in no training example (`model.unseen_from_content`): which they are, their id vector predicted from
+content, and the full softmax that leaves them out instead of pushing them down as negatives."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.build import build_recommender
+from model.losses import FullSoftmaxLoss, build_objective
+from pipeline.sequences import Examples, seen_items
+from training.job_config import build_config
+
+
+def _examples(history: list[list[int]], target: list[int]) -> Examples:
+    n = len(target)
+    return Examples(user=np.arange(n), history=np.array(history), target=np.array(target),
+                    timestamp=np.zeros(n, dtype=np.int64), rating=np.full(n, np.nan, dtype=np.float32))
+
+
+def test_seen_items_are_the_targets_and_history_items_of_training_examples():
+    train = _examples([[0, 0, 2], [0, 2, 5]], [5, 7])
+    seen = seen_items(train, num_items=8)
+    assert seen.tolist() == [False, False, True, False, False, True, False, True, False]
+
+
+def _id_model(num_items: int = 12, dim: int = 8):
+    job = build_config("tiny", ["model.use_id_embedding=true", f"model.dim={dim}"])
+    torch.manual_seed(0)
+    return build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=4)
+
+
+def test_unseen_rows_get_the_id_vector_a_ridge_fit_on_the_seen_items_predicts():
+    model, num_items, dim = _id_model(), 12, 8
+    table = model.item_encoder.id_embedding.weight
+    g = torch.Generator().manual_seed(1)
+    content = torch.randn(num_items + 1, dim, generator=g)
+    mapping, offset = torch.randn(dim, dim, generator=g), torch.randn(dim, generator=g)
+    seen = torch.ones(num_items + 1, dtype=torch.bool)
+    seen[[0, 4, 9]] = False
+    with torch.no_grad():  # seen items' id vectors: an exact affine function of their content
+        table[1:] = content[1:] @ mapping + offset
+    before = table.detach().clone()
+    assert model.fill_unseen_ids(content, seen, ridge=1e-9) == 2
+    expected = content[[4, 9]] @ mapping + offset
+    torch.testing.assert_close(table[[4, 9]].detach(), expected, rtol=1e-4, atol=1e-4)
+    keep = torch.ones(num_items + 1, dtype=torch.bool)
+    keep[[4, 9]] = False
+    assert torch.equal(table[keep], before[keep])  # seen rows and the padding row untouched
+    assert model.fill_unseen_ids(content, torch.ones(num_items + 1, dtype=torch.bool)) == 0
+
+
+def test_an_id_only_model_gives_unseen_items_the_mean_id_vector():
+    model, num_items, dim = _id_model(), 12, 8
+    seen = torch.ones(num_items + 1, dtype=torch.bool)
+    seen[[0, 3]] = False
+    model.fill_unseen_ids(torch.zeros(num_items + 1, dim), seen, ridge=1e-9)
+    table = model.item_encoder.id_embedding.weight.detach()
+    torch.testing.assert_close(table[3], table[seen].mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_the_full_softmax_leaves_excluded_items_out_and_sends_them_no_gradient():
+    g = torch.Generator().manual_seed(0)
+    user, table = torch.randn(5, 8, generator=g), torch.randn(7, 8, generator=g).requires_grad_()
+    positive_ids = torch.tensor([1, 2, 2, 5, 6])
+    excluded = torch.zeros(7, dtype=torch.bool)
+    excluded[[3, 4]] = True
+    loss = FullSoftmaxLoss(0.5, fresh_table=True, excluded=excluded)(user, None, positive_ids, negatives=table)
+    kept = torch.tensor([1, 2, 5, 6])
+    logits = user @ table[kept].T / 0.5
+    reference = F.cross_entropy(logits, torch.tensor([0, 1, 1, 2, 3]))
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    assert not table.grad[[0, 3, 4]].any() and table.grad[kept].abs().sum(1).gt(0).all()
+
+
+def test_the_objective_excludes_unseen_items_only_when_the_config_says_so():
+    job = build_config("tiny", ["model.use_id_embedding=true", "model.modalities="])
+    popularity, seen = np.ones(6), np.array([False, True, True, False, True, True])
+    objective = build_objective(job.model, popularity, exact_catalogue=True, seen=seen)
+    assert isinstance(objective, FullSoftmaxLoss) and objective.excluded.tolist() == [False, False, False, True,
+                                                                                       False, False]
+    off = dataclasses.replace(job.model, unseen_from_content=False)
+    assert build_objective(off, popularity, exact_catalogue=True, seen=seen).excluded is None
+    assert build_objective(job.model, popularity, exact_catalogue=True).excluded is None
