@@ -74,12 +74,13 @@ class Recommender(nn.Module):
         Such a row gets no gradient (its item is in no example, and the full softmax leaves it out), so it would
         keep its random initial vector while every warm item carries content plus a learned preference: new
         items then rank below random. With the predicted row an item competes as an average item with its
-        content would. `ridge` scales the penalty to the features' mean energy. ID-only models (content all
-        zeros) give every unseen item the seen items' mean id vector."""
+        content would. `ridge` scales the penalty to the features' mean energy. An ID-only model has no content
+        to predict from and is left as it is: one shared vector (the mean) would tie every unseen item, and ties
+        count in the target's favour in the evaluation (a cold target would rank first among the tied)."""
         table = self.item_encoder.id_embedding
         unseen = ~seen.to(torch.bool)
         unseen[0] = False
-        if table is None or not bool(unseen.any()):
+        if table is None or not self.item_encoder.has_content or not bool(unseen.any()):
             return 0
         fitted = seen.to(torch.bool).clone()
         fitted[0] = False

@@ -52,13 +52,15 @@ def test_unseen_rows_get_the_id_vector_a_ridge_fit_on_the_seen_items_predicts():
     assert model.fill_unseen_ids(content, torch.ones(num_items + 1, dtype=torch.bool)) == 0
 
 
-def test_an_id_only_model_gives_unseen_items_the_mean_id_vector():
-    model, num_items, dim = _id_model(), 12, 8
-    seen = torch.ones(num_items + 1, dtype=torch.bool)
-    seen[[0, 3]] = False
-    model.fill_unseen_ids(torch.zeros(num_items + 1, dim), seen, ridge=1e-9)
-    table = model.item_encoder.id_embedding.weight.detach()
-    torch.testing.assert_close(table[3], table[seen].mean(0), rtol=1e-4, atol=1e-5)
+def test_an_id_only_model_keeps_its_unseen_rows():
+    """No content to predict from; one shared vector would tie every unseen item (ties go to the target)."""
+    job = build_config("tiny", ["model.use_id_embedding=true", "model.modalities=", "model.dim=8"])
+    model = build_recommender(job.model, job.image, job.text, num_items=12, max_history=4)
+    seen = torch.ones(13, dtype=torch.bool)
+    seen[3] = False
+    before = model.item_encoder.id_embedding.weight.detach().clone()
+    assert model.fill_unseen_ids(torch.zeros(13, 8), seen) == 0
+    assert torch.equal(model.item_encoder.id_embedding.weight, before)
 
 
 def test_the_full_softmax_leaves_excluded_items_out_and_sends_them_no_gradient():
