@@ -22,7 +22,8 @@ class TrainConfig:
     epochs: int = field(default=2, metadata={"help": "the most passes over the training examples"})
     patience: int = field(
         default=0,
-        metadata={"help": "stop after this many epochs without a better validation NDCG@10 (0 = run every epoch)"})
+        metadata={"help": "stop after this many epochs without a better validation NDCG@10 (0 = run every epoch); "
+                          "halfway there (patience >= 4) the learning rates drop 10x"})
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})

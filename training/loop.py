@@ -93,6 +93,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     trainer.total_steps = job.train.epochs * steps_per_epoch  # warm-up + cosine decay over the planned run
     early = EarlyStopping(job.train.patience, **restored.early_stopping)
+    trainer.lr_multiplier = early.lr_multiplier  # every rank reads the same checkpoint
     for epoch in range(restored.start_epoch, job.train.epochs):
         batches = train_shard.iter_torch_batches(batch_size=job.train.batch_size, device=device, drop_last=False)
         stats = trainer.train_epoch(batches, steps_per_epoch, catalogue=catalogue if rank == 0 else None,
@@ -108,7 +109,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             end_of_epoch(trainer, early, metrics, catalogue(), validation, paths, loop_config, epoch, tracker)
         else:
             ray.train.report(metrics)
-        if _rank_zero_decides(early.should_stop, device):
+        # rank 0 alone evaluates: its plateau drops of the learning rate apply on every rank
+        early.lr_drops = _rank_zero_value(early.lr_drops, device)
+        trainer.lr_multiplier = early.lr_multiplier
+        if _rank_zero_value(early.should_stop, device):
             if rank == 0:
                 log(f"[train] early stop after epoch {epoch + 1}: best validation {job.train.selection_metric} "
                     f"{early.best_score:.4f} at epoch {early.best_epoch + 1}")
@@ -155,10 +159,10 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
     tracker.log_metrics(metrics, step=epoch + 1)
 
 
-def _rank_zero_decides(flag: bool, device: torch.device) -> bool:
-    """Rank 0's flag on every rank (only rank 0 evaluates)."""
+def _rank_zero_value(value: int, device: torch.device) -> int:
+    """Rank 0's value (an int or a flag) on every rank (only rank 0 evaluates)."""
     if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.broadcast(value, src=0)
-    return bool(value.item())
+        return int(value)
+    tensor = torch.tensor([int(value)], device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())

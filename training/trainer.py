@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import ClassVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -219,6 +220,7 @@ class Trainer:
         self.trunk_cache: TrunkCache | None = None  # set: item content comes from it, only encoder tops run
         self.global_step = 0
         self.total_steps = 0  # > 0: warm-up + cosine decay of every group's learning rate over this many steps
+        self.lr_multiplier = 1.0  # on top of the schedule: EarlyStopping's drops on a plateau
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
@@ -318,11 +320,12 @@ class Trainer:
         loss.backward()
         if self.job.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip)
-        if self.total_steps:
+        if self.total_steps or self.lr_multiplier != 1.0:
             scale = lr_scale(self.global_step, self.total_steps, self.job.train.warmup_fraction,
-                             self.job.train.final_lr_fraction, self.job.train.warmup_max_steps)
+                             self.job.train.final_lr_fraction, self.job.train.warmup_max_steps) \
+                if self.total_steps else 1.0
             for group in self.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * scale
+                group["lr"] = group["initial_lr"] * scale * self.lr_multiplier
         self.optimizer.step()
         self.bank.update(info["unique_ids"], info["unique_content"], step=self.global_step)
         self.global_step += 1
@@ -418,6 +421,13 @@ class EarlyStopping:
     best_score: float = -math.inf
     best_epoch: int = -1
     stale_epochs: int = 0
+    lr_drops: int = 0
+
+    # Halfway through the patience without a better score the learning rates drop by this factor (patience >= 4):
+    # the cosine is planned over `train.epochs`, the most allowed, and a run that early stopping ends after a
+    # fraction of them would otherwise never anneal (BENCHMARKS.md: runs stopped at 16-40 of 100 epochs at
+    # >= 90% of the peak rate, their best epoch a single high validation score).
+    lr_drop_factor: ClassVar[float] = 0.1
 
     def update(self, score: float, epoch: int) -> bool:
         """Record an epoch's validation score -> whether it is the best so far."""
@@ -425,14 +435,21 @@ class EarlyStopping:
             self.best_score, self.best_epoch, self.stale_epochs = score, epoch, 0
             return True
         self.stale_epochs += 1
+        if self.patience >= 4 and self.stale_epochs == self.patience // 2:
+            self.lr_drops += 1
         return False
 
     @property
     def should_stop(self) -> bool:
         return self.patience > 0 and self.stale_epochs >= self.patience
 
+    @property
+    def lr_multiplier(self) -> float:
+        return self.lr_drop_factor ** self.lr_drops
+
     def state(self) -> dict:
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs}
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs,
+                "lr_drops": self.lr_drops}
 
 
 def lr_scale(step: int, total: int, warmup_fraction: float, final_fraction: float,

@@ -152,14 +152,33 @@ def older_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     return directory
 
 
-def test_items_new_since_training_are_scored_by_content(older_checkpoint, prepared_dir):
+def test_items_new_since_training_are_scored_by_content(older_checkpoint, prepared_dir, tmp_path):
     grown = ItemRecommender.from_checkpoint(older_checkpoint, prepared_dir=prepared_dir)
     assert grown.info()["new_items"] == 82 and grown.num_items == 1682
     content = grown._content
-    # a new item's vector is its content vector alone (zero id vector), an old one's is content + its id vector
-    np.testing.assert_allclose(grown.item_vectors()[1600:], torch.nn.functional.normalize(content[1601:]).numpy(),
+    table = grown.model.item_encoder.id_embedding.weight.detach()
+    # a new item's id vector is the ridge fit content -> id of the 1600 trained items, applied to its content
+    features = torch.cat([content, torch.ones(len(content), 1)], 1).double()
+    x, y = features[1:1601], table[1:1601].double()
+    gram = x.T @ x
+    weights = torch.linalg.solve(gram + 1e-2 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype),
+                                 x.T @ y)
+    torch.testing.assert_close(table[1601:], (features[1601:] @ weights).float(), rtol=1e-4, atol=1e-5)
+    assert table[1601:].abs().sum(1).gt(0).all()
+    # with model.unseen_from_content off in the checkpoint's config: the zero id vector, content alone
+    import json
+    import shutil
+
+    off = tmp_path / "off"
+    shutil.copytree(older_checkpoint, off)
+    meta = json.loads((off / "state.json").read_text())
+    meta["config"]["model"]["unseen_from_content"] = False
+    (off / "state.json").write_text(json.dumps(meta))
+    plain = ItemRecommender.from_checkpoint(off, prepared_dir=prepared_dir)
+    np.testing.assert_allclose(plain.item_vectors()[1600:], torch.nn.functional.normalize(content[1601:]).numpy(),
                                atol=1e-6)
-    assert not np.allclose(grown.item_vectors()[:1600], torch.nn.functional.normalize(content[1:1601]).numpy())
+    assert not np.allclose(grown.item_vectors()[1600:], plain.item_vectors()[1600:])
+    np.testing.assert_allclose(grown.item_vectors()[:1600], plain.item_vectors()[:1600], atol=1e-6)
     new_ids = {str(i) for i in range(1601, 1683)}
     found = grown.recommend(["1601", "1602"], 20)  # a history of new items works too
     assert found.unknown_history == [] and len(found.item_ids) == 20

@@ -174,6 +174,37 @@ def test_early_stopping_counts_epochs_without_a_better_score_and_survives_a_rest
     assert not EarlyStopping(patience=0, stale_epochs=99).should_stop  # 0 = never stop early
 
 
+def test_halfway_through_the_patience_the_learning_rate_drops_and_a_restart_keeps_it():
+    early = EarlyStopping(patience=4)
+    early.update(0.10, 0)
+    assert not early.update(0.09, 1) and early.lr_multiplier == 1.0
+    assert not early.update(0.09, 2) and early.lr_drops == 1 and early.lr_multiplier == pytest.approx(0.1)
+    assert early.update(0.11, 3) and early.lr_multiplier == pytest.approx(0.1)  # a drop is kept after a new best
+    early.update(0.10, 4)
+    early.update(0.10, 5)
+    resumed = EarlyStopping(4, **early.state())
+    assert resumed.lr_drops == 2 and resumed.lr_multiplier == pytest.approx(0.01)
+    assert not resumed.update(0.10, 6) and not resumed.should_stop and resumed.lr_drops == 2
+    assert not resumed.update(0.10, 7) and resumed.should_stop
+    short = EarlyStopping(patience=3)  # patience under 4: stop only, never drop
+    for epoch in range(4):
+        short.update(0.1, epoch)
+    assert short.lr_drops == 0 and short.should_stop
+
+
+def test_a_trainer_applies_the_plateau_multiplier_on_top_of_the_schedule(setting):
+    batch = setting[3]
+    trainer = _trainer(setting)
+    trainer.lr_multiplier = 0.1
+    trainer.train_epoch(iter([batch]), max_steps=1)  # no planned length: the multiplier alone
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * 0.1)
+    trainer.total_steps = 40
+    trainer.train_epoch(iter([batch]), max_steps=1)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * lr_scale(1, 40, 0.05, 0.1) * 0.1)
+
+
 def test_learning_rate_warms_up_then_decays_along_a_cosine():
     total = 100
     scales = [lr_scale(step, total, 0.05, 0.1) for step in range(total + 5)]
