@@ -85,8 +85,6 @@ def train_tiny_checkpoint(prepared: Path, directory: Path, *, steps: int = 12, n
     """A real tiny checkpoint (model.pt + state.json, as a training run writes them): the `tiny` preset with
     Matryoshka sizes 8/16/32 and id embeddings, trained `steps` steps in process (plain trainer, no Ray) on decoded
     ml100k_mm batches. num_items < the catalogue: a checkpoint trained before the rest of the items existed."""
-    import json
-
     import numpy as np
     import torch
 
