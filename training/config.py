@@ -22,8 +22,9 @@ class TrainConfig:
     epochs: int = field(default=2, metadata={"help": "the most passes over the training examples"})
     patience: int = field(
         default=0,
-        metadata={"help": "stop after this many epochs without a better validation NDCG@10 (0 = run every epoch); "
-                          "halfway there (patience >= 4) the learning rates drop 10x"})
+        metadata={"help": "stop after this many epochs without a better validation NDCG@10, averaged over the "
+                          "last 3 epochs (0 = run every epoch); halfway there (patience >= 4) the learning rates "
+                          "drop 10x. The best window's last epoch is the checkpoint kept and registered"})
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
@@ -59,6 +60,9 @@ class TrainConfig:
     grad_clip: ClassVar[float] = 1.0
     eval_batch_size: ClassVar[int] = 256
     keep_checkpoints: ClassVar[int] = 2  # the best by validation and the latest are kept besides
+    # The best checkpoint and early stopping go by validation averaged over the last this-many epochs (`val_selection`;
+    # training.trainer.EarlyStopping says why), the kept checkpoint being the last epoch of the best window.
+    selection_window: ClassVar[int] = 3
     # The learning rate rises linearly over the first 5% of a run's planned steps, at most 200 steps, then decays.
     # Without the cap a run planned long for early stopping warmed up for epochs: ID-only, 40 planned epochs of
     # 380 steps, warmed up over 760 steps and ended epoch 1 at validation NDCG@10 0.0159 (train loss 7.80).

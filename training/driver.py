@@ -34,7 +34,7 @@ from training.evaluate import popularity_metrics, write_size_report
 from training.gallery import GALLERY_DIR, GALLERY_USERS, write_gallery
 from training.loop import train_loop_per_worker
 from training.trunk_cache import trunk_cache_plan
-from training.trainer import StepCallback, check_targets, exact_catalogue
+from training.trainer import SELECTION_SCORE, StepCallback, check_targets, exact_catalogue
 from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
@@ -269,7 +269,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 storage_path=str(storage),
                 # the best checkpoints by validation are kept (Ray keeps the latest too, for resuming)
                 checkpoint_config=CheckpointConfig(num_to_keep=job.train.keep_checkpoints,
-                                                   checkpoint_score_attribute=f"val_{job.train.selection_metric}",
+                                                   checkpoint_score_attribute=SELECTION_SCORE,
                                                    checkpoint_score_order="max"),
                 failure_config=FailureConfig(max_failures=job.train.max_failures),
             ),
@@ -277,7 +277,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
             dataset_config=DataConfig(datasets_to_split=["train"]),
         )
         result: Result = trainer.fit()
-        best_checkpoint, metrics = best_of(result, f"val_{job.train.selection_metric}")
+        best_checkpoint, metrics = best_of(result, SELECTION_SCORE)
         baseline = popularity_metrics(popularity, splits.test, ks=job.train.eval_ks, mask_history=job.train.eval_mask_history)
         tracker.log_metrics({f"baseline_popularity_test_{k}": v for k, v in baseline.items()})
         if isinstance(splits, ColdStartSplits):

@@ -25,7 +25,7 @@ from pipeline.content import read_examples
 from training.checkpoint import BANK_DIR, restore, save_checkpoint
 from training.job_config import JobConfig
 from training.tracking import Tracker
-from training.trainer import EarlyStopping, EpochStats, Trainer, build_trainer
+from training.trainer import SELECTION_SCORE, EarlyStopping, EpochStats, Trainer, build_trainer
 
 
 @dataclass
@@ -92,7 +92,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _barrier()
 
     trainer.total_steps = job.train.epochs * steps_per_epoch  # warm-up + cosine decay over the planned run
-    early = EarlyStopping(job.train.patience, **restored.early_stopping)
+    early = EarlyStopping(job.train.patience, job.train.selection_window, **restored.early_stopping)
     trainer.lr_multiplier = early.lr_multiplier  # every rank reads the same checkpoint
     for epoch in range(restored.start_epoch, job.train.epochs):
         batches = train_shard.iter_torch_batches(batch_size=job.train.batch_size, device=device, drop_last=False)
@@ -115,7 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if _rank_zero_value(early.should_stop, device):
             if rank == 0:
                 log(f"[train] early stop after epoch {epoch + 1}: best validation {job.train.selection_metric} "
-                    f"{early.best_score:.4f} at epoch {early.best_epoch + 1}")
+                    f"(mean of {early.window} epochs) {early.best_score:.4f} at epoch {early.best_epoch + 1}")
             break
 
 
@@ -142,7 +142,8 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
         metrics.update(trainer.evaluate_sets(content, {
             name: read_examples(getattr(paths, name)) for name in ("test", "test_warm", "test_cold")
             if getattr(paths, name) is not None}))
-    metrics.update({"best_epoch": early.best_epoch + 1, f"val_best_{job.train.selection_metric}": early.best_score,
+    metrics.update({SELECTION_SCORE: early.selection_score, "best_epoch": early.best_epoch + 1,
+                    f"{SELECTION_SCORE}_best": early.best_score,
                     "bank_fill_ratio": bank.stats()["fill_ratio"]})
     log("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     with tempfile.TemporaryDirectory() as tmp:

@@ -192,6 +192,25 @@ def test_halfway_through_the_patience_the_learning_rate_drops_and_a_restart_keep
     assert short.lr_drops == 0 and short.should_stop
 
 
+def test_the_selection_score_is_a_mean_of_recent_epochs_so_one_lucky_epoch_neither_wins_nor_stops_the_run():
+    # a rising curve with one lucky epoch (2): raw scores would keep epoch 2 and stop at 4 with patience 2
+    early = EarlyStopping(patience=2, window=3)
+    scores = [0.050, 0.060, 0.075, 0.062, 0.066, 0.070, 0.072, 0.074]
+    best = [early.update(score, epoch) for epoch, score in enumerate(scores)]
+    assert best == [True, True, True, True, True, False, True, True]  # epoch 5's window lost the lucky epoch
+    assert early.selection_score == pytest.approx((0.070 + 0.072 + 0.074) / 3) and early.best_epoch == 7
+    assert not early.should_stop
+    raw = EarlyStopping(patience=2)  # window 1: the raw score, as before
+    for epoch, score in enumerate(scores[:5]):
+        raw.update(score, epoch)
+    assert raw.best_epoch == 2 and raw.should_stop
+    # a restart keeps the window: the resumed run scores epoch 8 as an unbroken one would
+    resumed = EarlyStopping(2, 3, **early.state())
+    assert resumed.recent == pytest.approx(scores[-3:])
+    assert not resumed.update(0.055, 8)  # (0.072 + 0.074 + 0.055) / 3 < (0.070 + 0.072 + 0.074) / 3
+    assert resumed.selection_score == pytest.approx((0.072 + 0.074 + 0.055) / 3) and resumed.stale_epochs == 1
+
+
 def test_a_trainer_applies_the_plateau_multiplier_on_top_of_the_schedule(setting):
     batch = setting[3]
     trainer = _trainer(setting)
