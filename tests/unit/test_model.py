@@ -6,7 +6,7 @@ import torch
 from encoders.config import ImageEncoderConfig, TextEncoderConfig, resolve_text_model_path
 from model.build import build_recommender, encoder_parameters
 from model.config import ModelConfig
-from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
+from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss, inclusion_log_prob
 from model.recommender import replace_with_fresh, unique_first
 from model.sequence import SASRec
 from pipeline.content import ItemContentDecoder
@@ -186,6 +186,38 @@ def test_sampled_softmax_over_distinct_items_is_the_full_softmax_when_every_item
     full = unique(user, own, ids) * 8
     rest = sum(FullSoftmaxLoss(temperature=0.1)(user[[i]], own[[i]], ids[[i]], table) for i in range(8) if i != 5)
     assert full.item() == pytest.approx((rest + expected_row).item(), abs=1e-4)
+
+
+def test_the_logq_correction_is_the_chance_an_item_is_among_a_steps_distinct_candidates():
+    """Candidates are the distinct items of a step's targets, so an item's correction is the probability that it
+    is among them: 1 - (1 - p)^draws, measured here by drawing steps. The usual p * draws exceeds 1 for popular
+    items (the most popular ml100k_mm item at 2,560 targets a step: 15), over-correcting them."""
+    generator = torch.Generator().manual_seed(0)
+    popularity = 1.0 / torch.arange(1, 201, dtype=torch.float64)  # Zipf over 200 items
+    p = popularity / popularity.sum()
+    draws, steps = 300, 4000
+    picked = torch.multinomial(p.expand(steps, -1), draws, replacement=True, generator=generator)
+    seen = torch.zeros(steps, 200, dtype=torch.bool).scatter_(1, picked, True).double().mean(0)
+    predicted = inclusion_log_prob(p.log(), draws).exp()
+    assert torch.allclose(predicted, seen, atol=0.03)
+    assert predicted[0] == pytest.approx(1.0, abs=1e-6) and p[0] * draws > 15  # the old term: 51x too big
+    rare = p[-1] * draws  # ~0.26: both agree within ~15% where an item is rarely in a step
+    assert predicted[-1].item() == pytest.approx(rare.item(), rel=0.15)
+
+
+def test_sampled_softmax_with_logq_is_the_full_softmax_when_every_item_is_in_every_step():
+    """train.targets=all, each of 5 items among 2,000 targets: every item is a candidate of every step (inclusion
+    ~1), so the corrected softmax over distinct items must equal the full softmax, whatever the popularities
+    (the former log(p * draws) shifted the items by 7.1 down to 3.0 nats: loss 4.71 against the full 4.23)."""
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    ids = torch.arange(1, 6).repeat(400)
+    user = torch.nn.functional.normalize(torch.randn(len(ids), 8), dim=-1)
+    popularity = torch.tensor([0.0, 0.60, 0.25, 0.10, 0.04, 0.01])
+    log_prob = torch.log(popularity.clamp_min(1e-12))
+    full = FullSoftmaxLoss(temperature=0.1)(user, table[ids], ids, table)
+    sampled = SampledSoftmaxLoss(temperature=0.1, item_log_prob=log_prob, unique_candidates=True)
+    assert sampled(user, table[ids], ids).item() == pytest.approx(full.item(), abs=1e-4)
 
 
 def test_full_softmax_over_a_fresh_table_scores_the_targets_own_row():
