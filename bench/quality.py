@@ -7,8 +7,9 @@
 
 Every method starts from the `movielens` preset (since 2026-12-03: a loss at every history position,
 `train.targets=all`, with history vectors recomputed, `memory.mode=recompute`) and trains to early stopping by
-default: whole epochs, at most 100, patience 10. Measured per seed on 2 cores: ID-only ~10 min, frozen
-two-stage ~16 min, end-to-end ~1 h (BENCHMARKS.md); `--resume` continues an interrupted run.
+default: whole epochs, at most 100, patience 10 (on validation NDCG@10 averaged over 3 epochs). Measured per seed
+on 2 cores: ID-only 8-14 min, frozen two-stage 8-15 min, end-to-end ~55 min (BENCHMARKS.md); `--resume`
+continues an interrupted run.
 
 Every method is a config of the product (`run_training`, the same Ray Data pipeline, memory bank, TorchTrainer
 loop and MLflow logging), on all of ml100k_mm, leave-one-out, full ranking over the catalogue, with a seeded
