@@ -1,7 +1,9 @@
 """The training checkpoint: its file names, how it is written, and how it is read back safely (no Ray here).
 
 A checkpoint directory holds
-    model.pt       the recommender's state dict (tensors only)
+    model.pt       the recommender's state dict (tensors only): the evaluated weights, an average of the trained
+                   ones under `train.average_epochs` (`training.averaging`)
+    trained_weights.pt  with averaging only: the raw trainable parameters a resumed run continues from
     optimizer.pt   the optimizer's state dict (tensors and numbers only)
     state.json     epoch, global step, config, watermark, metrics, served sizes
     bank/          the memory-bank snapshot (numpy .npz without pickles + meta.json)
@@ -20,6 +22,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from training.averaging import TRAINED_WEIGHTS_FILE
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -46,8 +50,11 @@ def load_tensors(path: str | Path) -> Any:
         ) from None
 
 
-def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, *,
+                    trained: dict[str, torch.Tensor] | None = None) -> None:
     torch.save(model.state_dict(), directory / MODEL_FILE)
+    if trained is not None:
+        torch.save(trained, directory / TRAINED_WEIGHTS_FILE)
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
 
@@ -121,6 +128,7 @@ class Restored:
     bank_exact: float = math.nan  # 1.0: every restored bank vector equals the checkpoint's
     filled_by_ray_data: bool = False
     early_stopping: dict = field(default_factory=dict)  # the resumed run's best score, its epoch, epochs since
+    trained_weights: dict | None = None  # a resumed averaging run's raw trainable parameters (model.pt: the average)
 
 
 def restore(trainer, *, resume_dir: Path | None, init_checkpoint: str = "", init_model: str = "",
@@ -149,6 +157,8 @@ def restore(trainer, *, resume_dir: Path | None, init_checkpoint: str = "", init
         state = read_state(resume_dir)
         restored.start_epoch, trainer.global_step, restored.resumed = state["epoch"] + 1, state["global_step"], True
         restored.early_stopping = state.get("early_stopping", {})
+        if (resume_dir / TRAINED_WEIGHTS_FILE).is_file():
+            restored.trained_weights = load_tensors(resume_dir / TRAINED_WEIGHTS_FILE)
         if (resume_dir / BANK_DIR).exists():
             # every rank must agree that the bank is filled, or rank 0 skips the fill barrier the others wait at
             restored.bank_filled = True

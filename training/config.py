@@ -28,6 +28,11 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
+    average_epochs: float = field(
+        default=0.0,
+        metadata={"help": "evaluate, keep and register an exponential moving average of the trained weights over "
+                          "about this many epochs instead of the last step's weights (0 = off); a resumed run "
+                          "continues the trained ones"})
     max_steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0 = the whole epoch)"})
     targets: str = field(
         default="last",
@@ -88,8 +93,9 @@ class TrainConfig:
             raise ValueError(f"train.use_gpu={self.use_gpu!r}; valid: {', '.join(USE_GPU)}")
         if self.cpus_per_worker <= 0:
             raise ValueError("train.cpus_per_worker must be > 0")
-        if self.max_steps_per_epoch < 0 or self.max_failures < 0 or self.patience < 0:
-            raise ValueError("train.max_steps_per_epoch, train.max_failures and train.patience must be >= 0")
+        if self.max_steps_per_epoch < 0 or self.max_failures < 0 or self.patience < 0 or self.average_epochs < 0:
+            raise ValueError("train.max_steps_per_epoch, train.max_failures, train.patience and train.average_epochs "
+                             "must be >= 0")
         if not self.eval_ks or min(self.eval_ks) < 1:
             raise ValueError("train.eval_ks must be positive cut-offs, e.g. 5,10,20,50")
         check_plain_name(self.run_name, "train.run_name", RESERVED_STORAGE_NAMES)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.content import read_examples
+from training.averaging import average_decay, load_trained_parameters
 from training.checkpoint import BANK_DIR, restore, save_checkpoint
 from training.job_config import JobConfig
 from training.tracking import Tracker
@@ -92,6 +93,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _barrier()
 
     trainer.total_steps = job.train.epochs * steps_per_epoch  # warm-up + cosine decay over the planned run
+    if job.train.average_epochs > 0:
+        trainer.start_averaging(average_decay(job.train.average_epochs, steps_per_epoch), restored.trained_weights)
+    elif restored.trained_weights is not None:  # resumed without averaging: on from the trained weights
+        load_trained_parameters(trainer.model, restored.trained_weights)
     early = EarlyStopping(job.train.patience, job.train.selection_window, **restored.early_stopping)
     trainer.lr_multiplier = early.lr_multiplier  # every rank reads the same checkpoint
     for epoch in range(restored.start_epoch, job.train.epochs):
@@ -106,7 +111,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "bank_restored_exact": float(restored.bank_exact),
                    "bank_filled_by_ray_data": float(restored.filled_by_ray_data)}
         if rank == 0:
-            end_of_epoch(trainer, early, metrics, catalogue(), validation, paths, loop_config, epoch, tracker)
+            end_of_epoch(trainer, early, metrics, catalogue, validation, paths, loop_config, epoch, tracker)
         else:
             ray.train.report(metrics)
         # rank 0 alone evaluates: its plateau drops of the learning rate apply on every rank
@@ -133,26 +138,28 @@ def progress_printer(job: JobConfig, epoch: int, steps_per_epoch: int):
 
 def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogue, validation, paths: WorkerPaths,
                  loop_config: dict, epoch: int, tracker: Tracker) -> None:
-    """Rank 0: validation (and, when it is the best so far, the test sets), the checkpoint, MLflow."""
+    """Rank 0: validation (and, when it is the best so far, the test sets), the checkpoint, MLflow. With weight
+    averaging all of it sees the averaged weights, and the checkpoint also keeps the trained ones."""
     job, bank = trainer.job, trainer.bank
-    scores, content = trainer.end_epoch(catalogue, validation)
-    metrics.update(scores)
-    if early.update(metrics[f"val_{job.train.selection_metric}"], epoch):
-        # the test sets are scored for every new best, so the best checkpoint carries its own test metrics
-        metrics.update(trainer.evaluate_sets(content, {
-            name: read_examples(getattr(paths, name)) for name in ("test", "test_warm", "test_cold")
-            if getattr(paths, name) is not None}))
-    metrics.update({SELECTION_SCORE: early.selection_score, "best_epoch": early.best_epoch + 1,
-                    f"{SELECTION_SCORE}_best": early.best_score,
-                    "bank_fill_ratio": bank.stats()["fill_ratio"]})
-    log("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-    with tempfile.TemporaryDirectory() as tmp:
+    with trainer.end_epoch(catalogue, validation) as ended, tempfile.TemporaryDirectory() as tmp:
+        metrics.update(ended.scores)
+        if early.update(metrics[f"val_{job.train.selection_metric}"], epoch):
+            # the test sets are scored for every new best, so the best checkpoint carries its own test metrics
+            metrics.update(trainer.evaluate_sets(ended.content, {
+                name: read_examples(getattr(paths, name)) for name in ("test", "test_warm", "test_cold")
+                if getattr(paths, name) is not None}))
+        metrics.update({SELECTION_SCORE: early.selection_score, "best_epoch": early.best_epoch + 1,
+                        f"{SELECTION_SCORE}_best": early.best_score,
+                        "bank_fill_ratio": bank.stats()["fill_ratio"]})
+        log("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in metrics.items()))
         save_checkpoint(Path(tmp), trainer.model, trainer.optimizer, {
             "epoch": epoch, "global_step": trainer.global_step, "config": job.to_dict(),
             "watermark": loop_config["watermark"], "num_items": trainer.num_items,
             "mlflow_run_id": loop_config["mlflow_run_id"], "early_stopping": early.state(),
             "matryoshka_sizes": list(job.model.supported_sizes),  # the sizes this checkpoint serves
-        })
+            "averaged_weights": ended.trained is not None,
+        }, trained=ended.trained)
         bank.save(Path(tmp) / BANK_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     # Logged only once the epoch's checkpoint is persisted: a crash before that re-runs the epoch on resume,

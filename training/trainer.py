@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import ClassVar
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from model.recommender import Recommender
 from pipeline.sequences import Examples
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
 from training.job_config import JobConfig
+from training.averaging import WeightAverage
 from training.overrides import ConfigError
 from training.trunk_cache import RAW_CONTENT_FIELDS, TrunkCache
 
@@ -221,6 +223,7 @@ class Trainer:
         self.global_step = 0
         self.total_steps = 0  # > 0: warm-up + cosine decay of every group's learning rate over this many steps
         self.lr_multiplier = 1.0  # on top of the schedule: EarlyStopping's drops on a plateau
+        self.average: WeightAverage | None = None  # set: the evaluated and kept weights are its average
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
@@ -327,6 +330,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * scale * self.lr_multiplier
         self.optimizer.step()
+        if self.average is not None:
+            self.average.update(self.model)
         self.bank.update(info["unique_ids"], info["unique_content"], step=self.global_step)
         self.global_step += 1
         return loss, info
@@ -378,16 +383,37 @@ class Trainer:
         self.bank.update(np.arange(1, self.num_items + 1), content[1:].cpu().numpy(), step=self.global_step,
                          wait=wait)
 
-    def end_epoch(self, catalogue_batches: Iterable[dict],
-                  validation: Examples) -> tuple[dict[str, float], torch.Tensor]:
-        """One catalogue pass: it refreshes every bank entry (staleness bounded to one epoch) and scores the
-        `val_*` metrics. -> (metrics, the content table [N+1, D] for more evaluation). Unseen items' id vectors are
-        predicted from this content first, so evaluation and the checkpoint score them by it."""
-        content = self.encode_catalogue(catalogue_batches)
+    def start_averaging(self, decay: float, trained: dict[str, torch.Tensor] | None = None) -> None:
+        """From now on the evaluated and kept weights are an average of the trained ones (`training.averaging`).
+        `trained`: a resumed run's raw trainable parameters (the model holds its checkpoint's averaged weights)."""
+        self.average = WeightAverage(self.model, decay, updates=self.global_step)
+        if trained is not None:
+            self.average.load_trained(self.model, trained)
+
+    def _catalogue_content(self, catalogue: Callable[[], Iterable[dict]]) -> torch.Tensor:
+        """A catalogue pass with the model's current weights; unseen items' id vectors are predicted from it."""
+        content = self.encode_catalogue(catalogue())
         if self.seen is not None:
             self.model.fill_unseen_ids(content, self.seen)
-        self.refresh_bank(content, wait=True)
-        return {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}, content
+        return content
+
+    @contextmanager
+    def end_epoch(self, catalogue: Callable[[], Iterable[dict]], validation: Examples) -> Iterator[EpochEnd]:
+        """The end of an epoch: a catalogue pass refreshes every bank entry (staleness bounded to one epoch) and the
+        `val_*` metrics are scored. Within the block the model holds the weights that are evaluated and kept (the
+        average when there is one: a second catalogue pass makes its content table), so the test sets and the
+        checkpoint are made there; the trained weights come back on leaving. `catalogue()`: a fresh pass's batches."""
+        content = self._catalogue_content(catalogue)
+        self.refresh_bank(content, wait=True)  # the trained weights' vectors: what the steps compare with
+        if self.average is None:
+            yield EpochEnd(self._val_metrics(content, validation), content)
+            return
+        with self.average.applied(self.model) as trained:
+            content = self._catalogue_content(catalogue)  # ID-only: zeros, no batches read
+            yield EpochEnd(self._val_metrics(content, validation), content, trained)
+
+    def _val_metrics(self, content: torch.Tensor, validation: Examples) -> dict[str, float]:
+        return {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}
 
     def evaluate_sets(self, content: torch.Tensor, sets: dict[str, Examples]) -> dict[str, float]:
         """`<name>_*` metrics of each example set (`test` at every Matryoshka size, subsets at full size)."""
@@ -410,6 +436,16 @@ class Trainer:
             metrics.update(evaluate_ctr(self.model, content, examples, positive_rating=job.data.positive_rating,
                                         batch_size=job.train.eval_batch_size))
         return metrics
+
+
+@dataclass
+class EpochEnd:
+    """What `Trainer.end_epoch` yields: validation metrics, the evaluated weights' content table [N+1, D], and with
+    weight averaging the raw trained parameters (for the checkpoint: a resumed run continues from them)."""
+
+    scores: dict[str, float]
+    content: torch.Tensor
+    trained: dict[str, torch.Tensor] | None = None
 
 
 SELECTION_SCORE = "val_selection"  # the reported metric that picks the checkpoint: EarlyStopping.selection_score

@@ -136,8 +136,8 @@ def test_end_epoch_refreshes_the_bank_and_scores_validation_and_tests(setting):
     *_, catalogue, splits = setting
     trainer = _trainer(setting)
     trainer.global_step = 9
-    metrics, content = trainer.end_epoch(catalogue.batches(content_spec_of(trainer.job)), splits.validation)
-    metrics.update(trainer.evaluate_sets(content, {"test": splits.test}))
+    with trainer.end_epoch(lambda: catalogue.batches(content_spec_of(trainer.job)), splits.validation) as ended:
+        metrics = {**ended.scores, **trainer.evaluate_sets(ended.content, {"test": splits.test})}
     assert {"val_ndcg@10", "val_recall@10", "test_ndcg@10", "test_mrr"} <= metrics.keys()
     # both protocols in every evaluation: the headline (history not masked by default) and the masked twin
     assert {"val_masked_ndcg@10", "test_masked_ndcg@10", "test_masked_mrr"} <= metrics.keys()
@@ -329,6 +329,7 @@ def test_unseen_items_get_no_gradient_and_a_catalogue_pass_fills_their_rows(sett
     loss.backward()
     assert (not table.grad[unseen].any()) == enabled  # out of the softmax: no gradient at all
     before = table.detach().clone()
-    trainer.end_epoch(iter(()), splits.validation)
+    with trainer.end_epoch(lambda: iter(()), splits.validation):
+        pass
     changed = (table.detach() != before).any(1)
     assert changed[unseen].all().item() == enabled and not changed[torch.as_tensor(seen)].any()
