@@ -402,15 +402,22 @@ class Trainer:
         """The end of an epoch: a catalogue pass refreshes every bank entry (staleness bounded to one epoch) and the
         `val_*` metrics are scored. Within the block the model holds the weights that are evaluated and kept (the
         average when there is one: a second catalogue pass makes its content table), so the test sets and the
-        checkpoint are made there; the trained weights come back on leaving. `catalogue()`: a fresh pass's batches."""
+        checkpoint are made there; the trained weights come back on leaving. `catalogue()`: a fresh pass's batches.
+        With averaging, `val_trained_*` also scores the trained weights (headline protocol, full size): what the
+        average buys, epoch by epoch, on the same trajectory."""
         content = self._catalogue_content(catalogue)
         self.refresh_bank(content, wait=True)  # the trained weights' vectors: what the steps compare with
         if self.average is None:
             yield EpochEnd(self._val_metrics(content, validation), content)
             return
+        job = self.job
+        trained_scores = evaluate_ranking(self.model, content, validation, ks=job.train.eval_ks,
+                                          mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size)
         with self.average.applied(self.model) as trained:
             content = self._catalogue_content(catalogue)  # ID-only: zeros, no batches read
-            yield EpochEnd(self._val_metrics(content, validation), content, trained)
+            scores = {**self._val_metrics(content, validation),
+                      **{f"val_trained_{k}": v for k, v in trained_scores.items()}}
+            yield EpochEnd(scores, content, trained)
 
     def _val_metrics(self, content: torch.Tensor, validation: Examples) -> dict[str, float]:
         return {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}

@@ -123,7 +123,8 @@ def test_a_trainer_evaluates_and_keeps_the_average_and_resumes_the_trained_weigh
         for name, p in trainer.model.named_parameters():
             if name in shadow:
                 torch.testing.assert_close(p.detach(), shadow[name])  # evaluated: the average
-        assert math.isfinite(ended.scores["val_ndcg@10"])
+        assert math.isfinite(ended.scores["val_ndcg@10"]) and math.isfinite(ended.scores["val_trained_ndcg@10"])
+        assert ended.scores["val_mrr"] != ended.scores["val_trained_mrr"]  # two different models scored
         # the content table is the averaged weights' own; the bank holds the trained weights' vectors
         torch.testing.assert_close(ended.content, trainer.encode_catalogue(None))
         save_checkpoint(tmp_path, trainer.model, trainer.optimizer,
