@@ -22,7 +22,10 @@ def main() -> int:
     outcome = run_training(job)
     print(f"\nTest metrics of the best checkpoint (epoch {outcome.metrics.get('best_epoch', '?')} of "
           f"{outcome.last_metrics.get('epoch', '?')}, by validation {job.train.selection_metric} "
-          f"averaged over the last {job.train.selection_window} epochs or fewer; {job.data.split}, "
+          f"averaged over the last {job.train.selection_window} epochs or fewer; "
+          + (f"weights: their moving average over ~{job.train.average_epochs:g} epochs; "
+             if job.train.average_epochs > 0 else "")
+          + f"{job.data.split}, "
           f"full ranking over the catalogue, history {'masked' if job.train.eval_mask_history else 'not masked'}):")
     print(format_results(outcome, job.train.eval_ks, job.train.eval_mask_history))
     print(f"\nMLflow run: {outcome.mlflow_run_id} ({outcome.tracking_uri}); checkpoint: {outcome.checkpoint_path}")

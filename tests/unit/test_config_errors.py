@@ -21,7 +21,7 @@ def test_unknown_key_names_it_and_lists_the_valid_keys():
     assert "max_failures" in str(error.value) and "epochs" in str(error.value)
     with pytest.raises(ConfigError, match=r"'trian' is not one of: data, image, memory, model, .*\btrain\b"):
         build_config("tiny", ["trian.lr=1"])
-    with pytest.raises(ConfigError, match=r"train is a section; set one of its keys: train\.batch_size"):
+    with pytest.raises(ConfigError, match=r"train is a section; set one of its keys: (train\.\w+, )*train\.batch_size, "):
         build_config("tiny", ["train=1"])
     with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         build_config("tiny", ["train.lr"])
