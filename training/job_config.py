@@ -73,6 +73,7 @@ def movielens() -> JobConfig:
     c.train.targets = "all"
     c.train.epochs, c.train.patience, c.train.max_steps_per_epoch = 100, 10, 0
     c.train.batch_size, c.train.lr, c.train.encoder_lr = 64, 1e-3, 1e-4
+    c.train.average_epochs = 1.0  # evaluate and keep the weights' moving average (BENCHMARKS.md, session 14)
     return c
 
 
