@@ -7,7 +7,8 @@
 
 Every method starts from the `movielens` preset (since 2026-12-03: a loss at every history position,
 `train.targets=all`, with history vectors recomputed, `memory.mode=recompute`) and trains to early stopping by
-default: whole epochs, at most 100, patience 10 (on validation NDCG@10 averaged over 3 epochs). Measured per seed
+default: whole epochs, at most 100, patience 10 (on validation NDCG@10 averaged over 3 epochs), the weights
+averaged over about an epoch (the preset's `train.average_epochs=1`, since 2026-12-04). Measured per seed
 on 2 cores: ID-only 8-14 min, frozen two-stage 8-15 min, end-to-end ~55 min (BENCHMARKS.md); `--resume`
 continues an interrupted run.
 
@@ -23,7 +24,10 @@ Methods:
 - two_stage_frozen: pretrained EfficientNet-Lite0 + MiniLM frozen (`unfreeze_top=0`): only the projection,
   id embeddings and sequence model learn,
 - end_to_end: the same encoders with their top block trained by the recommendation loss (`unfreeze_top=1`),
-  BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`),
+  BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`), on the sampled
+  softmax over each step's distinct items (logQ-corrected),
+- end_to_end_exact: the same on the exact full softmax, as ID-only and frozen train: every item through the
+  trained tops once a step (`memory.mode=catalogue`),
 - *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
 
 Metrics (Recall@10, NDCG@10, MRR, Recall@50, and NDCG@10 with the history masked; mean ± std over `--seeds` via
@@ -58,6 +62,9 @@ METHODS: dict[str, list[str]] = {
     # BatchNorm keeps its pretrained statistics, always (session 3: training the top block with batch statistics
     # was the main reason end-to-end trailed; BENCHMARKS.md).
     "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
+    # The same, on the loss ID-only and frozen train with: the exact full softmax, every item run through the
+    # trained tops once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items.
+    "end_to_end_exact": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.mode=catalogue"],
     # fMRLRec's item space: content only, no id embedding -- what a cold item has anyway.
     "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false"],
     "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.use_id_embedding=false"],

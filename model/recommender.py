@@ -125,6 +125,7 @@ class Recommender(nn.Module):
         target_cached_content: torch.Tensor | None = None,
         history_item_content: dict[str, torch.Tensor] | None = None,
         all_positions: bool = False,
+        content_table: torch.Tensor | None = None,
     ) -> StepOutput:
         """Batch of B examples: the targets' content [B, ...] per field, cached history content [B, L, D].
 
@@ -138,21 +139,17 @@ class Recommender(nn.Module):
         state too, whose positive is the next item (the next history item, or the target after the last); the
         history items' vectors are those the sequence model reads (fresh for targets and recomputed history, the
         bank's otherwise). The last position's row of each example comes last, in batch order.
+        content_table [N+1, D] (memory.mode=catalogue): every item's content, made this step with gradients;
+        targets and history items are read from it and nothing is encoded here (`content` and `history_content`
+        are then not read).
         """
-        rows = torch.arange(target_ids.shape[0], device=target_ids.device)
-        if encode_mask is not None:
-            rows = rows[encode_mask]
-        ids = target_ids[rows]
-        fields = {k: v[rows] for k, v in content.items()}
-        if history_item_content is not None:
-            flat_ids = history_ids.reshape(-1)
-            real = flat_ids > 0
-            ids = torch.cat([ids, flat_ids[real]])
-            for key in fields:
-                flat = history_item_content[key].reshape(-1, *history_item_content[key].shape[2:])
-                fields[key] = torch.cat([fields[key], flat[real]])
-        unique_ids, first_row, _ = unique_first(ids)
-        content_vectors = self.item_encoder.encode_fields({k: v[first_row] for k, v in fields.items()})  # [U, D]
+        if content_table is not None:
+            ids = torch.cat([target_ids, history_ids.reshape(-1)])
+            unique_ids = torch.unique(ids[ids > 0])  # sorted
+            content_vectors = content_table[unique_ids]
+        else:
+            unique_ids, content_vectors = self._encode_distinct(target_ids, content, history_ids, encode_mask,
+                                                                history_item_content)
         if unique_ids.numel():
             pos = torch.searchsorted(unique_ids, target_ids).clamp(max=unique_ids.shape[0] - 1)
             encoded = unique_ids[pos] == target_ids
@@ -180,6 +177,24 @@ class Recommender(nn.Module):
             positive_ids=torch.cat([history_ids[:, 1:][inner], target_ids]),
             unique_ids=unique_ids, unique_content=content_vectors,
         )
+
+    def _encode_distinct(self, target_ids, content, history_ids, encode_mask, history_item_content):
+        """The step's distinct encoded items (the targets of `encode_mask`'s rows, and every history item when
+        `history_item_content` is given), each run through the encoder once -> (ids [U] sorted, content [U, D])."""
+        rows = torch.arange(target_ids.shape[0], device=target_ids.device)
+        if encode_mask is not None:
+            rows = rows[encode_mask]
+        ids = target_ids[rows]
+        fields = {k: v[rows] for k, v in content.items()}
+        if history_item_content is not None:
+            flat_ids = history_ids.reshape(-1)
+            real = flat_ids > 0
+            ids = torch.cat([ids, flat_ids[real]])
+            for key in fields:
+                flat = history_item_content[key].reshape(-1, *history_item_content[key].shape[2:])
+                fields[key] = torch.cat([fields[key], flat[real]])
+        unique_ids, first_row, _ = unique_first(ids)
+        return unique_ids, self.item_encoder.encode_fields({k: v[first_row] for k, v in fields.items()})
 
 
 def unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

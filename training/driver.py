@@ -34,7 +34,7 @@ from training.evaluate import popularity_metrics, write_size_report
 from training.gallery import GALLERY_DIR, GALLERY_USERS, write_gallery
 from training.loop import train_loop_per_worker
 from training.trunk_cache import trunk_cache_plan
-from training.trainer import SELECTION_SCORE, StepCallback, check_targets, exact_catalogue
+from training.trainer import SELECTION_SCORE, StepCallback, check_catalogue_mode, check_targets, exact_catalogue
 from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
@@ -210,6 +210,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 f" in {time.perf_counter() - started:.1f}s")
         cache_plan = trunk_cache_plan(job, items_path, spec, num_items)
         log(f"[train] {cache_plan.describe()}")
+        check_catalogue_mode(job, cache_plan.enabled, cache_plan.reason)
         exact = exact_catalogue(job, cache_plan.enabled)
         loss = job.model.resolved_loss(num_items, exact)
         log(f"[train] loss: {loss}" + (" (model.loss=auto)" if job.model.loss == "auto" else ""))

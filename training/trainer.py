@@ -91,7 +91,19 @@ class RecomputeHistory:
                               targets.vectors, targets.found, None, negatives.vectors)
 
 
-HISTORY_SOURCES = {"bank": BankHistory, "recompute": RecomputeHistory}
+class CatalogueHistory:
+    """memory.mode=catalogue: the step makes every item's content at once (`Trainer.catalogue_table`), so history
+    items are read from that table; the bank serves only the targets' cached vectors (the staleness statistic)."""
+
+    def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device, negative_ids: np.ndarray,
+              content_of: Callable[[dict, str], dict]) -> HistoryContent:
+        history = batch["history"].long()
+        (targets,) = _one_lookup(bank, batch["target"].long().cpu().numpy())
+        return HistoryContent(torch.zeros(*history.shape, dim, device=device), None, targets.vectors,
+                              targets.found, None, None)
+
+
+HISTORY_SOURCES = {"bank": BankHistory, "recompute": RecomputeHistory, "catalogue": CatalogueHistory}
 
 
 # --------------------------------------------------------------------------- negatives
@@ -244,7 +256,17 @@ class Trainer:
         """Whether the negatives' content is the bank's. It is not for ID-only models (no content: zeros) nor for
         frozen encoders on the trunk cache (fresh), and then the step does not ask the bank for it."""
         encoder = self.model.item_encoder
-        return encoder.has_content and not (self.trunk_cache is not None and self.trunk_cache.encoders_frozen)
+        return encoder.has_content and not (self.trunk_cache is not None and (
+            self.trunk_cache.encoders_frozen or self.job.memory.mode == "catalogue"))
+
+    def catalogue_table(self) -> torch.Tensor:
+        """memory.mode=catalogue: every item's content [N+1, D] (row 0 = padding), from the trunk cache through the
+        encoders' trained tops, with gradients and the fusion's dropout, once per step: the step's history items,
+        targets and full-softmax candidates all read it, so every vector in the loss is fresh and made alike."""
+        ids = torch.arange(self.num_items + 1, device=self.device)
+        if not self.model.item_encoder.has_content:
+            return torch.zeros(len(ids), self.model.item_encoder.dim, device=self.device)
+        return self.model.item_encoder.encode_trunk(self.trunk_cache.lookup(ids), dropout=True)
 
     def _negative_content(self, fetched: HistoryContent, ids: np.ndarray) -> torch.Tensor:
         """The negatives' content [K, D]: zeros for ID-only models; fresh through the encoders' tops (with
@@ -275,8 +297,9 @@ class Trainer:
         fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device,
                                      negative_ids if self._negatives_from_bank else negative_ids[:0],
                                      self.item_content)
+        table = self.catalogue_table() if job.memory.mode == "catalogue" else None
         encode_mask = cached_content = None
-        if job.memory.encode_fraction < 1.0:
+        if job.memory.encode_fraction < 1.0 and table is None:
             # LEMUR's encoder sampling; rows whose item has no bank vector yet are always encoded
             chosen = np.random.random_sample(len(target_np)) < job.memory.encode_fraction
             encode_mask = torch.as_tensor(chosen | ~fetched.target_found, device=device)
@@ -285,18 +308,20 @@ class Trainer:
             target_ids=targets, content=self.item_content(batch, "target"), history_ids=batch["history"].long(),
             history_content=fetched.history_content, encode_mask=encode_mask, target_cached_content=cached_content,
             history_item_content=fetched.history_item_content, all_positions=job.train.targets == "all",
+            content_table=table,
         )
         if job.model.task == "ctr":
             labels = (batch["rating"].float() >= job.data.positive_rating).float()
             loss = self.objective(out.user, out.positive, labels, batch["user"].long(), targets)
         else:
-            negatives, negative_ids_t = self.negatives.vectors(model, negative_ids,
-                                                               self._negative_content(fetched, negative_ids), device)
+            negative_content = table[torch.as_tensor(negative_ids, device=device)] if table is not None \
+                else self._negative_content(fetched, negative_ids)
+            negatives, negative_ids_t = self.negatives.vectors(model, negative_ids, negative_content, device)
             loss = self.objective(out.user, out.positive, out.positive_ids, negatives, negative_ids_t)
         unique_ids = out.unique_ids.cpu().numpy()
         unique_content = out.unique_content.detach()
         info = {"unique_ids": unique_ids, "unique_content": unique_content.cpu().numpy(),
-                "bank_seconds": self.bank.last_lookup_seconds, "encoded_items": int(unique_ids.size)}
+                "bank_seconds": self.bank.last_lookup_seconds, "encoded_items": int(unique_ids.size) if table is None else self.num_items}
         if fetched.history_lookup is not None:
             real = batch["history"].reshape(-1).cpu().numpy() > 0
             found, written = fetched.history_lookup.found, fetched.history_lookup.written_step
@@ -534,24 +559,33 @@ def make_optimizer(model: Recommender, job: JobConfig) -> torch.optim.Optimizer:
 
 
 def exact_catalogue(job: JobConfig, trunk_cache: bool) -> bool:
-    """Can a step compute every catalogue item's vector exactly and cheaply? ID-only models (the id table), and
-    models whose encoders are all frozen with the trunk cache on (a projection of cached features)."""
-    return not job.model.modalities or (trunk_cache and all(
-        getattr(job, modality).unfreeze_top == 0 for modality in job.model.modalities))
+    """Does a step compute every catalogue item's vector exactly? ID-only models (the id table), and, with the
+    trunk cache on, models whose encoders are all frozen (a projection of cached features: cheap) or that run the
+    whole catalogue through their trained tops each step (memory.mode=catalogue: costly)."""
+    return not job.model.modalities or (trunk_cache and (job.memory.mode == "catalogue" or all(
+        getattr(job, modality).unfreeze_top == 0 for modality in job.model.modalities)))
+
+
+def check_catalogue_mode(job: JobConfig, trunk_cache: bool, why_off: str = "") -> None:
+    """memory.mode=catalogue makes every item's content from the trunk cache each step: refused without it."""
+    if job.memory.mode == "catalogue" and job.model.modalities and not trunk_cache:
+        raise ConfigError("memory.mode=catalogue needs the frozen-trunk cache, which is off"
+                          + (f" ({why_off})" if why_off else "") + "; use memory.mode=recompute or bank")
 
 
 def check_targets(job: JobConfig, loss: str, exact: bool) -> None:
     """`train.targets=all` scores every history position's next item: every vector in the loss must be fresh,
     or the model learns to tell fresh vectors from the bank's instead of ranking. So either the full softmax
-    over an exact catalogue (ID-only, frozen encoders on the trunk cache), or the sampled softmax over the step's
-    own items with history items recomputed (`memory.mode=recompute`), never the bank's."""
+    over an exact catalogue (ID-only, frozen encoders on the trunk cache, memory.mode=catalogue), or the sampled
+    softmax over the step's own items with history items made fresh (`memory.mode=recompute` or catalogue),
+    never the bank's."""
     if job.train.targets != "all":
         return
     if loss == "full_softmax" and not exact:
         raise ConfigError("train.targets=all with model.loss=full_softmax needs every item's vector fresh each step "
-                          "(ID-only, or frozen encoders on the trunk cache); with trained encoders use "
+                          "(ID-only, frozen encoders on the trunk cache, or memory.mode=catalogue); else use "
                           "model.loss=auto (the sampled softmax) and memory.mode=recompute")
-    if loss == "sampled_softmax" and job.memory.mode != "recompute":
+    if loss == "sampled_softmax" and job.memory.mode == "bank":
         raise ConfigError("train.targets=all with the sampled softmax needs memory.mode=recompute (history items "
                           "are positives too, and the bank's vectors would be stale ones)")
 
@@ -577,6 +611,7 @@ def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: 
         model = build_recommender(job.model, job.image, job.text, num_items=num_items,
                                   max_history=job.data.max_history)
     model = model.to(device)
+    check_catalogue_mode(job, trunk_cache)
     exact = exact_catalogue(job, trunk_cache)
     check_targets(job, job.model.resolved_loss(num_items, exact), exact)
     return Trainer(model, make_optimizer(model, job),

@@ -257,7 +257,7 @@ def test_config_validation_names_the_key(overrides, key):
 
 
 def test_config_mode_error_lists_choices_and_defaults_are_valid():
-    with pytest.raises(ValueError, match=r"\['bank', 'recompute'\]"):
+    with pytest.raises(ValueError, match=r"\['bank', 'recompute', 'catalogue'\]"):
         MemoryConfig(mode="nope")
     config = MemoryConfig()
     assert (config.mode, config.num_shards, config.encode_fraction) == ("bank", 1, 1.0)

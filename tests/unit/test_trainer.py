@@ -333,3 +333,89 @@ def test_unseen_items_get_no_gradient_and_a_catalogue_pass_fills_their_rows(sett
         pass
     changed = (table.detach() != before).any(1)
     assert changed[unseen].all().item() == enabled and not changed[torch.as_tensor(seen)].any()
+
+
+def _catalogue_trainer(setting, mode: str, *overrides: str):
+    """Trained tops (tiny encoders, top block/layer) on the trunk cache, every history position a target."""
+    job, num_items, popularity, _, catalogue, _ = setting
+    job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "model.dropout=0.0",
+                                "image.unfreeze_top=1", "text.unfreeze_top=1", "train.targets=all",
+                                f"memory.mode={mode}", *overrides])
+    torch.manual_seed(0)
+    trainer = build_trainer(job, num_items, popularity, LocalMemoryBankClient(capacity=num_items + 1,
+                                                                              dim=job.model.dim), trunk_cache=True)
+    cache = trainer.build_trunk_cache(catalogue.batches(content_spec_of(job)))
+    assert not cache.encoders_frozen
+    trainer.refresh_bank(trainer.encode_catalogue(catalogue.batches(content_spec_of(job))), wait=True)
+    return trainer
+
+
+def _window_batch(splits, rows: int = 32) -> dict:
+    from pipeline.sequences import window_examples
+
+    windows = window_examples(splits.train)
+    picked = np.arange(rows)
+    return {k: torch.as_tensor(getattr(windows, k)[picked]) for k in ("target", "history", "rating", "user")}
+
+
+def test_catalogue_mode_trains_the_tops_on_the_exact_full_softmax_of_fresh_vectors(setting):
+    """memory.mode=catalogue: with trained tops the full softmax is exact (every item through the tops once a step,
+    with gradients), `auto` picks it, the tops and the items outside the batch learn, and the bank gets the
+    batch's fresh vectors."""
+    *_, splits = setting
+    trainer = _catalogue_trainer(setting, "catalogue")
+    job, num_items = trainer.job, trainer.num_items
+    assert exact_catalogue(job, trunk_cache=True) and not exact_catalogue(job, trunk_cache=False)
+    assert isinstance(trainer.negatives, CatalogueNegatives) and isinstance(trainer.objective, FullSoftmaxLoss)
+    assert trainer.objective.fresh_table and not trainer._negatives_from_bank
+    batch = _window_batch(splits)
+    top = {n: p for n, p in trainer.model.item_encoder.named_parameters()
+           if p.requires_grad and n.split(".")[0] in ("image_encoder", "text_encoder")}
+    assert len(top) > 4  # the trained top blocks/layers
+    before = {n: p.detach().clone() for n, p in top.items()}
+    trainer.optimizer.zero_grad()
+    loss, info = trainer.forward_loss(batch)
+    loss.backward()
+    in_batch = set(info["unique_ids"].tolist())
+    assert in_batch == set(np.unique(np.concatenate([batch["target"].numpy(), batch["history"].numpy().ravel()]))) - {0}
+    assert len(in_batch) < num_items  # so the softmax's other candidates came from the table, not the batch
+    assert info["encoded_items"] == num_items  # the whole catalogue ran through the tops
+    losses = [trainer.step(batch)[0].item() for _ in range(8)]
+    assert losses[-1] < losses[0]
+    assert [n for n, p in top.items() if torch.equal(p, before[n])] == []
+    found = trainer.bank.lookup(info["unique_ids"]).written_step
+    assert (np.asarray(found) == trainer.global_step - 1).all()  # written back at the last step
+
+
+def test_catalogue_mode_reads_the_same_user_states_as_recomputing_the_history(setting):
+    """The table is the recompute path's vectors made for every item at once: with dropout off, the same weights
+    give the same user states and positives (only the candidate set of the loss differs)."""
+    *_, splits = setting
+    batch = _window_batch(splits, rows=16)
+    outputs = {}
+    for mode in ("catalogue", "recompute"):
+        trainer = _catalogue_trainer(setting, mode)
+        trainer.model.eval()
+        with torch.no_grad():
+            table = trainer.catalogue_table() if mode == "catalogue" else None
+            fetched = trainer.history.fetch(batch, trainer.bank, trainer.model.item_encoder.dim, trainer.device,
+                                            np.arange(0), trainer.item_content)
+            outputs[mode] = trainer.module(
+                target_ids=batch["target"].long(), content=trainer.item_content(batch, "target"),
+                history_ids=batch["history"].long(), history_content=fetched.history_content,
+                history_item_content=fetched.history_item_content, all_positions=True, content_table=table)
+    ours, reference = outputs["catalogue"], outputs["recompute"]
+    assert torch.equal(ours.positive_ids, reference.positive_ids)
+    assert torch.allclose(ours.user, reference.user, atol=1e-5)
+    assert torch.allclose(ours.positive, reference.positive, atol=1e-5)
+    assert torch.equal(ours.unique_ids, reference.unique_ids)
+
+
+def test_catalogue_mode_is_refused_without_the_trunk_cache_or_with_encoder_sampling(setting):
+    job, num_items, popularity, *_ = setting
+    job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "memory.mode=catalogue"])
+    bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)
+    with pytest.raises(ConfigError, match=r"^memory.mode=catalogue needs the frozen-trunk cache, which is off; use "):
+        build_trainer(job, num_items, popularity, bank, trunk_cache=False)
+    with pytest.raises(ConfigError, match="memory.mode=catalogue encodes every item each step"):
+        build_config("tiny", ["memory.mode=catalogue", "memory.encode_fraction=0.5"])
