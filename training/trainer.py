@@ -320,8 +320,9 @@ class Trainer:
             loss = self.objective(out.user, out.positive, out.positive_ids, negatives, negative_ids_t)
         unique_ids = out.unique_ids.cpu().numpy()
         unique_content = out.unique_content.detach()
+        encoded = int(unique_ids.size) if table is None else self.num_items  # catalogue mode: the whole table
         info = {"unique_ids": unique_ids, "unique_content": unique_content.cpu().numpy(),
-                "bank_seconds": self.bank.last_lookup_seconds, "encoded_items": int(unique_ids.size) if table is None else self.num_items}
+                "bank_seconds": self.bank.last_lookup_seconds, "encoded_items": encoded}
         if fetched.history_lookup is not None:
             real = batch["history"].reshape(-1).cpu().numpy() > 0
             found, written = fetched.history_lookup.found, fetched.history_lookup.written_step
