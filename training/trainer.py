@@ -305,7 +305,8 @@ class Trainer:
             encode_mask = torch.as_tensor(chosen | ~fetched.target_found, device=device)
             cached_content = _writable(fetched.target_cached, device)
         out = self.module(
-            target_ids=targets, content=self.item_content(batch, "target"), history_ids=batch["history"].long(),
+            target_ids=targets, content={} if table is not None else self.item_content(batch, "target"),
+            history_ids=batch["history"].long(),
             history_content=fetched.history_content, encode_mask=encode_mask, target_cached_content=cached_content,
             history_item_content=fetched.history_item_content, all_positions=job.train.targets == "all",
             content_table=table,
