@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data import RandomSeedConfig
 from ray.data.extensions import ArrowTensorArray
 
 from pipeline.config import DataConfig
@@ -58,10 +59,15 @@ def id_blocks(table: pa.Table, actors: int, batch_size: int) -> ray.data.Dataset
 
 def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: ContentSpec,
                   batch_size: int, shuffle: bool = True, with_history_content: bool = False,
-                  decode: bool = True) -> ray.data.Dataset:
+                  decode: bool = True, seed: int | None = None) -> ray.data.Dataset:
     """Training examples with their target item's content (and, for memory.mode=recompute, every history
     item's content); a new random order each epoch. `decode=False` (the trainer has a trunk cache, see
-    `training.trunk_cache`): ids only, nothing decoded."""
+    `training.trunk_cache`): ids only, nothing decoded.
+
+    `seed`: the n-th pass (epoch) of every dataset built with this seed shuffles the same way (Ray reseeds each
+    execution from the seed and the execution index); rows reach the trainer in that order only where the
+    consumer preserves order (`training.driver` does). None: a fresh random order every run.
+    """
     table = pq.read_table(examples_path)
     if not decode:
         # the decoder would have turned the fixed-size history lists into an [n, L] array: a tensor column does it
@@ -70,7 +76,8 @@ def train_dataset(examples_path: Path, items_path: Path, cfg: DataConfig, spec: 
             history.values.to_numpy().reshape(len(history), history.type.list_size)))
     ds = id_blocks(table, cfg.decode_actors, batch_size)
     if shuffle:
-        ds = ds.random_shuffle()  # ids only: cheap, and re-run (new order) every epoch
+        # ids only: cheap, and re-run (new order) every epoch
+        ds = ds.random_shuffle(seed=None if seed is None else RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return _decode(ds, items_path, "target", cfg, spec, batch_size, with_history_content) if decode else ds
 
 

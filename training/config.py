@@ -46,7 +46,8 @@ class TrainConfig:
         default=0.25,
         metadata={"help": "CPUs per Ray Train worker (fractional: 2-core machines must leave Ray Data a CPU)"})
     seed: int = field(
-        default=0, metadata={"help": "seed of initialisation, shuffling and sampling (also retrain's replay sample)"})
+        default=0, metadata={"help": "seed of initialisation, each epoch's data order, sampling and retrain's replay "
+                                     "sample: two one-worker runs of a seed train identically (ID-only checked)"})
     eval_ks: tuple[int, ...] = field(default=(5, 10, 20, 50), metadata={"help": "cut-offs k of Recall@k and NDCG@k"})
     eval_mask_history: bool = field(
         default=False,

@@ -128,6 +128,15 @@ def check_cluster_fits(job: JobConfig, use_gpu: bool) -> None:
             )
 
 
+def ordered_ingest() -> ray.data.ExecutionOptions:
+    """Ray Train's ingest options with the row order kept. The seeded shuffle (`train_dataset(seed=...)`) then
+    reaches the workers in the same order in every run of a seed; otherwise blocks stream in the order their
+    tasks finish, and two runs of one config and seed differed by up to 0.005 NDCG@10 (BENCHMARKS.md)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                  callbacks: Sequence[StepCallback] = ()) -> TrainingOutcome:
     """Train one run. `splits` overrides the examples built from the prepared data (incremental retraining);
@@ -222,7 +231,8 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
             # with the trunk cache (or no content at all) the training stream carries ids only
             "train": train_dataset(train_path, items_path, job.data, spec, job.train.batch_size,
                                    with_history_content=job.memory.mode == "recompute",
-                                   decode=bool(job.model.modalities) and not cache_plan.enabled),
+                                   decode=bool(job.model.modalities) and not cache_plan.enabled,
+                                   seed=job.train.seed),
             "catalog": catalog,
         }
         bank_prefilled = False
@@ -275,7 +285,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 failure_config=FailureConfig(max_failures=job.train.max_failures),
             ),
             datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"]),
+            dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
         )
         result: Result = trainer.fit()
         best_checkpoint, metrics = best_of(result, SELECTION_SCORE)

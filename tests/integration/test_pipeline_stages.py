@@ -61,3 +61,21 @@ def test_driver_decoded_catalog_equals_the_ray_data_pass(catalog_rows, prepared_
         assert all(np.array_equal(a[name], b[name]) for a, b in zip(rows, catalog_rows)), name
     # what the driver holds for it: 1,682 x (3*40*40 pixels + 2*8*20 token bytes + 2 mask bytes)
     assert decoded_catalog_bytes(1682, spec) == 1682 * (4800 + 320 + 2)
+
+
+def test_a_seeded_shuffle_repeats_across_runs_and_changes_across_epochs(ray_cluster, prepared_dir, tmp_path, spec):
+    interactions = read_interactions(prepared_dir)
+    path = write_examples(leave_one_out(interactions[interactions.user_index < 40], max_history=8).train,
+                          tmp_path / "train.parquet")
+
+    def epochs(seed, passes: int = 2) -> list[list[int]]:
+        # ids only (decode=False): the order is the shuffle's, the same with content decoded
+        ds = train_dataset(path, prepared_dir / ITEMS_FILE, DataConfig(), spec, batch_size=32, decode=False, seed=seed)
+        return [[int(t) for b in ds.iter_batches(batch_size=256) for t in b["target"]] for _ in range(passes)]
+
+    first, second = epochs(3)
+    assert len(first) > 1000 and sorted(first) == sorted(second)
+    assert first != second  # a new order every epoch
+    assert epochs(3) == [first, second]  # a new dataset of the same seed: the same two orders
+    assert epochs(4, passes=1)[0] != first
+    assert epochs(None, passes=1)[0] != epochs(None, passes=1)[0]  # unseeded: a fresh order every run
