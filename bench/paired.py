@@ -1,0 +1,173 @@
+"""Benchmark: can our test set tell two trained models apart? Paired bootstrap over the same test users.
+
+    python -m bench.paired runs/bench/quality-id_only-s1-... runs/bench/quality-two_stage_frozen-s1-...
+    python -m bench.paired RUN_A RUN_B RUN_C --subset test --metric recall@10 --out /tmp/paired.json
+
+Each argument is a run directory of `jobs.train` / `bench.quality` (it holds `mmrec_run.json`, the checkpoints
+and the run's `data/<subset>.parquet`). For each run the checkpoint the run kept as best (highest
+`val_selection`, as the driver registers it) ranks every user of the subset against the whole catalogue, in this
+process, and gives one metric value per test example (leave-one-out: one per user; a time split: every later
+interaction). The runs must share the subset's users and targets (the same split): otherwise one `error:` line.
+
+Printed and written (bench/results/paired.json): each run's mean with its standard error (the spread a second
+draw of users would give: the test set's own noise, separate from the seeds'), and for every run after the first
+its difference from the first, with a 95% paired-bootstrap interval (whole users resampled with replacement, the
+same users for both models, so a user's several examples count as one correlated draw) and the share of
+resamples in which it is positive. A gap whose interval holds 0 is one this test set cannot resolve, however
+many seeds agree on its sign.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "paired.json"
+METRICS = ("ndcg@10", "recall@10", "mrr")
+
+
+def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """[U] 0-based ranks -> [U] per-user values of `metric` (their mean is `training.metrics.ranking_metrics`)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    if metric == "mrr":
+        return 1.0 / (ranks + 1.0)
+    name, _, k = metric.partition("@")
+    if name not in ("ndcg", "recall") or not k.isdigit():
+        raise ValueError(f"metric must be one of ndcg@k, recall@k, mrr; got {metric!r}")
+    hit = ranks < int(k)
+    return np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0) if name == "ndcg" else hit.astype(np.float64)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, resamples: int = 10_000, seed: int = 0,
+                     users: np.ndarray | None = None) -> dict[str, float]:
+    """Per-example values of two models on the same examples -> mean(b - a), its 95% bootstrap interval and the
+    share of resamples where it is > 0. With `users` (one id per example) whole users are resampled, so that
+    a user's several test examples (a time split) count as one correlated draw, not as independent ones."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"need two equal-length 1-d arrays of per-example values, got {a.shape} and {b.shape}")
+    diff = b - a
+    if users is None:
+        sums, counts = diff, np.ones_like(diff)
+    else:
+        _, group = np.unique(np.asarray(users), return_inverse=True)
+        sums, counts = np.bincount(group, weights=diff), np.bincount(group).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 1000):  # 1000 resamples at a time: [1000, users] indices, not [resamples, users]
+        count = min(1000, resamples - start)
+        drawn = rng.integers(0, len(sums), size=(count, len(sums)))
+        means[start:start + count] = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"difference": float(diff.mean()), "low": float(low), "high": float(high),
+            "share_positive": float((means > 0).mean())}
+
+
+def standard_error(values: np.ndarray, users: np.ndarray | None = None) -> float:
+    """The standard error of the mean of per-example `values`; with `users`, clustered by user (the spread of the
+    mean of per-user sums over per-user counts, to first order)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float("nan")
+    if users is None:
+        return float(values.std(ddof=1) / np.sqrt(len(values)))
+    _, group = np.unique(np.asarray(users), return_inverse=True)
+    residual = np.bincount(group, weights=values - values.mean())  # per-user sums of deviations
+    clusters = len(residual)
+    return float(np.sqrt(clusters / max(clusters - 1, 1) * (residual ** 2).sum()) / len(values))
+
+
+def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks)."""
+    from ray.train import Result
+
+    from pipeline.content import read_examples
+    from pipeline.sources import ITEMS_FILE
+    from training.driver import RUN_MARKER, best_of
+    from training.evaluate import score_users
+    from training.metrics import history_mask, target_ranks
+    from training.offline_eval import DecodedCatalogue, load_checkpoint
+    from training.trainer import SELECTION_SCORE
+
+    examples_path = run_dir / "data" / f"{subset}.parquet"
+    if not (run_dir / RUN_MARKER).is_file() or not examples_path.is_file():
+        raise SystemExit(f"error: {run_dir} is not a training run directory with data/{subset}.parquet")
+    checkpoint, _ = best_of(Result.from_path(str(run_dir.resolve())), SELECTION_SCORE)
+    if checkpoint is None:
+        raise SystemExit(f"error: {run_dir} has no checkpoint")
+    loaded = load_checkpoint(Path(checkpoint.path))
+    items = Path(loaded.job.data.prepared_dir) / ITEMS_FILE
+    content = DecodedCatalogue(items, int(loaded.state["num_items"])).encode(loaded)
+    examples = read_examples(examples_path)
+    ranks = []
+    with torch.inference_mode():
+        for start in range(0, len(examples), 256):
+            history = torch.as_tensor(examples.history[start:start + 256])
+            scores = score_users(loaded.model, content, history)
+            exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None
+            ranks.append(target_ranks(scores, torch.as_tensor(examples.target[start:start + 256]), exclude))
+    return checkpoint.path, np.asarray(examples.user), np.asarray(examples.target), torch.cat(ranks).numpy()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories; every one after the first is "
+                                                           "compared with the first")
+    parser.add_argument("--subset", default="test_warm", help="test, test_warm or test_cold (default test_warm)")
+    parser.add_argument("--mask-history", action="store_true", help="the masked protocol (default: unmasked)")
+    parser.add_argument("--resamples", type=int, default=10_000)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if len(args.runs) < 2:
+        parser.error("give at least two run directories")
+    started = time.perf_counter()
+    torch.set_grad_enabled(False)
+    runs, first_targets, users = [], None, None
+    for run_dir in args.runs:
+        checkpoint, run_users, targets, ranks = run_ranks(run_dir, args.subset, args.mask_history)
+        same = first_targets is None or (np.array_equal(targets, first_targets) and np.array_equal(run_users, users))
+        if not same:
+            raise SystemExit(f"error: {run_dir} has other {args.subset} users or targets than {args.runs[0]}: "
+                             "runs of different splits cannot be paired")
+        first_targets, users = targets, run_users
+        runs.append({"run": run_dir.name, "checkpoint": Path(checkpoint).name, "ranks": ranks})
+        print(f"[paired] {run_dir.name}: {len(ranks)} examples ranked", flush=True)
+    table = []
+    for metric in METRICS:
+        base = per_user(runs[0]["ranks"], metric)
+        for run in runs:
+            values = per_user(run["ranks"], metric)
+            row = {"metric": metric, "run": run["run"], "mean": float(values.mean()),
+                   "standard_error": standard_error(values, users)}
+            if run is not runs[0]:
+                row.update(paired_bootstrap(base, values, args.resamples, users=users))
+            table.append(row)
+    print(f"\n{args.subset}, {len(first_targets)} examples of {len(np.unique(users))} users, differences from "
+          f"{runs[0]['run']} "
+          f"(95% paired bootstrap, {args.resamples} resamples)\n")
+    print("| metric | run | mean ± s.e. | difference [95% interval] | share > 0 |\n|---|---|---|---|---:|")
+    for row in table:
+        gap = (f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | {row['share_positive']:.2f}"
+               if "difference" in row else "– | –")
+        print(f"| {row['metric']} | {row['run']} | {row['mean']:.4f} ± {row['standard_error']:.4f} | {gap} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "paired", "command": " ".join(["python -m bench.paired", *sys.argv[1:]]),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__},
+        "subset": args.subset, "mask_history": args.mask_history, "examples": len(first_targets),
+        "users": int(len(np.unique(users))),
+        "runs": [{k: v for k, v in run.items() if k != "ranks"} for run in runs], "table": table,
+        "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""bench/paired.py's plain functions: per-user metric values and the paired bootstrap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.paired import paired_bootstrap, per_user
+from training.metrics import ranking_metrics
+
+
+def test_per_user_values_average_to_the_ranking_metrics():
+    ranks = np.array([0, 1, 4, 9, 10, 57, 3, 0, 1681])
+    expected = ranking_metrics(torch.as_tensor(ranks), ks=(10,))
+    for metric in ("ndcg@10", "recall@10", "mrr"):
+        assert per_user(ranks, metric).mean() == pytest.approx(expected[metric])
+    with pytest.raises(ValueError, match="ndcg@k, recall@k, mrr"):
+        per_user(ranks, "auc")
+
+
+def test_paired_bootstrap_resolves_a_consistent_gap_and_not_a_coin_flip():
+    rng = np.random.default_rng(1)
+    a = (rng.random(900) < 0.15).astype(float)  # hits of 900 users
+    better = a.copy()
+    better[np.flatnonzero(a == 0)[:30]] = 1.0  # 30 more hits, none lost: +0.033, every resample > 0
+    result = paired_bootstrap(a, better, resamples=2000)
+    assert result["difference"] == pytest.approx(30 / 900)
+    assert 0 < result["low"] < result["difference"] < result["high"] and result["share_positive"] == 1.0
+    # 30 hits gained and 30 others lost: no difference, an interval around 0
+    swapped = better.copy()
+    swapped[np.flatnonzero(a == 1)[:30]] = 0.0
+    result = paired_bootstrap(a, swapped, resamples=2000)
+    assert result["difference"] == 0 and result["low"] < 0 < result["high"]
+    assert 0.3 < result["share_positive"] < 0.7
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_bootstrap(a, a[:10])
+
+
+def test_users_with_several_examples_are_resampled_whole():
+    from bench.paired import standard_error
+
+    rng = np.random.default_rng(2)
+    a = (rng.random(300) < 0.15).astype(float)
+    b = (rng.random(300) < 0.25).astype(float)
+    one_each = np.arange(300)
+    # one example per user: clustering changes nothing
+    assert standard_error(b, one_each) == pytest.approx(standard_error(b))
+    # every example repeated 5 times for its user: 5x the rows but no new information
+    a5, b5, users5 = np.repeat(a, 5), np.repeat(b, 5), np.repeat(one_each, 5)
+    assert standard_error(b5, users5) == pytest.approx(standard_error(b), rel=0.01)
+    assert standard_error(b5) < 0.5 * standard_error(b)  # counted as independent rows it would look 2.2x surer
+    clustered = paired_bootstrap(a5, b5, resamples=2000, users=users5)
+    single = paired_bootstrap(a, b, resamples=2000)
+    assert clustered["high"] - clustered["low"] == pytest.approx(single["high"] - single["low"], rel=0.15)
