@@ -130,8 +130,9 @@ def check_cluster_fits(job: JobConfig, use_gpu: bool) -> None:
 
 def ordered_ingest() -> ray.data.ExecutionOptions:
     """Ray Train's ingest options with the row order kept. The seeded shuffle (`train_dataset(seed=...)`) then
-    reaches the workers in the same order in every run of a seed; otherwise blocks stream in the order their
-    tasks finish, and two runs of one config and seed differed by up to 0.005 NDCG@10 (BENCHMARKS.md)."""
+    reaches the workers in the same order in every run of a seed; otherwise blocks may stream in the order their
+    tasks finish. (Before the shuffle was seeded, two runs of one config and seed differed by up to 0.005
+    NDCG@10: BENCHMARKS.md.)"""
     options = DataConfig.default_ingest_options()
     options.preserve_order = True
     return options
