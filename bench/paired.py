@@ -90,8 +90,7 @@ def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.n
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
     from training.driver import RUN_MARKER, best_of
-    from training.evaluate import score_users
-    from training.metrics import history_mask, target_ranks
+    from training.evaluate import example_ranks
     from training.offline_eval import DecodedCatalogue, load_checkpoint
     from training.trainer import SELECTION_SCORE
 
@@ -105,14 +104,8 @@ def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.n
     items = Path(loaded.job.data.prepared_dir) / ITEMS_FILE
     content = DecodedCatalogue(items, int(loaded.state["num_items"])).encode(loaded)
     examples = read_examples(examples_path)
-    ranks = []
-    with torch.inference_mode():
-        for start in range(0, len(examples), 256):
-            history = torch.as_tensor(examples.history[start:start + 256])
-            scores = score_users(loaded.model, content, history)
-            exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None
-            ranks.append(target_ranks(scores, torch.as_tensor(examples.target[start:start + 256]), exclude))
-    return checkpoint.path, np.asarray(examples.user), np.asarray(examples.target), torch.cat(ranks).numpy()
+    ranks = example_ranks(loaded.model, content, examples, mask_history=mask_history)
+    return checkpoint.path, np.asarray(examples.user), np.asarray(examples.target), ranks
 
 
 def main() -> int:

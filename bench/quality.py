@@ -13,10 +13,11 @@ on 2 cores: ID-only 8-14 min, frozen two-stage 8-15 min, end-to-end ~55 min (BEN
 continues an interrupted run.
 
 Every method is a config of the product (`run_training`, the same Ray Data pipeline, memory bank, TorchTrainer
-loop and MLflow logging), on all of ml100k_mm, leave-one-out, full ranking over the catalogue, with a seeded
-10% of items held out of training entirely (`data.cold_item_fraction`). The same budget for every method:
-`--epochs` epochs of `--steps` steps (0 = the whole training set) of `--batch-size` examples, stopped early after
-`--patience` epochs without a better validation NDCG@10 (0 = never); the result is the best epoch's checkpoint.
+loop and MLflow logging), on all of ml100k_mm, leave-one-out (or by time with `--set data.time_split_at=DATE`:
+every later interaction is a test example), full ranking over the catalogue, with a seeded 10% of items held
+out of training entirely (`data.cold_item_fraction`). The same budget for every method: `--epochs` epochs of
+`--steps` steps (0 = the whole training set) of `--batch-size` examples, stopped early after `--patience` epochs
+without a better validation NDCG@10 (0 = never); the result is the best epoch's checkpoint.
 Methods:
 
 - popularity: training-target counts (the driver's baseline of every run; identical across seeds),
@@ -225,12 +226,13 @@ def main() -> int:
     summary = summarise(runs)
     first = method_config(methods[0], seeds[0], args)
     counts = _subset_sizes(first)
+    split = first.data.split if first.data.split == "leave_one_out" else f"time, at {first.data.time_split_at}"
     result = {
         "benchmark": "quality",
         "command": "python -m bench.quality " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg())},
-        "protocol": {"data": "ml100k_mm", "split": "leave_one_out", "ranking": "full catalogue",
+        "protocol": {"data": "ml100k_mm", "split": split, "ranking": "full catalogue",
                      "cold_item_fraction": args.cold_fraction, "cold_seed": DataConfig.cold_seed, "steps": args.steps,
                      "epochs": args.epochs, "patience": args.patience,
                      "batch_size": args.batch_size, "image_size": args.image_size, "text_length": args.text_length,
@@ -243,7 +245,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     partial.unlink(missing_ok=True)
-    print(f"\nml100k_mm leave-one-out, full ranking; {args.steps} steps x {args.batch_size}; seeds {seeds}; "
+    print(f"\nml100k_mm, split {split}, full ranking; {args.steps} steps x {args.batch_size}; seeds {seeds}; "
           f"test users {counts}")
     print(format_table(summary))
     print(format_markdown(summary))

@@ -14,7 +14,7 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +63,36 @@ def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor
     return scores
 
 
+def _ranks_by_size(model: Recommender, content: torch.Tensor, examples: Examples, *, mask_history: bool,
+                   batch_size: int, sizes: Sequence[int | None]) -> Iterator[tuple[int | None, torch.Tensor]]:
+    """(size, 0-based target ranks of one batch) for every batch of `examples` and every size (None = full)."""
+    device = content.device
+    items = model.item_vectors(content, torch.arange(content.shape[0], device=device))  # [N+1, D]
+    items_at = {size: items if size is None else at_size(items, size) for size in sizes}
+    for start in range(0, len(examples), batch_size):
+        history = torch.as_tensor(examples.history[start : start + batch_size], device=device)
+        targets = torch.as_tensor(examples.target[start : start + batch_size], device=device)
+        user = model.user_vectors(history, content[history])  # [U, D], the sequence model runs once
+        exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None  # [U, N+1] like scores
+        for size, sized_items in items_at.items():
+            scores = (user if size is None else at_size(user, size)) @ sized_items.T  # [U, N+1]
+            scores[:, 0] = float("-inf")
+            yield size, target_ranks(scores, targets, exclude)
+
+
+@torch.inference_mode()
+def example_ranks(model: Recommender, content: torch.Tensor, examples: Examples, *, mask_history: bool,
+                  batch_size: int = 256) -> np.ndarray:
+    """Each example's 0-based target rank over the catalogue, in `examples`' order (what `evaluate_ranking`
+    averages; for per-user statistics such as bench/paired.py's)."""
+    was_training = model.training
+    model.eval()
+    ranks = [r for _, r in _ranks_by_size(model, content, examples, mask_history=mask_history,
+                                          batch_size=batch_size, sizes=(None,))]
+    model.train(was_training)
+    return torch.cat(ranks).cpu().numpy() if ranks else np.zeros(0, dtype=np.int64)
+
+
 @torch.inference_mode()
 def evaluate_ranking(model: Recommender, content: torch.Tensor, examples: Examples, *, ks: tuple[int, ...],
                      mask_history: bool, batch_size: int = 256, sizes: Sequence[int] = ()) -> dict[str, float]:
@@ -76,18 +106,9 @@ def evaluate_ranking(model: Recommender, content: torch.Tensor, examples: Exampl
     full_dim = content.shape[1]
     sizes = tuple(sizes)
     accumulators = {None: RankingAccumulator(ks=ks), **{s: RankingAccumulator(ks=ks) for s in sizes if s != full_dim}}
-    device = content.device
-    items = model.item_vectors(content, torch.arange(content.shape[0], device=device))  # [N+1, D]
-    items_at = {size: at_size(items, size) for size in accumulators if size is not None}
-    for start in range(0, len(examples), batch_size):
-        history = torch.as_tensor(examples.history[start : start + batch_size], device=device)
-        targets = torch.as_tensor(examples.target[start : start + batch_size], device=device)
-        user = model.user_vectors(history, content[history])  # [U, D], the sequence model runs once
-        exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None  # [U, N+1] like scores
-        for size, acc in accumulators.items():
-            scores = user @ items.T if size is None else at_size(user, size) @ items_at[size].T  # [U, N+1]
-            scores[:, 0] = float("-inf")
-            acc.update(target_ranks(scores, targets, exclude))
+    for size, ranks in _ranks_by_size(model, content, examples, mask_history=mask_history,
+                                      batch_size=batch_size, sizes=tuple(accumulators)):
+        accumulators[size].update(ranks)
     model.train(was_training)
     metrics = accumulators[None].compute()
     for size in sizes:

@@ -24,7 +24,7 @@ from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
 from model.losses import NestedSizesLoss
 from model.recommender import Recommender, at_size
 from pipeline.sequences import Examples
-from training.evaluate import evaluate_ranking, score_users, size_table, write_size_report
+from training.evaluate import evaluate_ranking, example_ranks, score_users, size_table, write_size_report
 from training.metrics import RankingAccumulator, target_ranks
 
 SIZES = (8, 16, 32)
@@ -272,6 +272,22 @@ def test_evaluation_reports_every_metric_at_every_size():
         for name in names:
             assert metrics[f"{name}@s{size}"] == pytest.approx(expected[name], abs=1e-6)
     assert metrics["mrr@s8"] != metrics["mrr@s32"]  # sizes are scored separately
+
+
+def test_example_ranks_are_what_evaluate_ranking_averages():
+    model = build_model().train()  # both score in eval mode and leave the mode as they found it
+    content = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(6))
+    content[0] = 0
+    examples = random_examples(50)
+    for mask in (True, False):
+        ranks = example_ranks(model, content, examples, mask_history=mask, batch_size=16)
+        assert ranks.shape == (50,) and ranks.min() >= 0 and ranks.max() < NUM_ITEMS
+        metrics = evaluate_ranking(model, content, examples, ks=(10,), mask_history=mask, batch_size=16)
+        assert metrics["mrr"] == pytest.approx(float(np.mean(1.0 / (ranks + 1))), abs=1e-6)
+        assert metrics["recall@10"] == pytest.approx(float(np.mean(ranks < 10)), abs=1e-6)
+    masked = example_ranks(model, content, examples, mask_history=True)
+    assert (masked <= ranks).all() and (masked < ranks).any()  # masking the history only lifts targets
+    assert model.training  # left as it was found
 
 
 def test_size_report_table_and_plot(tmp_path: Path):
