@@ -1,7 +1,8 @@
 """Benchmark: can our test set tell two trained models apart? Paired bootstrap over the same test users.
 
     python -m bench.paired runs/bench/quality-id_only-s1-... runs/bench/quality-two_stage_frozen-s1-...
-    python -m bench.paired RUN_A RUN_B RUN_C --subset test --metric recall@10 --out /tmp/paired.json
+    python -m bench.paired RUN_A RUN_B RUN_C --subset test --out /tmp/paired.json
+    python -m bench.paired RUN_A RUN_B --by-popularity 4     # also NDCG@10 in 4 groups, rare targets to popular
 
 Each argument is a run directory of `jobs.train` / `bench.quality` (it holds `mmrec_run.json`, the checkpoints
 and the run's `data/<subset>.parquet`). For each run the checkpoint the run kept as best (highest
@@ -14,7 +15,9 @@ draw of users would give: the test set's own noise, separate from the seeds'), a
 its difference from the first, with a 95% paired-bootstrap interval (whole users resampled with replacement, the
 same users for both models, so a user's several examples count as one correlated draw) and the share of
 resamples in which it is positive. A gap whose interval holds 0 is one this test set cannot resolve, however
-many seeds agree on its sign.
+many seeds agree on its sign. `--by-popularity K` adds the same for NDCG@10 within K groups of the examples,
+split by how often the target was a training target (the first run's `data/popularity.npy`): where content helps
+an item's ranking more than its id vector, the gap should grow as the count falls.
 """
 from __future__ import annotations
 
@@ -83,6 +86,21 @@ def standard_error(values: np.ndarray, users: np.ndarray | None = None) -> float
     return float(np.sqrt(clusters / max(clusters - 1, 1) * (residual ** 2).sum()) / len(values))
 
 
+def popularity_buckets(counts: np.ndarray, buckets: int) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """[N] training-interaction counts of the examples' targets -> ([N] bucket index, [(lowest, highest) count per
+    bucket]): `buckets` groups of about equal size from the rarest targets up. Equal counts never straddle two
+    buckets, so with heavy ties a bucket can be larger than N / buckets (and the list shorter than `buckets`)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if buckets < 1 or counts.ndim != 1 or not len(counts):
+        raise ValueError(f"need buckets >= 1 and a non-empty 1-d array of counts, got {buckets} and {counts.shape}")
+    edges = np.unique(np.quantile(counts, np.linspace(0, 1, buckets + 1)[1:-1]))  # inner edges, ties merged
+    index = np.searchsorted(edges, counts, side="right")  # bucket b holds edges[b-1] <= count < edges[b]
+    used = np.unique(index)
+    index = np.searchsorted(used, index)  # renumber the non-empty buckets 0..
+    ranges = [(float(counts[index == b].min()), float(counts[index == b].max())) for b in range(len(used))]
+    return index, ranges
+
+
 def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks)."""
     from ray.train import Result
@@ -116,6 +134,9 @@ def main() -> int:
     parser.add_argument("--subset", default="test_warm", help="test, test_warm or test_cold (default test_warm)")
     parser.add_argument("--mask-history", action="store_true", help="the masked protocol (default: unmasked)")
     parser.add_argument("--resamples", type=int, default=10_000)
+    parser.add_argument("--by-popularity", type=int, default=0, metavar="K",
+                        help="also NDCG@10 in K groups of examples by their target's training interactions "
+                             "(the first run's data/popularity.npy), rarest first (default 0: off)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if len(args.runs) < 2:
@@ -150,6 +171,7 @@ def main() -> int:
         gap = (f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}] | {row['share_positive']:.2f}"
                if "difference" in row else "– | –")
         print(f"| {row['metric']} | {row['run']} | {row['mean']:.4f} ± {row['standard_error']:.4f} | {gap} |")
+    by_popularity = popularity_table(runs, args.runs[0], first_targets, users, args) if args.by_popularity else []
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "paired", "command": " ".join(["python -m bench.paired", *sys.argv[1:]]),
@@ -157,9 +179,39 @@ def main() -> int:
         "subset": args.subset, "mask_history": args.mask_history, "examples": len(first_targets),
         "users": int(len(np.unique(users))),
         "runs": [{k: v for k, v in run.items() if k != "ranks"} for run in runs], "table": table,
-        "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+        "by_popularity": by_popularity, "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
+
+
+def popularity_table(runs: list[dict], first_run: Path, targets: np.ndarray, users: np.ndarray,
+                     args: argparse.Namespace) -> list[dict]:
+    """NDCG@10 per popularity group of the targets: each run's mean ± s.e., and its paired gap from the first run."""
+    popularity_file = first_run / "data" / "popularity.npy"
+    if not popularity_file.is_file():
+        raise SystemExit(f"error: {popularity_file} is missing: --by-popularity needs the run's training counts")
+    counts = np.load(popularity_file)[targets]
+    index, ranges = popularity_buckets(counts, args.by_popularity)
+    rows = []
+    for bucket, (low, high) in enumerate(ranges):
+        chosen = index == bucket
+        base = per_user(runs[0]["ranks"][chosen], "ndcg@10")
+        for run in runs:
+            values = per_user(run["ranks"][chosen], "ndcg@10")
+            row = {"bucket": bucket, "target_train_count": [low, high], "examples": int(chosen.sum()),
+                   "run": run["run"], "mean": float(values.mean()),
+                   "standard_error": standard_error(values, users[chosen])}
+            if run is not runs[0]:
+                row.update(paired_bootstrap(base, values, args.resamples, users=users[chosen]))
+            rows.append(row)
+    print(f"\nNDCG@10 by the target's training interactions, differences from {runs[0]['run']}\n")
+    print("| target's training count | examples | run | mean ± s.e. | difference [95% interval] |\n|---|---:|---|---|---|")
+    for row in rows:
+        low, high = row["target_train_count"]
+        gap = f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]" if "difference" in row else "–"
+        print(f"| {low:.0f}–{high:.0f} | {row['examples']} | {row['run']} | {row['mean']:.4f} ± "
+              f"{row['standard_error']:.4f} | {gap} |")
+    return rows
 
 
 if __name__ == "__main__":

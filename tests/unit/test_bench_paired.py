@@ -1,11 +1,11 @@
-"""bench/paired.py's plain functions: per-user metric values and the paired bootstrap."""
+"""bench/paired.py's plain functions: per-user metric values, the paired bootstrap, popularity groups."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from bench.paired import paired_bootstrap, per_user
+from bench.paired import paired_bootstrap, per_user, popularity_buckets
 from training.metrics import ranking_metrics
 
 
@@ -52,3 +52,17 @@ def test_users_with_several_examples_are_resampled_whole():
     clustered = paired_bootstrap(a5, b5, resamples=2000, users=users5)
     single = paired_bootstrap(a, b, resamples=2000)
     assert clustered["high"] - clustered["low"] == pytest.approx(single["high"] - single["low"], rel=0.15)
+
+
+def test_popularity_buckets_split_rarest_first_without_splitting_ties():
+    index, ranges = popularity_buckets(np.arange(10), 2)
+    assert index.tolist() == [0] * 5 + [1] * 5 and ranges == [(0, 4), (5, 9)]
+    counts = np.array([100, 0, 0, 3, 0, 0, 1, 2, 4, 5, 100, 100])  # order kept: index follows the input
+    index, ranges = popularity_buckets(counts, 4)
+    assert ranges == [(0, 2), (3, 5), (100, 100)]  # four zeros cannot fill a quarter alone: one group fewer
+    assert index.tolist() == [2, 0, 0, 1, 0, 0, 0, 0, 1, 1, 2, 2]
+    for bucket, (low, high) in enumerate(ranges):  # every count of a group lies in its range, and only there
+        assert ((counts >= low) & (counts <= high)).sum() == (index == bucket).sum()
+    assert popularity_buckets(np.zeros(5), 3)[1] == [(0, 0)]
+    with pytest.raises(ValueError, match="buckets >= 1"):
+        popularity_buckets(np.arange(4), 0)
