@@ -101,6 +101,21 @@ def popularity_buckets(counts: np.ndarray, buckets: int) -> tuple[np.ndarray, li
     return index, ranges
 
 
+def compare_runs(runs: list[dict], chosen: np.ndarray, metric: str, users: np.ndarray,
+                 resamples: int) -> list[dict]:
+    """`metric` over the `chosen` examples ([N] bool) of every run (its "ranks"): a row per run with its mean and
+    standard error, and for every run after the first its paired gap from the first (`paired_bootstrap`)."""
+    base = per_user(runs[0]["ranks"][chosen], metric)
+    rows = []
+    for run in runs:
+        values = per_user(run["ranks"][chosen], metric)
+        row = {"run": run["run"], "mean": float(values.mean()), "standard_error": standard_error(values, users[chosen])}
+        if run is not runs[0]:
+            row.update(paired_bootstrap(base, values, resamples, users=users[chosen]))
+        rows.append(row)
+    return rows
+
+
 def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks)."""
     from ray.train import Result
@@ -153,16 +168,9 @@ def main() -> int:
         first_targets, users = targets, run_users
         runs.append({"run": run_dir.name, "checkpoint": Path(checkpoint).name, "ranks": ranks})
         print(f"[paired] {run_dir.name}: {len(ranks)} examples ranked", flush=True)
-    table = []
-    for metric in METRICS:
-        base = per_user(runs[0]["ranks"], metric)
-        for run in runs:
-            values = per_user(run["ranks"], metric)
-            row = {"metric": metric, "run": run["run"], "mean": float(values.mean()),
-                   "standard_error": standard_error(values, users)}
-            if run is not runs[0]:
-                row.update(paired_bootstrap(base, values, args.resamples, users=users))
-            table.append(row)
+    everything = np.ones(len(users), dtype=bool)
+    table = [{"metric": metric, **row} for metric in METRICS
+             for row in compare_runs(runs, everything, metric, users, args.resamples)]
     print(f"\n{args.subset}, {len(first_targets)} examples of {len(np.unique(users))} users, differences from "
           f"{runs[0]['run']} "
           f"(95% paired bootstrap, {args.resamples} resamples)\n")
@@ -192,20 +200,12 @@ def popularity_table(runs: list[dict], first_run: Path, targets: np.ndarray, use
         raise SystemExit(f"error: {popularity_file} is missing: --by-popularity needs the run's training counts")
     counts = np.load(popularity_file)[targets]
     index, ranges = popularity_buckets(counts, args.by_popularity)
-    rows = []
-    for bucket, (low, high) in enumerate(ranges):
-        chosen = index == bucket
-        base = per_user(runs[0]["ranks"][chosen], "ndcg@10")
-        for run in runs:
-            values = per_user(run["ranks"][chosen], "ndcg@10")
-            row = {"bucket": bucket, "target_train_count": [low, high], "examples": int(chosen.sum()),
-                   "run": run["run"], "mean": float(values.mean()),
-                   "standard_error": standard_error(values, users[chosen])}
-            if run is not runs[0]:
-                row.update(paired_bootstrap(base, values, args.resamples, users=users[chosen]))
-            rows.append(row)
+    rows = [{"bucket": bucket, "target_train_count": [low, high], "examples": int((index == bucket).sum()), **row}
+            for bucket, (low, high) in enumerate(ranges)
+            for row in compare_runs(runs, index == bucket, "ndcg@10", users, args.resamples)]
     print(f"\nNDCG@10 by the target's training interactions, differences from {runs[0]['run']}\n")
-    print("| target's training count | examples | run | mean ± s.e. | difference [95% interval] |\n|---|---:|---|---|---|")
+    print("| target's training count | examples | run | mean ± s.e. | difference [95% interval] |\n"
+          "|---|---:|---|---|---|")
     for row in rows:
         low, high = row["target_train_count"]
         gap = f"{row['difference']:+.4f} [{row['low']:+.4f}, {row['high']:+.4f}]" if "difference" in row else "–"
