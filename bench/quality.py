@@ -28,7 +28,7 @@ Methods:
   BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`), on the sampled
   softmax over each step's distinct items (logQ-corrected),
 - end_to_end_exact: the same on the exact full softmax, as ID-only and frozen train: every item through the
-  trained tops once a step (`memory.mode=catalogue`),
+  trained tops once a step (`memory.mode=catalogue`; its candidates, unlike two_stage_frozen's, dropped out),
 - two_stage_frozen_catalogue: end_to_end_exact's control, frozen encoders on the same loss (every candidate
   through the fusion's dropout, as there; two_stage_frozen's candidates are not dropped out),
 - *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
@@ -65,8 +65,9 @@ METHODS: dict[str, list[str]] = {
     # BatchNorm keeps its pretrained statistics, always (session 3: training the top block with batch statistics
     # was the main reason end-to-end trailed; BENCHMARKS.md).
     "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
-    # The same, on the loss ID-only and frozen train with: the exact full softmax, every item run through the
-    # trained tops once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items.
+    # The same on the exact full softmax, as ID-only and frozen train, every item run through the trained tops
+    # once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items. Unlike
+    # two_stage_frozen's, its candidates go through the fusion's dropout: its control is the next method.
     "end_to_end_exact": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.mode=catalogue"],
     # end_to_end_exact's control: the same loss, frozen encoders. memory.mode=catalogue makes every item's vector
     # once a step through the fusion's dropout, so candidates are dropped out too (two_stage_frozen's are not):
