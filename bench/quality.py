@@ -66,8 +66,7 @@ METHODS: dict[str, list[str]] = {
     # was the main reason end-to-end trailed; BENCHMARKS.md).
     "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
     # The same on the exact full softmax, as ID-only and frozen train, every item run through the trained tops
-    # once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items. Unlike
-    # two_stage_frozen's, its candidates go through the fusion's dropout: its control is the next method.
+    # once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items.
     "end_to_end_exact": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.mode=catalogue"],
     # end_to_end_exact's control: the same loss, frozen encoders. memory.mode=catalogue makes every item's vector
     # once a step through the fusion's dropout, so candidates are dropped out too (two_stage_frozen's are not):
