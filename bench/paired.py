@@ -130,6 +130,8 @@ def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.n
     examples_path = run_dir / "data" / f"{subset}.parquet"
     if not (run_dir / RUN_MARKER).is_file() or not examples_path.is_file():
         raise SystemExit(f"error: {run_dir} is not a training run directory with data/{subset}.parquet")
+    if not (run_dir / "checkpoint_manager_snapshot.json").is_file():  # Ray Train's record of the checkpoints
+        raise SystemExit(f"error: {run_dir} has no checkpoint (its run ended before the first one)")
     checkpoint, _ = best_of(Result.from_path(str(run_dir.resolve())), SELECTION_SCORE)
     if checkpoint is None:
         raise SystemExit(f"error: {run_dir} has no checkpoint")

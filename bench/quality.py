@@ -233,6 +233,8 @@ def main() -> int:
     first = method_config(methods[0], seeds[0], args)
     counts = _subset_sizes(first)
     split = first.data.split if first.data.split == "leave_one_out" else f"time, at {first.data.time_split_at}"
+    if first.data.validation_from:
+        split += f", validation window from {first.data.validation_from}"
     result = {
         "benchmark": "quality",
         "command": "python -m bench.quality " + " ".join(sys.argv[1:]),

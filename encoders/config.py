@@ -56,6 +56,10 @@ class ImageEncoderConfig:
     image_size: int = field(default=64, metadata={"help": "square side (pixels) images are resized to"})
     unfreeze_top: int = field(
         default=-1, metadata={"help": "-1 trains every layer, 0 none, n the top n blocks and the head"})
+    top_dropout: bool = field(
+        default=True,
+        metadata={"help": "the trained layers keep the pretrained model's dropout / drop-connect in training "
+                          "(false: off, as in the frozen trunk)"})
 
     def __post_init__(self) -> None:
         _check_kind("ImageEncoderConfig", self.kind, IMAGE_ENCODER_KINDS)
@@ -89,6 +93,10 @@ class TextEncoderConfig:
     max_length: int = field(default=32, metadata={"help": "tokens per text after truncation"})
     unfreeze_top: int = field(
         default=-1, metadata={"help": "-1 trains every layer, 0 none, n the top n layers and the final norm"})
+    top_dropout: bool = field(
+        default=True,
+        metadata={"help": "the trained layers keep the pretrained model's dropout in training (false: off, as in "
+                          "the frozen trunk)"})
 
     def __post_init__(self) -> None:
         _check_kind("TextEncoderConfig", self.kind, TEXT_ENCODER_KINDS)
@@ -139,6 +147,19 @@ def apply_unfreeze_top(
     for module in [*blocks[-unfreeze_top:], *head]:
         for parameter in module.parameters():
             parameter.requires_grad_(True)
+
+
+def remove_dropout(root: nn.Module) -> int:
+    """Set p = 0 on every dropout module under `root`; returns how many there were.
+
+    Zeroing p (rather than putting the modules in eval mode) also reaches attention that reads its dropout's p
+    itself (transformers' SDPA attention passes `self.dropout.p` to the kernel when its own module trains).
+    """
+    count = 0
+    for module in root.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p, count = 0.0, count + 1
+    return count
 
 
 def frozen_block_count(num_blocks: int, unfreeze_top: int) -> int:

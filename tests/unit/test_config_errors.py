@@ -60,6 +60,7 @@ def test_wrong_types_name_the_key_and_the_expected_type(override, message):
         ("model.dim=33", r"model\.dim=33 must be divisible by model\.num_heads=2"),
         ("model.dropout=1.0", r"model\.dropout must be in \[0, 1\)"),
         ("data.time_split_at=March", r"data\.time_split_at='March' is not an ISO date"),
+        ("data.validation_from=1998-02-01", r"data\.validation_from needs data\.time_split_at"),
         ("data.max_bad_fraction=1.5", r"data\.max_bad_fraction must be in \[0, 1\], got 1\.5"),
         ("data.max_dropped_fraction=-0.1", r"data\.max_dropped_fraction must be in \[0, 1\]"),
     ],

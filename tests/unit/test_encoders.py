@@ -335,6 +335,30 @@ def test_hf_text_unfreeze_top1_changes_only_the_top_layer(tiny_bert_dir: Path, t
     assert trainable_parameter_count(frozen) == 0
 
 
+@pytest.mark.parametrize("top_dropout", [True, False])
+def test_hf_text_top_dropout_decides_whether_the_trained_layer_is_deterministic(
+        tiny_bert_dir: Path, text_batch, top_dropout: bool) -> None:
+    torch.manual_seed(0)
+    config = TextEncoderConfig(kind="hf", path=str(tiny_bert_dir), unfreeze_top=1, top_dropout=top_dropout)
+    encoder = build_text_encoder(config).train()
+    with torch.no_grad():
+        first, second = encoder(**text_batch), encoder(**text_batch)
+        evaluated = encoder.eval()(**text_batch)
+    # with the pretrained dropout (BertConfig's 0.1) two training passes differ; without it both equal evaluation
+    assert torch.equal(first, second) is (not top_dropout)
+    assert torch.allclose(first, evaluated, atol=1e-6) is (not top_dropout)
+
+
+@pytest.mark.parametrize("top_dropout", [True, False])
+def test_efficientnet_top_dropout_decides_drop_connect_in_trained_blocks(top_dropout: bool) -> None:
+    # the top two blocks: Lite0's block 14 has a skip connection (drop-connect 0.2 x 14 / 16), block 15 has none
+    config = ImageEncoderConfig(kind="efficientnet_lite0", image_size=64, unfreeze_top=2, top_dropout=top_dropout)
+    encoder = build_image_encoder(config).train()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(encoder(images), encoder(images)) is (not top_dropout)
+
+
 def test_real_minilm_through_alias_is_384d_and_semantic(minilm_tokenizer) -> None:
     encoder = build_text_encoder(TextEncoderConfig(kind="hf", path="minilm", unfreeze_top=0)).eval()
     assert encoder.out_dim == 384

@@ -1,5 +1,6 @@
 import numpy as np
 import pandas as pd
+import pytest
 
 from pipeline.sequences import (cold_start_split, item_popularity, leave_one_out, order_interactions, sample_cold_items,
                                 time_split, window_examples)
@@ -48,6 +49,34 @@ def test_time_split_partitions_by_time():
     assert splits.validation.target.tolist() == [3]
     assert splits.test.target.tolist() == [4, 5]
     assert splits.test.history.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]]
+
+
+def test_time_split_validation_window_validates_every_interaction_in_it_and_trains_before_it():
+    # user 0: t=10..50; user 1 starts inside the window (its first item has no history: no example)
+    df = frame([(0, i, 10 * i) for i in range(1, 6)] + [(1, 7, 30), (1, 8, 35), (1, 9, 60)])
+    splits = time_split(df, max_history=4, split_at=45, validation_from=25)
+    assert splits.train.target.tolist() == [2]  # t=20; without the window 3 (t=30) and 4 (t=40) would train
+    assert splits.validation.target.tolist() == [3, 4, 8]
+    assert splits.validation.history.tolist() == [[0, 0, 1, 2], [0, 1, 2, 3], [0, 0, 0, 7]]
+    assert splits.test.target.tolist() == [5, 9]
+    assert splits.test.history.tolist() == [[1, 2, 3, 4], [0, 0, 7, 8]]  # the window is history at test time
+    with pytest.raises(ValueError, match="before the split"):
+        time_split(df, max_history=4, split_at=45, validation_from=45)
+
+
+def test_time_split_validation_window_on_real_data_partitions_the_targets(prepared_dir):
+    from pipeline.sources import read_interactions
+
+    interactions = read_interactions(prepared_dir)
+    split_at, start = 889_000_000, 886_000_000  # 1998-03-04 and 1998-01-29 (UTC)
+    windowed, plain = time_split(interactions, 50, split_at, start), time_split(interactions, 50, split_at)
+    assert windowed.train.timestamp.max() < start <= windowed.validation.timestamp.min()
+    assert windowed.validation.timestamp.max() < split_at
+    assert len(windowed.validation) > 10 * len(plain.validation)
+    # every example of the plain split's training and validation is in exactly one of the window's
+    assert len(windowed.train) + len(windowed.validation) == len(plain.train) + len(plain.validation)
+    for name in ("user", "history", "target", "timestamp"):
+        assert np.array_equal(getattr(windowed.test, name), getattr(plain.test, name))
 
 
 def test_popularity_counts_train_targets():
