@@ -105,12 +105,13 @@ def compare_runs(runs: list[dict], chosen: np.ndarray, metric: str, users: np.nd
                  resamples: int) -> list[dict]:
     """`metric` over the `chosen` examples ([N] bool) of every run (its "ranks"): a row per run with its mean and
     standard error, and for every run after the first its paired gap from the first (`paired_bootstrap`)."""
-    base = per_user(runs[0]["ranks"][chosen], metric)
-    rows = []
+    rows, base = [], None
     for run in runs:
         values = per_user(run["ranks"][chosen], metric)
         row = {"run": run["run"], "mean": float(values.mean()), "standard_error": standard_error(values, users[chosen])}
-        if run is not runs[0]:
+        if base is None:
+            base = values
+        else:
             row.update(paired_bootstrap(base, values, resamples, users=users[chosen]))
         rows.append(row)
     return rows

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.paired import paired_bootstrap, per_user, popularity_buckets, run_ranks
+from bench.paired import compare_runs, paired_bootstrap, per_user, popularity_buckets, run_ranks
 from training.metrics import ranking_metrics
 
 
@@ -76,3 +76,14 @@ def test_a_run_stopped_before_its_first_checkpoint_is_one_error_line(tmp_path):
     (tmp_path / "data" / "validation.parquet").write_bytes(b"")
     with pytest.raises(SystemExit, match="has no checkpoint"):
         run_ranks(tmp_path, "validation", mask_history=False)
+
+
+def test_compare_runs_gives_each_later_run_its_gap_from_the_first():
+    users = np.repeat(np.arange(50), 2)
+    ranks = np.random.default_rng(0).integers(0, 30, size=100)
+    runs = [{"run": "a", "ranks": ranks}, {"run": "b", "ranks": ranks // 2}, {"run": "c", "ranks": ranks}]
+    chosen = np.ones(100, dtype=bool)
+    first, better, same = compare_runs(runs, chosen, "recall@10", users, resamples=200)
+    assert "difference" not in first and first["mean"] == pytest.approx((ranks < 10).mean())
+    assert better["difference"] == pytest.approx(((ranks // 2) < 10).mean() - (ranks < 10).mean())
+    assert better["low"] > 0 and same["difference"] == 0.0 == same["low"] == same["high"]
