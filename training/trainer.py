@@ -165,6 +165,11 @@ class EpochStats:
     staleness_sum: float = 0.0
     staleness_steps: int = 0
     encoded_items: int = 0
+    grad_norm_sum: float = 0.0  # global gradient norm before clipping, summed over the steps that clip
+    encoder_grad_norm_sum: float = 0.0  # ... of the encoders' trained layers alone
+    norm_steps: int = 0
+    encoder_norm_steps: int = 0
+    clipped_steps: int = 0
     step_seconds: float = 0.0  # time inside `Trainer.step` (no data wait, no periodic refresh)
     first_step_seconds: float = 0.0  # of which the first step (one-off allocations; benchmarks leave it out)
     started: float = field(default_factory=time.perf_counter)
@@ -181,6 +186,13 @@ class EpochStats:
         if "staleness_cosine" in info:
             self.staleness_sum += info["staleness_cosine"]
             self.staleness_steps += 1
+        if "grad_norm" in info:
+            self.grad_norm_sum += info["grad_norm"]
+            self.norm_steps += 1
+            self.clipped_steps += int(info["grad_clipped"])
+        if "encoder_grad_norm" in info:
+            self.encoder_grad_norm_sum += info["encoder_grad_norm"]
+            self.encoder_norm_steps += 1
 
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.steps, 1)
@@ -195,7 +207,18 @@ class EpochStats:
         """The epoch's training metrics (samples/s over every worker, assuming equal shards)."""
         seconds = self.seconds()
         return {"train_loss": self.mean_loss(), "samples_per_s": self.samples * world_size / max(seconds, 1e-9),
-                "data_wait_fraction": self.wait_fraction(seconds), "epoch_seconds": seconds, **self.bank_metrics()}
+                "data_wait_fraction": self.wait_fraction(seconds), "epoch_seconds": seconds, **self.bank_metrics(),
+                **self.gradient_metrics()}
+
+    def gradient_metrics(self) -> dict[str, float]:
+        """Mean gradient norms before clipping (rank 0's), and the share of steps that clipped (none: empty)."""
+        if not self.norm_steps:
+            return {}
+        metrics = {"grad_norm": self.grad_norm_sum / self.norm_steps,
+                   "grad_clipped_fraction": self.clipped_steps / self.norm_steps}
+        if self.encoder_norm_steps:
+            metrics["encoder_grad_norm"] = self.encoder_grad_norm_sum / self.encoder_norm_steps
+        return metrics
 
     def bank_metrics(self) -> dict[str, float]:
         steps = max(self.steps, 1)
@@ -350,7 +373,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.job.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip)
+            # the norms before clipping: one clip over every parameter scales the recommender's step by the
+            # encoders' gradients too, so both are logged (`grad_norm`, `encoder_grad_norm`, `grad_clipped_fraction`)
+            encoder_grads = [p.grad for p in self.optimizer.param_groups[1]["params"] if p.grad is not None]
+            if encoder_grads:
+                info["encoder_grad_norm"] = float(torch.nn.utils.get_total_norm(encoder_grads))
+            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip))
+            info["grad_norm"], info["grad_clipped"] = norm, norm > self.job.train.grad_clip
         if self.total_steps or self.lr_multiplier != 1.0:
             scale = lr_scale(self.global_step, self.total_steps, self.job.train.warmup_fraction,
                              self.job.train.final_lr_fraction, self.job.train.warmup_max_steps) \

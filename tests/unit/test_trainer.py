@@ -130,6 +130,24 @@ def test_steps_learn_write_back_to_the_bank_and_call_the_callbacks(setting):
     trainer.train_epoch(iter([batch] * 10), max_steps=10)
     last = trainer.forward_loss(batch)[0].item()
     assert last < first  # the same batch, fitted
+    gradients = stats.metrics()
+    assert gradients["grad_norm"] > 0 and 0.0 <= gradients["grad_clipped_fraction"] <= 1.0
+    assert "encoder_grad_norm" in gradients  # the tiny preset trains its encoders whole (unfreeze_top=-1)
+
+
+def test_the_logged_gradient_norms_are_the_ones_before_clipping(setting):
+    trainer, batch = _trainer(setting), setting[3]
+    torch.manual_seed(1), np.random.seed(1)
+    trainer.optimizer.zero_grad()
+    trainer.forward_loss(batch)[0].backward()
+    everything = float(torch.nn.utils.get_total_norm([p.grad for p in trainer.module.parameters()
+                                                      if p.grad is not None]))
+    encoders = float(torch.nn.utils.get_total_norm([p.grad for p in trainer.optimizer.param_groups[1]["params"]]))
+    torch.manual_seed(1), np.random.seed(1)
+    _, info = trainer.step(batch)  # the same weights and draws: the same gradients
+    assert info["grad_norm"] == pytest.approx(everything, rel=1e-5)
+    assert info["encoder_grad_norm"] == pytest.approx(encoders, rel=1e-5) and 0 < encoders < everything
+    assert info["grad_clipped"] == (everything > trainer.job.train.grad_clip)
 
 
 def test_end_epoch_refreshes_the_bank_and_scores_validation_and_tests(setting):
