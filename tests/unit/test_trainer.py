@@ -429,6 +429,29 @@ def test_catalogue_mode_reads_the_same_user_states_as_recomputing_the_history(se
     assert torch.equal(ours.unique_ids, reference.unique_ids)
 
 
+def test_tops_that_cannot_move_take_the_frozen_controls_steps(setting):
+    """end_to_end_exact against its control (bench.quality): with the tops' learning rate ~0 the two differ only in
+    where the trunk cache is split and in the shared gradient clip, so they take the same steps (Adam's update
+    hardly depends on the clip's scale); at the default encoder_lr the tops move and the losses part."""
+    job, num_items, popularity, _, catalogue, splits = setting
+    batch = _window_batch(splits)
+
+    def losses(*overrides: str) -> list[float]:
+        job_ = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "model.dropout=0.0",
+                                     "train.targets=all", "memory.mode=catalogue", *overrides])
+        torch.manual_seed(0)
+        trainer = build_trainer(job_, num_items, popularity, LocalMemoryBankClient(
+            capacity=num_items + 1, dim=job_.model.dim), trunk_cache=True)
+        trainer.build_trunk_cache(catalogue.batches(content_spec_of(job_)))
+        return [trainer.step(batch)[0].item() for _ in range(4)]
+
+    frozen = losses("image.unfreeze_top=0", "text.unfreeze_top=0")
+    still = losses("image.unfreeze_top=1", "text.unfreeze_top=1", "train.encoder_lr=1e-12")
+    moving = losses("image.unfreeze_top=1", "text.unfreeze_top=1", "train.encoder_lr=1e-2")
+    assert still == pytest.approx(frozen, rel=1e-3)
+    assert moving[0] == pytest.approx(frozen[0], rel=1e-6) and moving[-1] != pytest.approx(frozen[-1], rel=1e-3)
+
+
 def test_catalogue_mode_is_refused_without_the_trunk_cache_or_with_encoder_sampling(setting):
     job, num_items, popularity, *_ = setting
     job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "memory.mode=catalogue"])
