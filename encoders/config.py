@@ -149,17 +149,15 @@ def apply_unfreeze_top(
             parameter.requires_grad_(True)
 
 
-def remove_dropout(root: nn.Module) -> int:
-    """Set p = 0 on every dropout module under `root`; returns how many there were.
+def remove_dropout(root: nn.Module) -> None:
+    """Set p = 0 on every dropout module under `root`.
 
     Zeroing p (rather than putting the modules in eval mode) also reaches attention that reads its dropout's p
     itself (transformers' SDPA attention passes `self.dropout.p` to the kernel when its own module trains).
     """
-    count = 0
     for module in root.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p, count = 0.0, count + 1
-    return count
+            module.p = 0.0
 
 
 def frozen_block_count(num_blocks: int, unfreeze_top: int) -> int:

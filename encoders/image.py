@@ -17,10 +17,10 @@ from torch import nn
 from encoders.config import (
     PartiallyTrainableEncoder,
     apply_unfreeze_top,
-    remove_dropout,
     find_block_list,
     frozen_block_count,
     modules_after,
+    remove_dropout,
 )
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)

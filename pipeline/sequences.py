@@ -131,10 +131,9 @@ def time_split(interactions: pd.DataFrame, max_history: int, split_at: int,
         if validation_from >= split_at:
             raise ValueError(f"validation window start {validation_from} must be before the split {split_at}")
         trains = ts < validation_from
-        is_val = before & ~trains & (pos >= 1)
     else:
         trains = before & ~_last_of_user(ordered.user_index.to_numpy(np.int64), before)  # the last is validation
-        is_val = before & ~trains & (pos >= 1)
+    is_val = before & ~trains & (pos >= 1)
     return Splits(
         train=_examples(ordered, np.flatnonzero(trains & (pos >= 1)), user_start, max_history),
         validation=_examples(ordered, np.flatnonzero(is_val), user_start, max_history),
