@@ -22,14 +22,12 @@ def _tiny_cnn(cfg: ImageEncoderConfig, width: int) -> nn.Module:
 
 
 def _efficientnet_lite0(cfg: ImageEncoderConfig, width: int) -> nn.Module:
-    return EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
-                                         top_dropout=cfg.top_dropout)
+    return EfficientNetLite0ImageEncoder(unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
 
 
 def _hf_vision(cfg: ImageEncoderConfig, width: int) -> nn.Module:
     assert cfg.path is not None  # ImageEncoderConfig refuses kind="hf" without a path
-    return HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size,
-                                top_dropout=cfg.top_dropout)
+    return HFVisionImageEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, image_size=cfg.image_size)
 
 
 def _tiny_text(cfg: TextEncoderConfig, width: int) -> nn.Module:
@@ -41,7 +39,7 @@ def _tiny_text(cfg: TextEncoderConfig, width: int) -> nn.Module:
 
 def _hf_text(cfg: TextEncoderConfig, width: int) -> nn.Module:
     assert cfg.path is not None
-    encoder = HFTextEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top, top_dropout=cfg.top_dropout)
+    encoder = HFTextEncoder(path=cfg.path, unfreeze_top=cfg.unfreeze_top)
     tokenizer_vocab = len(load_tokenizer(cfg.path))
     if tokenizer_vocab > encoder.vocab_size:
         # Ids past the embedding table would fail deep inside forward with an index error.

