@@ -41,17 +41,12 @@ def ridge_cv_r2(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, folds: int = 
 
 
 def id_content_row(run_dir: Path) -> dict:
-    from ray.train import Result
-
+    from bench.paired import kept_checkpoint
     from pipeline.sources import ITEMS_FILE
-    from training.driver import RUN_MARKER, best_of
     from training.offline_eval import DecodedCatalogue, load_checkpoint
-    from training.trainer import SELECTION_SCORE
 
-    if not (run_dir / RUN_MARKER).is_file() or not (run_dir / "checkpoint_manager_snapshot.json").is_file():
-        raise SystemExit(f"error: {run_dir} is not a training run directory with a checkpoint")
-    checkpoint, _ = best_of(Result.from_path(str(run_dir.resolve())), SELECTION_SCORE)
-    loaded = load_checkpoint(Path(checkpoint.path))
+    checkpoint = kept_checkpoint(run_dir, needs="data/seen.npy")
+    loaded = load_checkpoint(Path(checkpoint))
     table = loaded.model.item_encoder.id_embedding
     if table is None or not loaded.model.item_encoder.has_content:
         raise SystemExit(f"error: {run_dir} is not a hybrid model (it needs both id embeddings and content)")
@@ -64,7 +59,7 @@ def id_content_row(run_dir: Path) -> dict:
     cold[0] = False
     content_norm, id_norm = np.linalg.norm(content, axis=1), np.linalg.norm(ids, axis=1)
     cosine = (content[warm] * ids[warm]).sum(axis=1) / (content_norm[warm] * id_norm[warm])
-    return {"run": run_dir.name, "checkpoint": checkpoint.path, "warm_items": int(warm.sum()),
+    return {"run": run_dir.name, "checkpoint": checkpoint, "warm_items": int(warm.sum()),
             "cold_items": int(cold.sum()),
             "id_over_content_norm_warm": float(np.mean(id_norm[warm] / content_norm[warm])),
             "id_over_content_norm_cold": float(np.mean(id_norm[cold] / content_norm[cold])) if cold.any() else None,

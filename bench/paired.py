@@ -117,31 +117,38 @@ def compare_runs(runs: list[dict], chosen: np.ndarray, metric: str, users: np.nd
     return rows
 
 
-def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks)."""
+def kept_checkpoint(run_dir: Path, needs: str = "") -> str:
+    """A run directory -> the path of the checkpoint it kept as best (highest `val_selection`, as the driver
+    registers it); one `error:` line when it is not a run directory, lacks the file `needs`, or has no checkpoint."""
     from ray.train import Result
 
-    from pipeline.content import read_examples
-    from pipeline.sources import ITEMS_FILE
     from training.driver import RUN_MARKER, best_of
-    from training.evaluate import example_ranks
-    from training.offline_eval import DecodedCatalogue, load_checkpoint
     from training.trainer import SELECTION_SCORE
 
-    examples_path = run_dir / "data" / f"{subset}.parquet"
-    if not (run_dir / RUN_MARKER).is_file() or not examples_path.is_file():
-        raise SystemExit(f"error: {run_dir} is not a training run directory with data/{subset}.parquet")
+    if not (run_dir / RUN_MARKER).is_file() or (needs and not (run_dir / needs).is_file()):
+        raise SystemExit(f"error: {run_dir} is not a training run directory" + (f" with {needs}" if needs else ""))
     if not (run_dir / "checkpoint_manager_snapshot.json").is_file():  # Ray Train's record of the checkpoints
         raise SystemExit(f"error: {run_dir} has no checkpoint (its run ended before the first one)")
     checkpoint, _ = best_of(Result.from_path(str(run_dir.resolve())), SELECTION_SCORE)
     if checkpoint is None:
         raise SystemExit(f"error: {run_dir} has no checkpoint")
-    loaded = load_checkpoint(Path(checkpoint.path))
+    return checkpoint.path
+
+
+def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks)."""
+    from pipeline.content import read_examples
+    from pipeline.sources import ITEMS_FILE
+    from training.evaluate import example_ranks
+    from training.offline_eval import DecodedCatalogue, load_checkpoint
+
+    checkpoint = kept_checkpoint(run_dir, needs=f"data/{subset}.parquet")
+    loaded = load_checkpoint(Path(checkpoint))
     items = Path(loaded.job.data.prepared_dir) / ITEMS_FILE
     content = DecodedCatalogue(items, int(loaded.state["num_items"])).encode(loaded)
-    examples = read_examples(examples_path)
+    examples = read_examples(run_dir / "data" / f"{subset}.parquet")
     ranks = example_ranks(loaded.model, content, examples, mask_history=mask_history)
-    return checkpoint.path, np.asarray(examples.user), np.asarray(examples.target), ranks
+    return checkpoint, np.asarray(examples.user), np.asarray(examples.target), ranks
 
 
 def main() -> int:
