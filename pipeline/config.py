@@ -41,6 +41,16 @@ class SourceConfig:
                              f"{', '.join(TIMESTAMP_UNITS)}")
 
 
+def _iso_date(key: str, value: str) -> datetime | None:
+    """A `data.<key>` ISO date -> its datetime (None when empty); one error naming the key when it is not one."""
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"data.{key}={value!r} is not an ISO date (YYYY-MM-DD)") from None
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     raw_dir: str = field(
@@ -97,21 +107,12 @@ class DataConfig:
         return "time" if self.time_split_at else "leave_one_out"
 
     def __post_init__(self) -> None:
-        if self.time_split_at:
-            try:
-                datetime.fromisoformat(self.time_split_at)
-            except ValueError:
-                raise ValueError(f"data.time_split_at={self.time_split_at!r} is not an ISO date (YYYY-MM-DD)") from None
+        split_at = _iso_date("time_split_at", self.time_split_at)
         if self.validation_from:
-            if not self.time_split_at:
+            if split_at is None:
                 raise ValueError("data.validation_from needs data.time_split_at (a validation window is part of the "
                                  "time split; leave-one-out validates on each user's second to last interaction)")
-            try:
-                start = datetime.fromisoformat(self.validation_from)
-            except ValueError:
-                raise ValueError(f"data.validation_from={self.validation_from!r} is not an ISO date (YYYY-MM-DD)") \
-                    from None
-            if start >= datetime.fromisoformat(self.time_split_at):
+            if _iso_date("validation_from", self.validation_from) >= split_at:
                 raise ValueError(f"data.validation_from={self.validation_from!r} must be before "
                                  f"data.time_split_at={self.time_split_at!r}")
         for key in ("max_history", "decode_actors", "max_image_bytes"):

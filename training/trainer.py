@@ -165,7 +165,7 @@ class EpochStats:
     staleness_sum: float = 0.0
     staleness_steps: int = 0
     encoded_items: int = 0
-    grad_norm_sum: float = 0.0  # global gradient norm before clipping, summed over the steps that clip
+    grad_norm_sum: float = 0.0  # global gradient norm before clipping, summed over the steps (when clipping is on)
     encoder_grad_norm_sum: float = 0.0  # ... of the encoders' trained layers alone
     norm_steps: int = 0
     encoder_norm_steps: int = 0
