@@ -10,7 +10,7 @@ Every method starts from the `movielens` preset (since 2026-12-03: a loss at eve
 default: whole epochs, at most 100, patience 10 (on validation NDCG@10 averaged over 3 epochs), the weights
 averaged over about an epoch (the preset's `train.average_epochs=1`, since 2026-12-04). Measured per seed
 on 2 cores: ID-only 8-14 min, frozen two-stage 8-15 min, end-to-end ~55 min (BENCHMARKS.md); `--resume`
-continues an interrupted run.
+continues an interrupted run or adds seeds / methods to a finished one (refused if its protocol differs).
 
 Every method is a config of the product (`run_training`, the same Ray Data pipeline, memory bank, TorchTrainer
 loop and MLflow logging), on all of ml100k_mm, leave-one-out (or by time with `--set data.time_split_at=DATE`:
@@ -187,7 +187,9 @@ def main() -> int:
                         help="extra override for every trained method (e.g. train.encoder_lr=1e-3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs in OUT's .partial.json (an interrupted run) and train only the missing ones")
+                        help="keep the runs already in OUT's .partial.json (an interrupted run) or else in OUT (a "
+                             "finished one, to add seeds or methods) and train only the missing ones; refused when "
+                             "they were measured under another protocol")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -197,11 +199,20 @@ def main() -> int:
 
     from training.driver import init_ray, run_training
 
-    init_ray()  # one Ray session for every run; run_training reuses it
+    first = method_config(methods[0], seeds[0], args)
+    protocol = run_protocol(first, args)
     partial = args.out.with_suffix(".partial.json")
-    runs: list[dict] = json.loads(partial.read_text()) if args.resume and partial.exists() else []
-    if runs:
-        print(f"[bench] resuming: {len(runs)} runs from {partial}", flush=True)
+    runs: list[dict] = []
+    if args.resume:
+        try:
+            runs, source = resumed_runs(args.out, partial, protocol)
+        except ValueError as error:
+            print(f"python -m bench.quality: error: {error}", file=sys.stderr)
+            return 2
+        if runs:
+            print(f"[bench] resuming: {len(runs)} runs from {source}", flush=True)
+
+    init_ray()  # one Ray session for every run; run_training reuses it
     started_all = time.perf_counter()
     for seed in seeds:
         for method in methods:
@@ -215,10 +226,12 @@ def main() -> int:
             runs.append({"method": method, "seed": seed, "wall_seconds": wall, "metrics": metrics,
                          "epochs": outcome.last_metrics.get("epoch"), "best_epoch": outcome.metrics.get("epoch"),
                          "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
+                         "run_dir": str(Path(job.train.storage_path).resolve() / outcome.run_name),
                          "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
             print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
                 f"{s}/{m}={metrics[s][m]:.4f}" for s in SUBSETS for m in METRICS), flush=True)
-            partial.write_text(json.dumps(runs, indent=2))  # survives an interruption (--resume)
+            # survives an interruption (--resume)
+            partial.write_text(json.dumps({"protocol": protocol, "runs": runs}, indent=2))
         trained = next((run for run in runs if run["seed"] == seed and run["method"] != POPULARITY), None)
         if trained is not None and not any(run["method"] == POPULARITY and run["seed"] == seed for run in runs):
             # from the files a trained run of this seed wrote (the same split for every method); a subset
@@ -230,21 +243,14 @@ def main() -> int:
     order = [POPULARITY, *methods, *(m for m in METHODS if m not in methods)]  # resumed runs may add methods
     runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
     summary = summarise(runs)
-    first = method_config(methods[0], seeds[0], args)
     counts = _subset_sizes(first)
-    split = first.data.split if first.data.split == "leave_one_out" else f"time, at {first.data.time_split_at}"
-    if first.data.validation_from:
-        split += f", validation window from {first.data.validation_from}"
     result = {
         "benchmark": "quality",
         "command": "python -m bench.quality " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg())},
-        "protocol": {"data": "ml100k_mm", "split": split, "ranking": "full catalogue",
-                     "cold_item_fraction": args.cold_fraction, "cold_seed": DataConfig.cold_seed, "steps": args.steps,
-                     "epochs": args.epochs, "patience": args.patience,
-                     "batch_size": args.batch_size, "image_size": args.image_size, "text_length": args.text_length,
-                     "extra_overrides": args.overrides, "methods": {m: METHODS[m] for m in dict.fromkeys(run["method"] for run in runs) if m in METHODS},
+        "protocol": {**protocol,
+                     "methods": {m: METHODS[m] for m in dict.fromkeys(run["method"] for run in runs) if m in METHODS},
                      "common_overrides": common_overrides(args), "test_users": counts},
         "summary": summary,
         "runs": runs,
@@ -253,12 +259,47 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     partial.unlink(missing_ok=True)
-    print(f"\nml100k_mm, split {split}, full ranking; {args.steps} steps x {args.batch_size}; seeds {seeds}; "
+    print(f"\nml100k_mm, split {protocol['split']}, full ranking; {args.steps} steps x {args.batch_size}; seeds {seeds}; "
           f"test users {counts}")
     print(format_table(summary))
     print(format_markdown(summary))
     print(f"\nwrote {args.out} ({result['total_seconds']:.0f}s in all)")
     return 0
+
+
+def run_protocol(job: JobConfig, args: argparse.Namespace) -> dict:
+    """What makes two runs' numbers comparable: data, split, budget, input sizes and the extra overrides (not
+    where the runs are stored, nor which methods and seeds run)."""
+    split = job.data.split if job.data.split == "leave_one_out" else f"time, at {job.data.time_split_at}"
+    if job.data.validation_from:
+        split += f", validation window from {job.data.validation_from}"
+    return {"data": "ml100k_mm", "prepared_dir": str(Path(args.prepared_dir).resolve()), "split": split,
+            "ranking": "full catalogue", "cold_item_fraction": args.cold_fraction, "cold_seed": DataConfig.cold_seed,
+            "steps": args.steps, "epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size,
+            "image_size": args.image_size, "text_length": args.text_length, "extra_overrides": list(args.overrides)}
+
+
+def resumed_runs(out: Path, partial: Path, protocol: dict) -> tuple[list[dict], Path | None]:
+    """The runs `--resume` keeps: the interrupted `partial`'s, else the finished `out`'s, else none. ValueError
+    (one line) when they were measured under another protocol: mixing them would average unlike numbers. A partial
+    file from before the protocol was stored in it (a bare list of runs) is kept as it is."""
+    source = partial if partial.exists() else out if out.exists() else None
+    if source is None:
+        return [], None
+    try:
+        stored = json.loads(source.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--resume: cannot read {source}: {error}") from None
+    if isinstance(stored, list):
+        return stored, source
+    theirs = stored.get("protocol", {})
+    # results written before the prepared directory was part of the protocol name it in common_overrides only
+    differ = [f"{key} {theirs.get(key)!r}, here {value!r}" for key, value in protocol.items()
+              if (key in theirs or key != "prepared_dir") and theirs.get(key) != value]
+    if differ:
+        raise ValueError(f"--resume: the runs in {source} were measured under another protocol ("
+                         + "; ".join(differ) + "); use another --out")
+    return list(stored.get("runs", [])), source
 
 
 def _subset_sizes(job: JobConfig) -> dict[str, int]:

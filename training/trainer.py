@@ -254,6 +254,9 @@ class Trainer:
         self.optimizer, self.objective, self.negatives, self.history = optimizer, objective, negatives, history
         self.bank, self.job, self.num_items, self.device = bank, job, num_items, device
         self.callbacks = list(callbacks)
+        # the encoders' trained parameters, whose gradient norm a step logs (found by module, not by the
+        # optimizer's group order)
+        self.encoder_params = encoder_parameters(model)[0]
         self.trunk_cache: TrunkCache | None = None  # set: item content comes from it, only encoder tops run
         self.global_step = 0
         self.total_steps = 0  # > 0: warm-up + cosine decay of every group's learning rate over this many steps
@@ -375,7 +378,7 @@ class Trainer:
         if self.job.train.grad_clip > 0:
             # the norms before clipping: one clip over every parameter scales the recommender's step by the
             # encoders' gradients too, so both are logged (`grad_norm`, `encoder_grad_norm`, `grad_clipped_fraction`)
-            encoder_grads = [p.grad for p in self.optimizer.param_groups[1]["params"] if p.grad is not None]
+            encoder_grads = [p.grad for p in self.encoder_params if p.grad is not None]
             if encoder_grads:
                 info["encoder_grad_norm"] = float(torch.nn.utils.get_total_norm(encoder_grads))
             norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip))

@@ -1,0 +1,59 @@
+"""bench/quality.py's `--resume`: which earlier runs it keeps, and that it refuses runs of another protocol."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from bench.quality import method_config, resumed_runs, run_protocol
+
+
+def _args(tmp_path, **changes) -> argparse.Namespace:
+    values = dict(prepared_dir=str(tmp_path / "prepared"), steps=0, epochs=30, patience=10, batch_size=64,
+                  image_size=32, text_length=16, cold_fraction=0.1, storage_path=str(tmp_path / "runs"),
+                  experiment="x", overrides=["data.time_split_at=1998-03-01"])
+    return argparse.Namespace(**{**values, **changes})
+
+
+def _protocol(tmp_path, **changes) -> dict:
+    args = _args(tmp_path, **changes)
+    return run_protocol(method_config("id_only", 0, args), args)
+
+
+def test_the_protocol_names_what_makes_numbers_comparable_and_not_where_runs_are_stored(tmp_path):
+    protocol = _protocol(tmp_path)
+    assert protocol["split"] == "time, at 1998-03-01" and protocol["epochs"] == 30
+    assert _protocol(tmp_path, storage_path="elsewhere", experiment="y") == protocol
+    assert _protocol(tmp_path, epochs=25) != protocol
+    windowed = _protocol(tmp_path, overrides=["data.time_split_at=1998-03-01", "data.validation_from=1998-02-15"])
+    assert windowed["split"] == "time, at 1998-03-01, validation window from 1998-02-15"
+
+
+def test_resume_keeps_the_partial_runs_first_then_a_finished_outs(tmp_path):
+    protocol, out = _protocol(tmp_path), tmp_path / "q.json"
+    partial = out.with_suffix(".partial.json")
+    assert resumed_runs(out, partial, protocol) == ([], None)
+    out.write_text(json.dumps({"protocol": {**protocol, "methods": {}, "test_users": {}},
+                               "runs": [{"method": "id_only", "seed": 0}]}))
+    assert resumed_runs(out, partial, protocol) == ([{"method": "id_only", "seed": 0}], out)
+    partial.write_text(json.dumps({"protocol": protocol, "runs": [{"method": "id_only", "seed": 1}]}))
+    assert resumed_runs(out, partial, protocol) == ([{"method": "id_only", "seed": 1}], partial)
+    partial.write_text(json.dumps([{"method": "x", "seed": 2}]))  # written before the protocol was stored in it
+    assert resumed_runs(out, partial, protocol) == ([{"method": "x", "seed": 2}], partial)
+
+
+def test_resume_refuses_runs_of_another_protocol_in_one_line(tmp_path):
+    out = tmp_path / "q.json"
+    earlier = {**_protocol(tmp_path, epochs=25)}
+    del earlier["prepared_dir"]  # a result written before the prepared directory was stored: not compared
+    out.write_text(json.dumps({"protocol": earlier, "runs": [{"method": "id_only", "seed": 0}]}))
+    with pytest.raises(ValueError, match=r"another protocol \(epochs 25, here 30\); use another --out") as error:
+        resumed_runs(out, out.with_suffix(".partial.json"), _protocol(tmp_path))
+    assert "\n" not in str(error.value)
+    out.write_text(json.dumps({"protocol": _protocol(tmp_path, prepared_dir="/elsewhere"), "runs": []}))
+    with pytest.raises(ValueError, match="prepared_dir '/elsewhere'"):
+        resumed_runs(out, out.with_suffix(".partial.json"), _protocol(tmp_path))
+    out.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        resumed_runs(out, out.with_suffix(".partial.json"), _protocol(tmp_path))
