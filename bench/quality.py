@@ -28,9 +28,9 @@ Methods:
   BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`), on the sampled
   softmax over each step's distinct items (logQ-corrected),
 - end_to_end_exact: the same on the exact full softmax, as ID-only and frozen train: every item through the
-  trained tops once a step (`memory.mode=catalogue`; its candidates, unlike two_stage_frozen's, dropped out),
-- two_stage_frozen_catalogue: end_to_end_exact's control, frozen encoders on the same loss (every candidate
-  through the fusion's dropout, as there; two_stage_frozen's candidates are not dropped out),
+  trained tops once a step (`memory.mode=catalogue`; history items through the fusion's dropout, candidates
+  and positives without it, as two_stage_frozen's; before 2026-12-05 its candidates were dropped out too),
+- two_stage_frozen_catalogue: end_to_end_exact's control, frozen encoders on the same loss,
 - *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
 
 Metrics (Recall@10, NDCG@10, MRR, Recall@50, and NDCG@10 with the history masked; mean ± std over `--seeds` via
@@ -68,9 +68,8 @@ METHODS: dict[str, list[str]] = {
     # The same on the exact full softmax, as ID-only and frozen train, every item run through the trained tops
     # once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items.
     "end_to_end_exact": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.mode=catalogue"],
-    # end_to_end_exact's control: the same loss, frozen encoders. memory.mode=catalogue makes every item's vector
-    # once a step through the fusion's dropout, so candidates are dropped out too (two_stage_frozen's are not):
-    # this pair differs only in whether the tops train.
+    # end_to_end_exact's control: the same loss (memory.mode=catalogue), frozen encoders: this pair differs only
+    # in whether the tops train.
     "two_stage_frozen_catalogue": ["image.unfreeze_top=0", "text.unfreeze_top=0", "memory.mode=catalogue"],
     # fMRLRec's item space: content only, no id embedding -- what a cold item has anyway.
     "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false"],

@@ -83,6 +83,24 @@ class ItemEncoder(nn.Module):
         if not self.has_content:
             first = next(iter(fields.values()))
             return torch.zeros(first.shape[0], size or self.dim, device=first.device)
+        features = self._fused_features(fields)
+        return self._project(self.dropout(features) if dropout else features, size)
+
+    def encode_trunk_twice(self, fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trunk fields of B items -> (content through the fusion's dropout, content without it), [B, D] each; the
+        encoders' tops run once (`Trainer.catalogue_table`: history items read the first, the loss's candidates
+        the second). Without content, or with dropout off, both are one tensor."""
+        if not self.has_content:
+            zeros = self.encode_trunk(fields)
+            return zeros, zeros
+        features = self._fused_features(fields)
+        clean = self._project(features, None)
+        if not self.training or self.dropout.p == 0:
+            return clean, clean
+        return self._project(self.dropout(features), None), clean
+
+    def _fused_features(self, fields: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Trunk fields -> each modality's top output, normalised (placeholders where missing), concatenated."""
         parts = []
         if self.image_encoder is not None:
             features = self.image_encoder.top(fields["image_trunk"])
@@ -90,9 +108,9 @@ class ItemEncoder(nn.Module):
         if self.text_encoder is not None:
             features = self.text_encoder.top(fields["text_trunk"], fields["input_ids"], fields["attention_mask"])
             parts.append(self._with_placeholder(features, fields["text_mask"].bool(), self.missing_text))
-        features = torch.cat(parts, dim=-1)
-        if dropout:
-            features = self.dropout(features)
+        return torch.cat(parts, dim=-1)
+
+    def _project(self, features: torch.Tensor, size: int | None) -> torch.Tensor:
         if size is None or size == self.dim:
             return self.projection(features)
         if not isinstance(self.projection, MatryoshkaLinear):

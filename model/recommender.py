@@ -126,6 +126,7 @@ class Recommender(nn.Module):
         history_item_content: dict[str, torch.Tensor] | None = None,
         all_positions: bool = False,
         content_table: torch.Tensor | None = None,
+        candidate_table: torch.Tensor | None = None,
     ) -> StepOutput:
         """Batch of B examples: the targets' content [B, ...] per field, cached history content [B, L, D].
 
@@ -141,7 +142,9 @@ class Recommender(nn.Module):
         bank's otherwise). The last position's row of each example comes last, in batch order.
         content_table [N+1, D] (memory.mode=catalogue): every item's content, made this step with gradients;
         targets and history items are read from it and nothing is encoded here (`content` and `history_content`
-        are then not read).
+        are then not read). candidate_table [N+1, D]: the same items' content without the fusion's dropout (what
+        the loss's candidates are): every positive (targets, and with all_positions the next history items) is
+        read from it, so a positive is made as its competitors are; defaults to content_table.
         """
         if content_table is not None:
             ids = torch.cat([target_ids, history_ids.reshape(-1)])
@@ -161,8 +164,12 @@ class Recommender(nn.Module):
             target_content = torch.where(encoded[:, None], fresh_targets, target_cached_content)
         else:
             target_content = fresh_targets
+        scored = candidate_table if content_table is not None and candidate_table is not None else None
+        if scored is not None:
+            target_content, content_vectors = scored[target_ids], scored[unique_ids]
         positive = self.item_vectors(target_content, target_ids)
-        history_content = replace_with_fresh(history_ids, history_content, unique_ids, content_vectors)
+        history_content = content_table[history_ids] if content_table is not None \
+            else replace_with_fresh(history_ids, history_content, unique_ids, content_vectors)
         if not all_positions:
             user = self.user_vectors(history_ids, history_content)
             return StepOutput(user=user, positive=positive, positive_ids=target_ids, unique_ids=unique_ids,
@@ -171,6 +178,8 @@ class Recommender(nn.Module):
         states = F.normalize(self.sequence_model(vectors, real), dim=-1)
         # position i (< L-1) predicts history item i+1; it is real whenever item i is (histories are left-padded)
         inner = real[:, :-1]
+        if scored is not None:
+            vectors = self._history_vectors(history_ids, scored[history_ids])[1]
         return StepOutput(
             user=torch.cat([states[:, :-1][inner], states[:, -1]]),
             positive=torch.cat([vectors[:, 1:][inner], positive]),

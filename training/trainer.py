@@ -285,11 +285,17 @@ class Trainer:
         return encoder.has_content and not (self.trunk_cache is not None and (
             self.trunk_cache.encoders_frozen or self.job.memory.mode == "catalogue"))
 
-    def catalogue_table(self) -> torch.Tensor:
+    def catalogue_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """memory.mode=catalogue: every item's content [N+1, D] (row 0 = padding), from the trunk cache through the
-        encoders' trained tops, with gradients and the fusion's dropout, once per step: the step's history items,
-        targets and full-softmax candidates all read it, so every vector in the loss is fresh and made alike."""
-        return self._cached_content(torch.arange(self.num_items + 1, device=self.device), dropout=True)
+        encoders' trained tops, with gradients, once per step, twice: (through the fusion's dropout, without it).
+        History items read the first; every positive and every full-softmax candidate reads the second, as in
+        two_stage_frozen's loss. Candidates through dropout buried new items: a frozen content-only model kept
+        cold Recall@10 0.0034 on them against 0.0151 with clean candidates (BENCHMARKS.md, session 20)."""
+        ids = torch.arange(self.num_items + 1, device=self.device)
+        if not self.model.item_encoder.has_content:
+            zeros = self._cached_content(ids, dropout=False)
+            return zeros, zeros
+        return self.model.item_encoder.encode_trunk_twice(self.trunk_cache.lookup(ids))
 
     def _cached_content(self, ids: torch.Tensor, dropout: bool) -> torch.Tensor:
         """[K] item ids -> their content [K, D] from the trunk cache through the encoders' tops, with gradients
@@ -324,7 +330,7 @@ class Trainer:
         fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device,
                                      negative_ids if self._negatives_from_bank else negative_ids[:0],
                                      self.item_content)
-        table = self.catalogue_table() if job.memory.mode == "catalogue" else None
+        table, clean_table = self.catalogue_table() if job.memory.mode == "catalogue" else (None, None)
         encode_mask = cached_content = None
         if job.memory.encode_fraction < 1.0 and table is None:
             # LEMUR's encoder sampling; rows whose item has no bank vector yet are always encoded
@@ -336,13 +342,13 @@ class Trainer:
             history_ids=batch["history"].long(),
             history_content=fetched.history_content, encode_mask=encode_mask, target_cached_content=cached_content,
             history_item_content=fetched.history_item_content, all_positions=job.train.targets == "all",
-            content_table=table,
+            content_table=table, candidate_table=clean_table,
         )
         if job.model.task == "ctr":
             labels = (batch["rating"].float() >= job.data.positive_rating).float()
             loss = self.objective(out.user, out.positive, labels, batch["user"].long(), targets)
         else:
-            negative_content = table[torch.as_tensor(negative_ids, device=device)] if table is not None \
+            negative_content = clean_table[torch.as_tensor(negative_ids, device=device)] if table is not None \
                 else self._negative_content(fetched, negative_ids)
             negatives, negative_ids_t = self.negatives.vectors(model, negative_ids, negative_content, device)
             loss = self.objective(out.user, out.positive, out.positive_ids, negatives, negative_ids_t)

@@ -415,18 +415,56 @@ def test_catalogue_mode_reads_the_same_user_states_as_recomputing_the_history(se
         trainer = _catalogue_trainer(setting, mode)
         trainer.model.eval()
         with torch.no_grad():
-            table = trainer.catalogue_table() if mode == "catalogue" else None
+            table, clean = trainer.catalogue_table() if mode == "catalogue" else (None, None)
             fetched = trainer.history.fetch(batch, trainer.bank, trainer.model.item_encoder.dim, trainer.device,
                                             np.arange(0), trainer.item_content)
             outputs[mode] = trainer.module(
                 target_ids=batch["target"].long(), content=trainer.item_content(batch, "target"),
                 history_ids=batch["history"].long(), history_content=fetched.history_content,
-                history_item_content=fetched.history_item_content, all_positions=True, content_table=table)
+                history_item_content=fetched.history_item_content, all_positions=True, content_table=table,
+                candidate_table=clean)
     ours, reference = outputs["catalogue"], outputs["recompute"]
     assert torch.equal(ours.positive_ids, reference.positive_ids)
     assert torch.allclose(ours.user, reference.user, atol=1e-5)
     assert torch.allclose(ours.positive, reference.positive, atol=1e-5)
     assert torch.equal(ours.unique_ids, reference.unique_ids)
+
+
+def test_catalogue_mode_drops_out_the_history_items_but_not_the_candidates(setting):
+    """memory.mode=catalogue makes the table twice from one pass of the tops: history items read it through the
+    fusion's dropout, every positive and every candidate of the loss without it (as two_stage_frozen's loss and
+    the bank's vectors are), so new items are not scored as noise. In eval mode, or at dropout 0, one table."""
+    *_, splits = setting
+    trainer = _catalogue_trainer(setting, "catalogue", "model.dropout=0.5")
+    trainer.model.train()
+    noisy, clean = trainer.catalogue_table()
+    with torch.no_grad():
+        reference = trainer.model.item_encoder.encode_trunk(
+            trainer.trunk_cache.lookup(torch.arange(trainer.num_items + 1)), dropout=False)
+    assert torch.allclose(clean, reference, atol=1e-6)
+    assert not torch.allclose(noisy, clean, atol=1e-3)
+    assert noisy.requires_grad and clean.requires_grad
+
+    batch = _window_batch(splits, rows=16)
+    targets, history = batch["target"].long(), batch["history"].long()
+    model = trainer.model
+    model.eval()  # the tables keep their dropout; the sequence model's own is off for the comparison
+    out = model(target_ids=targets, content={}, history_ids=history, history_content=None, all_positions=True,
+                content_table=noisy, candidate_table=clean)
+    inner = (history[:, :-1] > 0)
+    next_items = history[:, 1:][inner]
+    expected = torch.cat([model.item_vectors(clean[next_items], next_items), model.item_vectors(clean[targets], targets)])
+    assert torch.allclose(out.positive, expected, atol=1e-6)
+    users = model.user_vectors(history, noisy[history])
+    assert torch.allclose(out.user[-len(targets):], users, atol=1e-6)
+    assert not torch.allclose(users, model.user_vectors(history, clean[history]), atol=1e-3)
+
+    first, second = trainer.catalogue_table()
+    assert first is second
+    plain = _catalogue_trainer(setting, "catalogue")  # model.dropout=0.0
+    plain.model.train()
+    first, second = plain.catalogue_table()
+    assert first is second
 
 
 def test_tops_that_cannot_move_take_the_frozen_controls_steps(setting):
