@@ -1,0 +1,177 @@
+"""Benchmark: is a trained model's weakness on new items a ranking problem or a level problem?
+
+    python -m bench.new_item_boost runs/bench/quality-two_stage_frozen_catalogue-s0-...
+    python -m bench.new_item_boost RUN_A RUN_B --factors 0,1,1.5 --out /tmp/boost.json
+
+Each argument is a run directory of `jobs.train` / `bench.quality` trained with held-out cold items
+(`data.cold_item_fraction`): its kept checkpoint (as `bench.paired` picks it), its `data/popularity.npy` (the
+training-target counts: items at 0 are the *unseen* ones, the held-out items among them) and its test subsets.
+
+Two measurements per run, both with the history unmasked (the headline protocol):
+
+- how cold test targets rank among the unseen items only, against among all items: content that tells new
+  items apart ranks a cold target high among them, whatever level the new items sit at against the warm ones;
+- the trade-off of lifting every unseen item's score by one offset: for each `--factors` f the offset (in logits,
+  cosine / `model.temperature`) is the one at which the unseen items' softmax mass, averaged over a sample of
+  training examples, is f x their share of the catalogue (f = 1: a new item is, on average, as likely as an
+  average item; fitted on training data only, never on test). Cold and warm Recall@10 / NDCG@10 / Recall@50 at
+  each offset, and the unseen items' mass at offset 0 beside the cold targets' share of the test examples.
+
+This measures; it changes no model. Writes bench/results/new_item_boost.json, prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "new_item_boost.json"
+
+
+def unseen_mass(logits: torch.Tensor, unseen: torch.Tensor, offset: float) -> float:
+    """logits [U, N+1] (column 0 = padding, -inf), unseen [N+1] bool -> the unseen items' softmax mass, averaged
+    over the U rows, after adding `offset` to their logits."""
+    probabilities = torch.softmax(logits + offset * unseen.to(logits.dtype), dim=1)
+    return float(probabilities[:, unseen].sum(1).mean())
+
+
+def offset_for_mass(logits: torch.Tensor, unseen: torch.Tensor, target: float, *, low: float = -50.0,
+                    high: float = 50.0, iterations: int = 60) -> float:
+    """The logit offset at which `unseen_mass` is `target` (bisection: the mass rises with the offset)."""
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"the target mass must be in (0, 1), got {target}")
+    if not bool(unseen.any()):
+        raise ValueError("no unseen items")
+    if not unseen_mass(logits, unseen, low) <= target <= unseen_mass(logits, unseen, high):
+        raise ValueError(f"the target mass {target} is out of reach within offsets [{low}, {high}]")
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (middle, high) if unseen_mass(logits, unseen, middle) < target else (low, middle)
+    return (low + high) / 2
+
+
+def ranks_with_offset(user: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, boost: torch.Tensor,
+                      among: torch.Tensor | None = None) -> torch.Tensor:
+    """user [U, D], items [N+1, D] (both normalised), targets [U], boost [N+1] (logit offsets) -> 0-based target
+    ranks [U] over every item (ties count for the target, as `training.metrics`), or over the items of `among`
+    ([N+1] bool) only."""
+    scores = user @ items.T + boost[None, :]
+    scores[:, 0] = float("-inf")
+    if among is not None:
+        scores = scores.masked_fill(~among[None, :], float("-inf"))
+    own = scores.gather(1, targets[:, None])
+    return (scores > own).sum(1)
+
+
+def metrics_of(ranks: np.ndarray) -> dict[str, float]:
+    from bench.paired import per_user
+
+    return {metric: float(per_user(ranks, metric).mean()) for metric in ("recall@10", "ndcg@10", "recall@50")}
+
+
+def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: int) -> dict:
+    from bench.paired import kept_checkpoint
+    from pipeline.content import read_examples
+    from pipeline.sources import ITEMS_FILE
+    from training.offline_eval import DecodedCatalogue, load_checkpoint
+
+    checkpoint = kept_checkpoint(run_dir, needs="data/test_cold.parquet")
+    counts_file = run_dir / "data" / "popularity.npy"
+    if not counts_file.is_file():
+        raise SystemExit(f"error: {counts_file} is missing: the run's training counts tell the unseen items")
+    loaded = load_checkpoint(Path(checkpoint))
+    model, temperature = loaded.model.eval(), loaded.job.model.temperature
+    content = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE,
+                               int(loaded.state["num_items"])).encode(loaded)
+    counts = np.load(counts_file)
+    unseen = torch.zeros(len(content), dtype=torch.bool)
+    unseen[1:] = torch.as_tensor(counts[1:len(content)] == 0)
+    items = model.item_vectors(content, torch.arange(len(content)))
+
+    def users_of(examples, rows) -> torch.Tensor:
+        history = torch.as_tensor(examples.history[rows])
+        return model.user_vectors(history, content[history])
+
+    train = read_examples(run_dir / "data" / "train.parquet")
+    rows = np.random.default_rng(seed).choice(len(train.target), min(train_sample, len(train.target)), replace=False)
+    logits = users_of(train, np.sort(rows)) @ items.T / temperature
+    logits[:, 0] = float("-inf")
+    share = float(unseen.sum()) / (len(content) - 1)
+    offsets = [0.0 if factor == 0 else offset_for_mass(logits, unseen, factor * share) for factor in factors]
+
+    subsets = {name: read_examples(run_dir / "data" / f"{name}.parquet") for name in ("test_warm", "test_cold")}
+    rows_out = []
+    for factor, offset in zip(factors, offsets):
+        boost = offset * temperature * unseen.float()  # in cosine units, as the scores below
+        row = {"factor": factor, "logit_offset": round(offset, 4), "unseen_mass": round(unseen_mass(logits, unseen, offset), 4)}
+        for name, examples in subsets.items():
+            ranks = torch.cat([ranks_with_offset(users_of(examples, slice(start, start + 1024)), items,
+                                                 torch.as_tensor(examples.target[start:start + 1024]), boost)
+                               for start in range(0, len(examples.target), 1024)]).numpy()
+            row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(ranks).items()})
+        rows_out.append(row)
+    cold = subsets["test_cold"]
+    among = torch.cat([ranks_with_offset(users_of(cold, slice(start, start + 1024)), items,
+                                         torch.as_tensor(cold.target[start:start + 1024]), torch.zeros(len(items)),
+                                         among=unseen) for start in range(0, len(cold.target), 1024)]).numpy()
+    test_examples = len(subsets["test_warm"].target) + len(cold.target)
+    return {"run": run_dir.name, "checkpoint": Path(checkpoint).name, "unseen_items": int(unseen.sum()),
+            "unseen_share_of_catalogue": round(share, 4), "cold_share_of_test": round(len(cold.target) / test_examples, 4),
+            "cold_among_unseen": {k: round(v, 4) for k, v in metrics_of(among).items()},
+            "cold_among_unseen_random_recall@10": round(min(10, int(unseen.sum())) / int(unseen.sum()), 4),
+            "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.new_item_boost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="run directories trained with held-out cold items")
+    parser.add_argument("--factors", default="0,0.75,1,1.25,1.5",
+                        help="unseen items' mass as multiples of their catalogue share (0 = no offset)")
+    parser.add_argument("--train-sample", type=int, default=4000, help="training examples the offsets are fitted on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    try:
+        factors = [float(f) for f in args.factors.split(",")]
+    except ValueError:
+        parser.error(f"--factors must be a comma list of numbers, got {args.factors!r}")
+    if any(f < 0 for f in factors):
+        parser.error("--factors must be >= 0")
+    started = time.perf_counter()
+    torch.set_grad_enabled(False)
+    results = []
+    for run_dir in args.runs:
+        try:
+            result = measure_run(run_dir, factors, args.train_sample, args.seed)
+        except ValueError as error:  # a factor whose mass cannot be reached (f x share >= 1)
+            raise SystemExit(f"error: {run_dir}: {error}") from None
+        results.append(result)
+        among = result["cold_among_unseen"]
+        print(f"\n{result['run']}: {result['unseen_items']} unseen items ({result['unseen_share_of_catalogue']:.1%} of "
+              f"the catalogue; cold targets are {result['cold_share_of_test']:.1%} of the test examples)")
+        print(f"cold targets among the unseen items only: Recall@10 {among['recall@10']:.4f} (random "
+              f"{result['cold_among_unseen_random_recall@10']:.4f}), NDCG@10 {among['ndcg@10']:.4f}")
+        print("\n| mass factor | logit offset | unseen mass | cold R@10 | cold NDCG@10 | cold R@50 | warm R@10 "
+              "| warm NDCG@10 | warm R@50 |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for row in result["offsets"]:
+            print(f"| {row['factor']:g} | {row['logit_offset']:.3f} | {row['unseen_mass']:.4f} | "
+                  f"{row['test_cold/recall@10']:.4f} | {row['test_cold/ndcg@10']:.4f} | {row['test_cold/recall@50']:.4f} | "
+                  f"{row['test_warm/recall@10']:.4f} | {row['test_warm/ndcg@10']:.4f} | {row['test_warm/recall@50']:.4f} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "benchmark": "new_item_boost", "command": " ".join(["python -m bench.new_item_boost", *sys.argv[1:]]),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__},
+        "runs": results, "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
