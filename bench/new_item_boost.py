@@ -112,13 +112,13 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         row = {"factor": factor, "logit_offset": round(offset, 4), "unseen_mass": round(unseen_mass(logits, unseen, offset), 4)}
         for name, examples in subsets.items():
             ranks = torch.cat([ranks_with_offset(users_of(examples, slice(start, start + 1024)), items,
-                                                 torch.as_tensor(examples.target[start:start + 1024]), boost)
+                                                 torch.as_tensor(np.array(examples.target[start:start + 1024])), boost)
                                for start in range(0, len(examples.target), 1024)]).numpy()
             row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(ranks).items()})
         rows_out.append(row)
     cold = subsets["test_cold"]
     among = torch.cat([ranks_with_offset(users_of(cold, slice(start, start + 1024)), items,
-                                         torch.as_tensor(cold.target[start:start + 1024]), torch.zeros(len(items)),
+                                         torch.as_tensor(np.array(cold.target[start:start + 1024])), torch.zeros(len(items)),
                                          among=unseen) for start in range(0, len(cold.target), 1024)]).numpy()
     test_examples = len(subsets["test_warm"].target) + len(cold.target)
     return {"run": run_dir.name, "checkpoint": Path(checkpoint).name, "unseen_items": int(unseen.sum()),
