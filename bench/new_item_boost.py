@@ -15,7 +15,9 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   cosine / `model.temperature`) is the one at which the unseen items' softmax mass, averaged over a sample of
   training examples, is f x their share of the catalogue (f = 1: a new item is, on average, as likely as an
   average item; fitted on training data only, never on test). Cold and warm Recall@10 / NDCG@10 / Recall@50 at
-  each offset, and the unseen items' mass at offset 0 beside the cold targets' share of the test examples.
+  each offset, and the unseen items' mass at offset 0 beside the cold targets' share of the test examples;
+- how far the scores follow popularity: the correlation of each warm item's mean score (over up to 2,000 warm
+  test examples) with its log training count, and the cold targets' median (0-based) rank among all items.
 
 This measures; it changes no model. Writes bench/results/new_item_boost.json, prints a table.
 """
@@ -115,15 +117,25 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
                                                  torch.as_tensor(np.array(examples.target[start:start + 1024])), boost)
                                for start in range(0, len(examples.target), 1024)]).numpy()
             row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(ranks).items()})
+            if name == "test_cold" and offset == 0.0:
+                ranks_cold_all = ranks
         rows_out.append(row)
     cold = subsets["test_cold"]
     among = torch.cat([ranks_with_offset(users_of(cold, slice(start, start + 1024)), items,
                                          torch.as_tensor(np.array(cold.target[start:start + 1024])), torch.zeros(len(items)),
                                          among=unseen) for start in range(0, len(cold.target), 1024)]).numpy()
     test_examples = len(subsets["test_warm"].target) + len(cold.target)
+    # how far the scores follow popularity: each warm item's mean score over (up to) 2,000 warm test examples
+    warm_examples = subsets["test_warm"]
+    mean_score = (users_of(warm_examples, slice(0, 2000)) @ items.T).mean(0).numpy()
+    warm_items = ~unseen.numpy()
+    warm_items[0] = False
+    popularity_correlation = float(np.corrcoef(mean_score[warm_items], np.log1p(counts[:len(content)][warm_items]))[0, 1])
     return {"run": run_dir.name, "checkpoint": Path(checkpoint).name, "unseen_items": int(unseen.sum()),
             "unseen_share_of_catalogue": round(share, 4), "cold_share_of_test": round(len(cold.target) / test_examples, 4),
             "cold_among_unseen": {k: round(v, 4) for k, v in metrics_of(among).items()},
+            "cold_median_rank": float(np.median(ranks_cold_all)),
+            "warm_mean_score_vs_log_count_correlation": round(popularity_correlation, 4),
             "cold_among_unseen_random_recall@10": round(min(10, int(unseen.sum())) / int(unseen.sum()), 4),
             "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out}
 
@@ -133,7 +145,8 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories trained with held-out cold items")
     parser.add_argument("--factors", default="0,0.75,1,1.25,1.5",
-                        help="unseen items' mass as multiples of their catalogue share (0 = no offset)")
+                        help="unseen items' mass as multiples of their catalogue share (0 = no offset, always "
+                             "measured)")
     parser.add_argument("--train-sample", type=int, default=4000, help="training examples the offsets are fitted on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -144,6 +157,7 @@ def main() -> int:
         parser.error(f"--factors must be a comma list of numbers, got {args.factors!r}")
     if any(f < 0 for f in factors):
         parser.error("--factors must be >= 0")
+    factors = sorted(set(factors) | {0.0})  # the model as trained is always the first row
     started = time.perf_counter()
     torch.set_grad_enabled(False)
     results = []
@@ -157,7 +171,10 @@ def main() -> int:
         print(f"\n{result['run']}: {result['unseen_items']} unseen items ({result['unseen_share_of_catalogue']:.1%} of "
               f"the catalogue; cold targets are {result['cold_share_of_test']:.1%} of the test examples)")
         print(f"cold targets among the unseen items only: Recall@10 {among['recall@10']:.4f} (random "
-              f"{result['cold_among_unseen_random_recall@10']:.4f}), NDCG@10 {among['ndcg@10']:.4f}")
+              f"{result['cold_among_unseen_random_recall@10']:.4f}), NDCG@10 {among['ndcg@10']:.4f}; among all "
+              f"items: median rank {result['cold_median_rank']:.0f}")
+        print("warm items' mean score against their log training count: correlation "
+              f"{result['warm_mean_score_vs_log_count_correlation']:.2f}")
         print("\n| mass factor | logit offset | unseen mass | cold R@10 | cold NDCG@10 | cold R@50 | warm R@10 "
               "| warm NDCG@10 | warm R@50 |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in result["offsets"]:

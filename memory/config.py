@@ -17,8 +17,6 @@ class MemoryConfig:
         and reads history items (through the fusion's dropout), targets and the full softmax's candidates (without
         it) from that table: exact for every item, at the cost of the whole catalogue's tops each step (ml100k_mm:
         1,682 items against ~900 recomputed).
-    catalogue_candidate_dropout: "catalogue" mode only: targets and candidates read the table through the
-        fusion's dropout too, as history items do (one table). Better warm items, new items buried (BENCHMARKS.md).
     num_shards: number of bank actors; item id i lives on shard i % num_shards.
     encode_fraction: share of a step's items that are re-encoded (and written back) in "bank" mode.
     refresh_every_steps: every N steps re-encode the whole catalogue into the bank; 0 = only at each evaluation.
@@ -33,10 +31,6 @@ class MemoryConfig:
         metadata={"help": "bank: history items from the memory bank (LEMUR); recompute: re-encode every history "
                           "item; catalogue: every item through the trained tops once a step (needs the trunk "
                           "cache; the full softmax over fresh vectors)"})
-    catalogue_candidate_dropout: bool = field(
-        default=False,
-        metadata={"help": "catalogue mode: targets and candidates through the fusion's dropout too (better on warm "
-                          "items, buries new ones; default: without it)"})
     num_shards: int = field(default=1, metadata={"help": "memory-bank actors; item i lives on shard i % num_shards"})
     encode_fraction: float = field(
         default=1.0,
@@ -70,9 +64,6 @@ class MemoryConfig:
         if self.mode == "catalogue" and self.encode_fraction < 1.0:
             raise ValueError("memory.encode_fraction < 1 samples the encoder for bank mode; memory.mode=catalogue "
                              "encodes every item each step")
-        if self.catalogue_candidate_dropout and self.mode != "catalogue":
-            raise ValueError("memory.catalogue_candidate_dropout applies to memory.mode=catalogue only "
-                             f"(this run: memory.mode={self.mode})")
         if self.refresh_every_steps < 0:
             raise ValueError(
                 f"memory.refresh_every_steps must be >= 0 (0 = never), got {self.refresh_every_steps}"

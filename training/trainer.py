@@ -290,13 +290,12 @@ class Trainer:
         encoders' trained tops, with gradients, once per step, twice: (through the fusion's dropout, without it).
         History items read the first; every positive and every full-softmax candidate reads the second, as in
         two_stage_frozen's loss. Candidates through dropout buried new items: a frozen content-only model kept
-        cold Recall@10 0.0034 on them against 0.0124 with clean candidates (BENCHMARKS.md, session 21);
-        `memory.catalogue_candidate_dropout` makes the one dropped-out table of before, for every item."""
+        cold Recall@10 0.0034 on them against 0.0124 with clean candidates, and end to end 0.0087 against 0.0206,
+        though they were the better regulariser for warm items (BENCHMARKS.md, session 21)."""
         ids = torch.arange(self.num_items + 1, device=self.device)
-        if not self.model.item_encoder.has_content or self.job.memory.catalogue_candidate_dropout:
-            # `memory.catalogue_candidate_dropout`: one table through the dropout, for every item of the loss
-            table = self._cached_content(ids, dropout=True)
-            return table, table
+        if not self.model.item_encoder.has_content:
+            zeros = self._cached_content(ids, dropout=False)
+            return zeros, zeros
         return self.model.item_encoder.encode_trunk_twice(self.trunk_cache.lookup(ids))
 
     def _cached_content(self, ids: torch.Tensor, dropout: bool) -> torch.Tensor:

@@ -466,12 +466,6 @@ def test_catalogue_mode_drops_out_the_history_items_but_not_the_candidates(setti
     first, second = plain.catalogue_table()
     assert first is second
 
-    # memory.catalogue_candidate_dropout: one table through the dropout for every item of the loss
-    one = _catalogue_trainer(setting, "catalogue", "model.dropout=0.5", "memory.catalogue_candidate_dropout=true")
-    one.model.train()
-    first, second = one.catalogue_table()
-    assert first is second and not torch.allclose(first, reference, atol=1e-3)
-
 
 def test_tops_that_cannot_move_take_the_frozen_controls_steps(setting):
     """end_to_end_exact against its control (bench.quality): with the tops' learning rate ~0 the two differ only in
@@ -504,5 +498,3 @@ def test_catalogue_mode_is_refused_without_the_trunk_cache_or_with_encoder_sampl
         build_trainer(job, num_items, popularity, bank, trunk_cache=False)
     with pytest.raises(ConfigError, match="memory.mode=catalogue encodes every item each step"):
         build_config("tiny", ["memory.mode=catalogue", "memory.encode_fraction=0.5"])
-    with pytest.raises(ConfigError, match="memory.catalogue_candidate_dropout applies to memory.mode=catalogue only"):
-        build_config("tiny", ["memory.mode=recompute", "memory.catalogue_candidate_dropout=true"])
