@@ -164,7 +164,7 @@ class Recommender(nn.Module):
             target_content = torch.where(encoded[:, None], fresh_targets, target_cached_content)
         else:
             target_content = fresh_targets
-        scored = candidate_table if content_table is not None and candidate_table is not None else None
+        scored = candidate_table if content_table is not None else None  # the positives' table, if another
         if scored is not None:
             target_content, content_vectors = scored[target_ids], scored[unique_ids]
         positive = self.item_vectors(target_content, target_ids)
