@@ -100,6 +100,10 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         history = torch.as_tensor(examples.history[rows])
         return model.user_vectors(history, content[history])
 
+    def ranks(users: torch.Tensor, targets: torch.Tensor, boost: torch.Tensor, among=None) -> np.ndarray:
+        return torch.cat([ranks_with_offset(users[start:start + 1024], items, targets[start:start + 1024], boost, among)
+                          for start in range(0, len(targets), 1024)]).numpy()
+
     train = read_examples(run_dir / "data" / "train.parquet")
     rows = np.random.default_rng(seed).choice(len(train.target), min(train_sample, len(train.target)), replace=False)
     logits = users_of(train, np.sort(rows)) @ items.T / temperature
@@ -107,34 +111,34 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     share = float(unseen.sum()) / (len(content) - 1)
     offsets = [0.0 if factor == 0 else offset_for_mass(logits, unseen, factor * share) for factor in factors]
 
-    subsets = {name: read_examples(run_dir / "data" / f"{name}.parquet") for name in ("test_warm", "test_cold")}
-    rows_out = []
+    # every test example's user vector once (the sequence model is the costly part), reused at every offset
+    subsets = {}
+    for name in ("test_warm", "test_cold"):
+        examples = read_examples(run_dir / "data" / f"{name}.parquet")
+        users = torch.cat([users_of(examples, slice(start, start + 1024)) for start in range(0, len(examples.target), 1024)])
+        subsets[name] = (users, torch.as_tensor(np.array(examples.target)))
+    rows_out, plain = [], {}
     for factor, offset in zip(factors, offsets):
-        boost = offset * temperature * unseen.float()  # in cosine units, as the scores below
+        boost = offset * temperature * unseen.float()  # in cosine units, as the scores
         row = {"factor": factor, "logit_offset": round(offset, 4), "unseen_mass": round(unseen_mass(logits, unseen, offset), 4)}
-        for name, examples in subsets.items():
-            ranks = torch.cat([ranks_with_offset(users_of(examples, slice(start, start + 1024)), items,
-                                                 torch.as_tensor(np.array(examples.target[start:start + 1024])), boost)
-                               for start in range(0, len(examples.target), 1024)]).numpy()
-            row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(ranks).items()})
-            if name == "test_cold" and offset == 0.0:
-                ranks_cold_all = ranks
+        for name, (users, targets) in subsets.items():
+            subset_ranks = ranks(users, targets, boost)
+            row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(subset_ranks).items()})
+            if offset == 0.0:
+                plain[name] = subset_ranks
         rows_out.append(row)
-    cold = subsets["test_cold"]
-    among = torch.cat([ranks_with_offset(users_of(cold, slice(start, start + 1024)), items,
-                                         torch.as_tensor(np.array(cold.target[start:start + 1024])), torch.zeros(len(items)),
-                                         among=unseen) for start in range(0, len(cold.target), 1024)]).numpy()
-    test_examples = len(subsets["test_warm"].target) + len(cold.target)
+    cold_users, cold_targets = subsets["test_cold"]
+    among = ranks(cold_users, cold_targets, torch.zeros(len(items)), among=unseen)
+    test_examples = len(subsets["test_warm"][1]) + len(cold_targets)
     # how far the scores follow popularity: each warm item's mean score over (up to) 2,000 warm test examples
-    warm_examples = subsets["test_warm"]
-    mean_score = (users_of(warm_examples, slice(0, 2000)) @ items.T).mean(0).numpy()
+    mean_score = (subsets["test_warm"][0][:2000] @ items.T).mean(0).numpy()
     warm_items = ~unseen.numpy()
     warm_items[0] = False
     popularity_correlation = float(np.corrcoef(mean_score[warm_items], np.log1p(counts[:len(content)][warm_items]))[0, 1])
     return {"run": run_dir.name, "checkpoint": Path(checkpoint).name, "unseen_items": int(unseen.sum()),
-            "unseen_share_of_catalogue": round(share, 4), "cold_share_of_test": round(len(cold.target) / test_examples, 4),
+            "unseen_share_of_catalogue": round(share, 4), "cold_share_of_test": round(len(cold_targets) / test_examples, 4),
             "cold_among_unseen": {k: round(v, 4) for k, v in metrics_of(among).items()},
-            "cold_median_rank": float(np.median(ranks_cold_all)),
+            "cold_median_rank": float(np.median(plain["test_cold"])),
             "warm_mean_score_vs_log_count_correlation": round(popularity_correlation, 4),
             "cold_among_unseen_random_recall@10": round(min(10, int(unseen.sum())) / int(unseen.sum()), 4),
             "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out}
