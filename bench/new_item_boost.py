@@ -61,14 +61,14 @@ def offset_for_mass(logits: torch.Tensor, unseen: torch.Tensor, target: float, *
 def ranks_with_offset(user: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, boost: torch.Tensor,
                       among: torch.Tensor | None = None) -> torch.Tensor:
     """user [U, D], items [N+1, D] (both normalised), targets [U], boost [N+1] (logit offsets) -> 0-based target
-    ranks [U] over every item (ties count for the target, as `training.metrics`), or over the items of `among`
-    ([N+1] bool) only."""
+    ranks [U] over every item (`training.metrics.target_ranks`: ties count for the target), or over the items of
+    `among` ([N+1] bool) only."""
+    from training.metrics import target_ranks
+
     scores = user @ items.T + boost[None, :]
     scores[:, 0] = float("-inf")
-    if among is not None:
-        scores = scores.masked_fill(~among[None, :], float("-inf"))
-    own = scores.gather(1, targets[:, None])
-    return (scores > own).sum(1)
+    exclude = None if among is None else (~among)[None, :].expand_as(scores)
+    return target_ranks(scores, targets, exclude)
 
 
 def metrics_of(ranks: np.ndarray) -> dict[str, float]:

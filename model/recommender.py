@@ -146,10 +146,12 @@ class Recommender(nn.Module):
         the loss's candidates are): every positive (targets, and with all_positions the next history items) is
         read from it, so a positive is made as its competitors are; defaults to content_table.
         """
-        if content_table is not None:
+        # the positives' table: the candidates' one where it is another (without the fusion's dropout)
+        scored = (content_table if candidate_table is None else candidate_table) if content_table is not None else None
+        if scored is not None:
             ids = torch.cat([target_ids, history_ids.reshape(-1)])
             unique_ids = torch.unique(ids[ids > 0])  # sorted
-            content_vectors = content_table[unique_ids]
+            content_vectors = scored[unique_ids]
         else:
             unique_ids, content_vectors = self._encode_distinct(target_ids, content, history_ids, encode_mask,
                                                                 history_item_content)
@@ -164,9 +166,6 @@ class Recommender(nn.Module):
             target_content = torch.where(encoded[:, None], fresh_targets, target_cached_content)
         else:
             target_content = fresh_targets
-        scored = candidate_table if content_table is not None else None  # the positives' table, if another
-        if scored is not None:
-            target_content, content_vectors = scored[target_ids], scored[unique_ids]
         positive = self.item_vectors(target_content, target_ids)
         history_content = content_table[history_ids] if content_table is not None \
             else replace_with_fresh(history_ids, history_content, unique_ids, content_vectors)
@@ -178,8 +177,8 @@ class Recommender(nn.Module):
         states = F.normalize(self.sequence_model(vectors, real), dim=-1)
         # position i (< L-1) predicts history item i+1; it is real whenever item i is (histories are left-padded)
         inner = real[:, :-1]
-        if scored is not None:
-            vectors = self._history_vectors(history_ids, scored[history_ids])[1]
+        if candidate_table is not None and content_table is not None:
+            vectors = self._history_vectors(history_ids, candidate_table[history_ids])[1]
         return StepOutput(
             user=torch.cat([states[:, :-1][inner], states[:, -1]]),
             positive=torch.cat([vectors[:, 1:][inner], positive]),
