@@ -15,9 +15,21 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   cosine / `model.temperature`) is the one at which the unseen items' softmax mass, averaged over a sample of
   training examples, is f x their share of the catalogue (f = 1: a new item is, on average, as likely as an
   average item; fitted on training data only, never on test). Cold and warm Recall@10 / NDCG@10 / Recall@50 at
-  each offset, and the unseen items' mass at offset 0 beside the cold targets' share of the test examples;
+  each offset (and over all test examples, to show the net effect), and the unseen items' mass at offset 0 beside
+  the cold targets' share of the test examples.
+  Two priors: `uniform` lifts every unseen item alike; `content` spreads them by the popularity their content
+  predicts (a ridge from the encoders' features to log training count, fitted on the warm items, times what a
+  unit of log count is worth in the model's training logits) and fits the offset on top, so both give the
+  unseen items the same mass;
 - how far the scores follow popularity: the correlation of each warm item's mean score (over up to 2,000 warm
-  test examples) with its log training count, and the cold targets' median (0-based) rank among all items.
+  test examples) with its log training count, and the cold targets' median (0-based) rank among all items;
+- whether that popularity carries over to new items: the correlation of each unseen item's mean score (same
+  examples) with its log count as a test target, against what a ridge fit on the warm items predicts from the
+  encoders' features (the input of the model's content projection: pretrained features where the encoders are
+  frozen). For the ridge (penalty chosen by 5-fold cross-validation on the warm items) and for the trained
+  content vectors: R^2 of log training count across warm folds. A tower whose content vectors explain warm
+  popularity far better than the features do out of sample has learnt it per item, and gives a new item little
+  of it.
 
 This measures; it changes no model. Writes bench/results/new_item_boost.json, prints a table.
 """
@@ -32,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results" / "new_item_boost.json"
 
@@ -58,6 +71,79 @@ def offset_for_mass(logits: torch.Tensor, unseen: torch.Tensor, target: float, *
     return (low + high) / 2
 
 
+def ridge_fit(features: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:
+    """features [n, d], target [n] -> weights [d+1] (the last: the intercept) of a ridge regression whose penalty
+    is `ridge` x the features' mean energy (so one grid of `ridge` fits features of any scale)."""
+    x = np.c_[features, np.ones(len(features))]
+    gram = x.T @ x
+    penalty = ridge * float(np.mean(np.diag(gram)[:-1])) * np.eye(len(gram))
+    penalty[-1, -1] = 0.0  # the intercept is not shrunk
+    return np.linalg.solve(gram + penalty, x.T @ target)
+
+
+def ridge_predict(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    return features @ weights[:-1] + weights[-1]
+
+
+def ridge_cv(features: np.ndarray, target: np.ndarray, ridges=(1e-3, 1e-2, 1e-1, 1.0), folds: int = 5,
+             seed: int = 0) -> tuple[float, float]:
+    """-> (the penalty of `ridges` with the best cross-validated R^2, that R^2): R^2 = 1 - squared error of the
+    held-out predictions / the target's variance, pooled over `folds` random folds."""
+    if len(target) < 2 * folds:
+        raise ValueError(f"{len(target)} rows are too few for {folds}-fold cross-validation")
+    fold = np.random.default_rng(seed).permutation(len(target)) % folds
+    total = float(((target - target.mean()) ** 2).sum())
+    best = (ridges[0], float("-inf"))
+    for ridge in ridges:
+        predicted = np.empty_like(target, dtype=float)
+        for k in range(folds):
+            held = fold == k
+            predicted[held] = ridge_predict(ridge_fit(features[~held], target[~held], ridge), features[held])
+        r2 = 1.0 - float(((predicted - target) ** 2).sum()) / total
+        if r2 > best[1]:
+            best = (ridge, r2)
+    return best
+
+
+def content_prior(logits: torch.Tensor, log_counts: np.ndarray, predicted: np.ndarray, warm: np.ndarray,
+                  unseen: np.ndarray) -> tuple[np.ndarray, float]:
+    """Training logits [U, N+1], log training counts [N+1], predicted log counts [N+1], warm / unseen [N+1] bool
+    -> (logit shifts [N+1]: zero but for the unseen items, whose shifts are their predicted log counts, centred over
+    them, times the slope; that slope: the warm items' mean training logit per unit of their log count)."""
+    mean_logit = logits[:, torch.as_tensor(warm)].mean(0).double().numpy()
+    slope = float(np.polyfit(log_counts[warm], mean_logit, 1)[0])
+    shape = np.zeros(len(log_counts))
+    shape[unseen] = slope * (predicted[unseen] - predicted[unseen].mean())
+    return shape, slope
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def projection_inputs(model, batches, num_items: int) -> np.ndarray:
+    """The input of the item encoder's content projection (the fused, normalised features of its encoders, eval
+    mode) for every catalogue item -> [N+1, F], row 0 = 0. Captured with a forward pre-hook during the same
+    catalogue pass the evaluation runs (`training.evaluate.encode_catalog`)."""
+    from training.evaluate import encode_catalog
+
+    captured: list[torch.Tensor] = []
+    hook = model.item_encoder.projection.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
+    ids = []
+    try:
+        def tracked():
+            for batch in batches:
+                ids.append(torch.as_tensor(batch["item_index"]))
+                yield batch
+        encode_catalog(model, tracked(), num_items, torch.device("cpu"))
+    finally:
+        hook.remove()
+    features = torch.cat(captured)
+    out = np.zeros((num_items + 1, features.shape[1]))
+    out[torch.cat(ids).numpy()] = features.double().numpy()
+    return out
+
+
 def ranks_with_offset(user: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, boost: torch.Tensor,
                       among: torch.Tensor | None = None) -> torch.Tensor:
     """user [U, D], items [N+1, D] (both normalised), targets [U], boost [N+1] (logit offsets) -> 0-based target
@@ -81,7 +167,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     from bench.paired import kept_checkpoint
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
-    from training.offline_eval import DecodedCatalogue, load_checkpoint
+    from training.offline_eval import DecodedCatalogue, content_spec_of, load_checkpoint
 
     checkpoint = kept_checkpoint(run_dir, needs="data/test_cold.parquet")
     counts_file = run_dir / "data" / "popularity.npy"
@@ -89,8 +175,8 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         raise SystemExit(f"error: {counts_file} is missing: the run's training counts tell the unseen items")
     loaded = load_checkpoint(Path(checkpoint))
     model, temperature = loaded.model.eval(), loaded.job.model.temperature
-    content = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE,
-                               int(loaded.state["num_items"])).encode(loaded)
+    catalogue = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE, int(loaded.state["num_items"]))
+    content = catalogue.encode(loaded)
     counts = np.load(counts_file)
     unseen = torch.zeros(len(content), dtype=torch.bool)
     unseen[1:] = torch.as_tensor(counts[1:len(content)] == 0)
@@ -109,7 +195,27 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     logits = users_of(train, np.sort(rows)) @ items.T / temperature
     logits[:, 0] = float("-inf")
     share = float(unseen.sum()) / (len(content) - 1)
-    offsets = [0.0 if factor == 0 else offset_for_mass(logits, unseen, factor * share) for factor in factors]
+    unseen_items = unseen.numpy()
+    warm_items = ~unseen_items
+    warm_items[0] = False
+    log_counts = np.log1p(counts[:len(content)].astype(float))
+
+    # the level priors for unseen items, in logits, from training data only: "uniform" (one offset), and "content":
+    # the same offset plus, per unseen item, the log training count a ridge on the encoders' features (fitted on
+    # the warm items) predicts for it, centred over the unseen items, times the slope of the warm items' mean
+    # training logit on their log count (what one unit of log count is worth in this model's scores)
+    priors = {"uniform": torch.zeros(len(content), dtype=logits.dtype)}
+    carry: dict = {}
+    if model.item_encoder.has_content:
+        features = projection_inputs(model, catalogue.batches(content_spec_of(loaded.job)), len(content) - 1)
+        ridge, features_r2 = ridge_cv(features[warm_items], log_counts[warm_items], seed=seed)
+        predicted = ridge_predict(ridge_fit(features[warm_items], log_counts[warm_items], ridge), features)
+        vectors = F.normalize(content, dim=-1).double().numpy()
+        shape, slope = content_prior(logits, log_counts, predicted, warm_items, unseen_items)
+        priors["content"] = torch.as_tensor(shape, dtype=logits.dtype)
+        carry = {"features_cv_r2": round(features_r2, 4), "features_ridge": ridge,
+                 "content_vectors_cv_r2": round(ridge_cv(vectors[warm_items], log_counts[warm_items], seed=seed)[1], 4),
+                 "logit_per_log_count": round(slope, 4)}
 
     # every test example's user vector once (the sequence model is the costly part), reused at every offset
     subsets = {}
@@ -118,28 +224,44 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         users = torch.cat([users_of(examples, slice(start, start + 1024)) for start in range(0, len(examples.target), 1024)])
         subsets[name] = (users, torch.as_tensor(np.array(examples.target)))
     rows_out, plain = [], {}
-    for factor, offset in zip(factors, offsets):
-        boost = offset * temperature * unseen.float()  # in cosine units, as the scores
-        row = {"factor": factor, "logit_offset": round(offset, 4), "unseen_mass": round(unseen_mass(logits, unseen, offset), 4)}
-        for name, (users, targets) in subsets.items():
-            subset_ranks = ranks(users, targets, boost)
-            row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(subset_ranks).items()})
-            if offset == 0.0:
-                plain[name] = subset_ranks
-        rows_out.append(row)
+    for prior, shape in priors.items():
+        shaped = logits + shape[None, :]
+        for factor in factors:
+            if factor == 0 and prior != "uniform":
+                continue  # factor 0 is the model as trained, measured once
+            offset = 0.0 if factor == 0 else offset_for_mass(shaped, unseen, factor * share)
+            boost = (offset * unseen.to(shape.dtype) + shape) * temperature  # in cosine units, as the scores
+            row = {"prior": prior, "factor": factor, "logit_offset": round(offset, 4),
+                   "unseen_mass": round(unseen_mass(shaped, unseen, offset), 4)}
+            every = []
+            for name, (users, targets) in subsets.items():
+                subset_ranks = ranks(users, targets, boost.to(users.dtype))
+                row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(subset_ranks).items()})
+                every.append(subset_ranks)
+                if factor == 0:
+                    plain[name] = subset_ranks
+            row.update({f"test/{k}": round(v, 4) for k, v in metrics_of(np.concatenate(every)).items()})
+            rows_out.append(row)
     cold_users, cold_targets = subsets["test_cold"]
     among = ranks(cold_users, cold_targets, torch.zeros(len(items)), among=unseen)
     test_examples = len(subsets["test_warm"][1]) + len(cold_targets)
-    # how far the scores follow popularity: each warm item's mean score over (up to) 2,000 warm test examples
+    # how far the scores follow popularity: each item's mean score over (up to) 2,000 warm test examples, against
+    # its log training count (warm items) and its log count as a test target (unseen items)
     mean_score = (subsets["test_warm"][0][:2000] @ items.T).mean(0).numpy()
-    warm_items = ~unseen.numpy()
-    warm_items[0] = False
-    popularity_correlation = float(np.corrcoef(mean_score[warm_items], np.log1p(counts[:len(content)][warm_items]))[0, 1])
+    popularity_correlation = correlation(mean_score[warm_items], log_counts[warm_items])
+    log_test_counts = np.log1p(np.bincount(np.concatenate([subsets[name][1].numpy() for name in subsets]),
+                                           minlength=len(content))[:len(content)].astype(float))
+    carry["unseen_mean_score_vs_log_test_count_correlation"] = round(
+        correlation(mean_score[unseen_items], log_test_counts[unseen_items]), 4)
+    if "content" in priors:
+        carry["unseen_ridge_prediction_vs_log_test_count_correlation"] = round(
+            correlation(predicted[unseen_items], log_test_counts[unseen_items]), 4)
     return {"run": run_dir.name, "checkpoint": Path(checkpoint).name, "unseen_items": int(unseen.sum()),
             "unseen_share_of_catalogue": round(share, 4), "cold_share_of_test": round(len(cold_targets) / test_examples, 4),
             "cold_among_unseen": {k: round(v, 4) for k, v in metrics_of(among).items()},
             "cold_median_rank": float(np.median(plain["test_cold"])),
             "warm_mean_score_vs_log_count_correlation": round(popularity_correlation, 4),
+            "popularity_of_new_items": carry,
             "cold_among_unseen_random_recall@10": round(min(10, int(unseen.sum())) / int(unseen.sum()), 4),
             "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out}
 
@@ -148,7 +270,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.new_item_boost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="run directories trained with held-out cold items")
-    parser.add_argument("--factors", default="0,0.75,1,1.25,1.5",
+    parser.add_argument("--factors", default="0,0.4,0.55,0.75,1,1.5",
                         help="unseen items' mass as multiples of their catalogue share (0 = no offset, always "
                              "measured)")
     parser.add_argument("--train-sample", type=int, default=4000, help="training examples the offsets are fitted on")
@@ -179,12 +301,21 @@ def main() -> int:
               f"items: median rank {result['cold_median_rank']:.0f}")
         print("warm items' mean score against their log training count: correlation "
               f"{result['warm_mean_score_vs_log_count_correlation']:.2f}")
-        print("\n| mass factor | logit offset | unseen mass | cold R@10 | cold NDCG@10 | cold R@50 | warm R@10 "
-              "| warm NDCG@10 | warm R@50 |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        carry = result["popularity_of_new_items"]
+        if "features_cv_r2" in carry:
+            print(f"log training count from warm items' content, R^2 across folds: the model's content vectors "
+                  f"{carry['content_vectors_cv_r2']:.2f}, a ridge on the encoders' features {carry['features_cv_r2']:.2f}; "
+                  f"unseen items' log test count against the ridge's prediction: correlation "
+                  f"{carry['unseen_ridge_prediction_vs_log_test_count_correlation']:.2f}")
+        print("unseen items' mean score against their log test count: correlation "
+              f"{carry['unseen_mean_score_vs_log_test_count_correlation']:.2f}")
+        print("\n| prior | mass factor | logit offset | unseen mass | cold R@10 | cold NDCG@10 | cold R@50 | warm R@10 "
+              "| warm NDCG@10 | warm R@50 | all R@10 | all NDCG@10 |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in result["offsets"]:
-            print(f"| {row['factor']:g} | {row['logit_offset']:.3f} | {row['unseen_mass']:.4f} | "
+            print(f"| {row['prior']} | {row['factor']:g} | {row['logit_offset']:.3f} | {row['unseen_mass']:.4f} | "
                   f"{row['test_cold/recall@10']:.4f} | {row['test_cold/ndcg@10']:.4f} | {row['test_cold/recall@50']:.4f} | "
-                  f"{row['test_warm/recall@10']:.4f} | {row['test_warm/ndcg@10']:.4f} | {row['test_warm/recall@50']:.4f} |")
+                  f"{row['test_warm/recall@10']:.4f} | {row['test_warm/ndcg@10']:.4f} | {row['test_warm/recall@50']:.4f} | "
+                  f"{row['test/recall@10']:.4f} | {row['test/ndcg@10']:.4f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "new_item_boost", "command": " ".join(["python -m bench.new_item_boost", *sys.argv[1:]]),
