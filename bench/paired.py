@@ -3,6 +3,7 @@
     python -m bench.paired runs/bench/quality-id_only-s1-... runs/bench/quality-two_stage_frozen-s1-...
     python -m bench.paired RUN_A RUN_B RUN_C --subset test --out /tmp/paired.json
     python -m bench.paired RUN_A RUN_B --by-popularity 4     # also NDCG@10 in 4 groups, rare targets to popular
+    python -m bench.paired RUN_A RUN_B --among-seen           # ranked against the items some training example holds
 
 Each argument is a run directory of `jobs.train` / `bench.quality` (it holds `mmrec_run.json`, the checkpoints
 and the run's `data/<subset>.parquet`). For each run the checkpoint the run kept as best (highest
@@ -135,8 +136,10 @@ def kept_checkpoint(run_dir: Path, needs: str = "") -> str:
     return checkpoint.path
 
 
-def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks)."""
+def run_ranks(run_dir: Path, subset: str, mask_history: bool,
+              among_seen: bool = False) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks).
+    among_seen: ranked against the items of some training example only (the run's `data/popularity.npy` > 0)."""
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
     from training.evaluate import example_ranks
@@ -147,7 +150,14 @@ def run_ranks(run_dir: Path, subset: str, mask_history: bool) -> tuple[str, np.n
     items = Path(loaded.job.data.prepared_dir) / ITEMS_FILE
     content = DecodedCatalogue(items, int(loaded.state["num_items"])).encode(loaded)
     examples = read_examples(run_dir / "data" / f"{subset}.parquet")
-    ranks = example_ranks(loaded.model, content, examples, mask_history=mask_history)
+    unseen = None
+    if among_seen:
+        counts_file = run_dir / "data" / "popularity.npy"
+        if not counts_file.is_file():
+            raise SystemExit(f"error: {counts_file} is missing: --among-seen needs the run's training counts")
+        counts = np.load(counts_file)[:len(content)]
+        unseen = torch.as_tensor(np.r_[counts, np.ones(len(content) - len(counts))] == 0)
+    ranks = example_ranks(loaded.model, content, examples, mask_history=mask_history, exclude_items=unseen)
     return checkpoint, np.asarray(examples.user), np.asarray(examples.target), ranks
 
 
@@ -158,6 +168,10 @@ def main() -> int:
                                                            "compared with the first")
     parser.add_argument("--subset", default="test_warm", help="test, test_warm or test_cold (default test_warm)")
     parser.add_argument("--mask-history", action="store_true", help="the masked protocol (default: unmasked)")
+    parser.add_argument("--among-seen", action="store_true",
+                        help="rank against the items of some training example only (the run's data/popularity.npy "
+                             "> 0): a warm comparison that the level of the unseen items, which no loss trains, "
+                             "does not move (default: the whole catalogue, the protocol)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--by-popularity", type=int, default=0, metavar="K",
                         help="also NDCG@10 in K groups of examples by their target's training interactions "
@@ -170,7 +184,7 @@ def main() -> int:
     torch.set_grad_enabled(False)
     runs, first_targets, users = [], None, None
     for run_dir in args.runs:
-        checkpoint, run_users, targets, ranks = run_ranks(run_dir, args.subset, args.mask_history)
+        checkpoint, run_users, targets, ranks = run_ranks(run_dir, args.subset, args.mask_history, args.among_seen)
         same = first_targets is None or (np.array_equal(targets, first_targets) and np.array_equal(run_users, users))
         if not same:
             raise SystemExit(f"error: {run_dir} has other {args.subset} users or targets than {args.runs[0]}: "
@@ -181,7 +195,8 @@ def main() -> int:
     everything = np.ones(len(users), dtype=bool)
     table = [{"metric": metric, **row} for metric in METRICS
              for row in compare_runs(runs, everything, metric, users, args.resamples)]
-    print(f"\n{args.subset}, {len(first_targets)} examples of {len(np.unique(users))} users, differences from "
+    print(f"\n{args.subset}{' (ranked among the seen items only)' if args.among_seen else ''}, "
+          f"{len(first_targets)} examples of {len(np.unique(users))} users, differences from "
           f"{runs[0]['run']} "
           f"(95% paired bootstrap, {args.resamples} resamples)\n")
     print("| metric | run | mean ± s.e. | difference [95% interval] | share > 0 |\n|---|---|---|---|---:|")
@@ -194,7 +209,8 @@ def main() -> int:
     args.out.write_text(json.dumps({
         "benchmark": "paired", "command": " ".join(["python -m bench.paired", *sys.argv[1:]]),
         "machine": {"python": platform.python_version(), "torch": torch.__version__},
-        "subset": args.subset, "mask_history": args.mask_history, "examples": len(first_targets),
+        "subset": args.subset, "mask_history": args.mask_history, "among_seen": args.among_seen,
+        "examples": len(first_targets),
         "users": int(len(np.unique(users))),
         "runs": [{k: v for k, v in run.items() if k != "ranks"} for run in runs], "table": table,
         "by_popularity": by_popularity, "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")

@@ -64,8 +64,10 @@ def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor
 
 
 def _ranks_by_size(model: Recommender, content: torch.Tensor, examples: Examples, *, mask_history: bool,
-                   batch_size: int, sizes: Sequence[int | None]) -> Iterator[tuple[int | None, torch.Tensor]]:
-    """(size, 0-based target ranks of one batch) for every batch of `examples` and every size (None = full)."""
+                   batch_size: int, sizes: Sequence[int | None],
+                   exclude_items: torch.Tensor | None = None) -> Iterator[tuple[int | None, torch.Tensor]]:
+    """(size, 0-based target ranks of one batch) for every batch of `examples` and every size (None = full).
+    exclude_items [N+1] bool: items no target is ranked against (as the history under `mask_history`)."""
     device = content.device
     items = model.item_vectors(content, torch.arange(content.shape[0], device=device))  # [N+1, D]
     items_at = {size: items if size is None else at_size(items, size) for size in sizes}
@@ -74,6 +76,9 @@ def _ranks_by_size(model: Recommender, content: torch.Tensor, examples: Examples
         targets = torch.as_tensor(examples.target[start : start + batch_size], device=device)
         user = model.user_vectors(history, content[history])  # [U, D], the sequence model runs once
         exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None  # [U, N+1] like scores
+        if exclude_items is not None:
+            never = exclude_items.to(device)[None, :].expand(len(targets), -1)
+            exclude = never if exclude is None else exclude | never
         for size, sized_items in items_at.items():
             scores = (user if size is None else at_size(user, size)) @ sized_items.T  # [U, N+1]
             scores[:, 0] = float("-inf")
@@ -82,13 +87,14 @@ def _ranks_by_size(model: Recommender, content: torch.Tensor, examples: Examples
 
 @torch.inference_mode()
 def example_ranks(model: Recommender, content: torch.Tensor, examples: Examples, *, mask_history: bool,
-                  batch_size: int = 256) -> np.ndarray:
+                  batch_size: int = 256, exclude_items: torch.Tensor | None = None) -> np.ndarray:
     """Each example's 0-based target rank over the catalogue, in `examples`' order (what `evaluate_ranking`
-    averages; for per-user statistics such as bench/paired.py's)."""
+    averages; for per-user statistics such as bench/paired.py's). exclude_items [N+1] bool: items left out of
+    every ranking (a target is never left out of its own)."""
     was_training = model.training
     model.eval()
     ranks = [r for _, r in _ranks_by_size(model, content, examples, mask_history=mask_history,
-                                          batch_size=batch_size, sizes=(None,))]
+                                          batch_size=batch_size, sizes=(None,), exclude_items=exclude_items)]
     model.train(was_training)
     return torch.cat(ranks).cpu().numpy() if ranks else np.zeros(0, dtype=np.int64)
 

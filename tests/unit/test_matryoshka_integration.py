@@ -290,6 +290,25 @@ def test_example_ranks_are_what_evaluate_ranking_averages():
     assert model.training  # left as it was found
 
 
+def test_example_ranks_leave_out_the_excluded_items_but_never_the_target():
+    model = build_model()
+    content = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(7))
+    content[0] = 0
+    examples = random_examples(50)
+    full = example_ranks(model, content, examples, mask_history=False)
+    scores = score_users(model, content, torch.as_tensor(examples.history))
+    excluded = torch.zeros(NUM_ITEMS + 1, dtype=torch.bool)
+    excluded[1::3] = True
+    targets = torch.as_tensor(examples.target)
+    among = example_ranks(model, content, examples, mask_history=False, exclude_items=excluded, batch_size=16)
+    above = scores > scores.gather(1, targets[:, None])
+    assert among.tolist() == (above & ~excluded[None, :]).sum(1).tolist()  # only the kept items above it count
+    assert (among <= full).all() and (among < full).any()
+    assert excluded[targets].any()  # some targets are themselves excluded items: still ranked, not dropped
+    both = example_ranks(model, content, examples, mask_history=True, exclude_items=excluded)
+    assert (both <= among).all()  # the history mask adds to the exclusion
+
+
 def test_size_report_table_and_plot(tmp_path: Path):
     metrics = {"test_ndcg@10": 0.3, "epoch": 2}
     for size, value in ((64, 0.25), (8, 0.1), (16, 0.2)):
