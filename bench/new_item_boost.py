@@ -85,7 +85,7 @@ def ridge_predict(weights: np.ndarray, features: np.ndarray) -> np.ndarray:
     return features @ weights[:-1] + weights[-1]
 
 
-def ridge_cv(features: np.ndarray, target: np.ndarray, ridges=(1e-3, 1e-2, 1e-1, 1.0), folds: int = 5,
+def ridge_cv(features: np.ndarray, target: np.ndarray, ridges=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0), folds: int = 5,
              seed: int = 0) -> tuple[float, float]:
     """-> (the penalty of `ridges` with the best cross-validated R^2, that R^2): R^2 = 1 - squared error of the
     held-out predictions / the target's variance, pooled over `folds` random folds."""
