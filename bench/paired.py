@@ -180,6 +180,9 @@ def main() -> int:
     args = parser.parse_args()
     if len(args.runs) < 2:
         parser.error("give at least two run directories")
+    if args.among_seen and args.subset != "test_warm":
+        parser.error("--among-seen compares warm targets: it needs --subset test_warm (the unseen items it leaves "
+                     "out are what cold targets compete with)")
     started = time.perf_counter()
     torch.set_grad_enabled(False)
     runs, first_targets, users = [], None, None

@@ -87,3 +87,15 @@ def test_compare_runs_gives_each_later_run_its_gap_from_the_first():
     assert "difference" not in first and first["mean"] == pytest.approx((ranks < 10).mean())
     assert better["difference"] == pytest.approx(((ranks // 2) < 10).mean() - (ranks < 10).mean())
     assert better["low"] > 0 and same["difference"] == 0.0 == same["low"] == same["high"]
+
+
+def test_among_seen_is_refused_outside_the_warm_subset(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench.paired", str(tmp_path), str(tmp_path), "--among-seen",
+                           "--subset", "test_cold", "--out", str(tmp_path / "o.json")],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--among-seen compares warm targets" in done.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o.json").exists()
