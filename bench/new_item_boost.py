@@ -121,27 +121,28 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def projection_inputs(model, batches, num_items: int) -> np.ndarray:
-    """The input of the item encoder's content projection (the fused, normalised features of its encoders, eval
-    mode) for every catalogue item -> [N+1, F], row 0 = 0. Captured with a forward pre-hook during the same
-    catalogue pass the evaluation runs (`training.evaluate.encode_catalog`)."""
-    from training.evaluate import encode_catalog
+def encode_with_features(catalogue, loaded) -> tuple[torch.Tensor, np.ndarray | None]:
+    """-> (the content table `DecodedCatalogue.encode` gives, and every item's input of the item encoder's content
+    projection [N+1, F], row 0 = 0: the fused, normalised features of its encoders, eval mode; None without
+    content), from that one catalogue pass: a forward pre-hook on the projection captures its inputs."""
+    from training.offline_eval import content_spec_of
 
+    model = loaded.model
+    if not model.item_encoder.has_content:
+        return catalogue.encode(loaded), None
     captured: list[torch.Tensor] = []
     hook = model.item_encoder.projection.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach()))
-    ids = []
     try:
-        def tracked():
-            for batch in batches:
-                ids.append(torch.as_tensor(batch["item_index"]))
-                yield batch
-        encode_catalog(model, tracked(), num_items, torch.device("cpu"))
+        content = catalogue.encode(loaded)
     finally:
         hook.remove()
+    ids = torch.cat([torch.as_tensor(batch["item_index"]) for batch in catalogue.batches(content_spec_of(loaded.job))])
     features = torch.cat(captured)
-    out = np.zeros((num_items + 1, features.shape[1]))
-    out[torch.cat(ids).numpy()] = features.double().numpy()
-    return out
+    if len(features) != len(ids):
+        raise RuntimeError(f"the projection ran on {len(features)} rows in a catalogue pass of {len(ids)} items")
+    out = np.zeros((len(content), features.shape[1]))
+    out[ids.numpy()] = features.double().numpy()
+    return content, out
 
 
 def ranks_with_offset(user: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, boost: torch.Tensor,
@@ -167,7 +168,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     from bench.paired import kept_checkpoint
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
-    from training.offline_eval import DecodedCatalogue, content_spec_of, load_checkpoint
+    from training.offline_eval import DecodedCatalogue, load_checkpoint
 
     checkpoint = kept_checkpoint(run_dir, needs="data/test_cold.parquet")
     counts_file = run_dir / "data" / "popularity.npy"
@@ -176,7 +177,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     loaded = load_checkpoint(Path(checkpoint))
     model, temperature = loaded.model.eval(), loaded.job.model.temperature
     catalogue = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE, int(loaded.state["num_items"]))
-    content = catalogue.encode(loaded)
+    content, features = encode_with_features(catalogue, loaded)
     counts = np.load(counts_file)
     unseen = torch.zeros(len(content), dtype=torch.bool)
     unseen[1:] = torch.as_tensor(counts[1:len(content)] == 0)
@@ -206,8 +207,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     # training logit on their log count (what one unit of log count is worth in this model's scores)
     priors = {"uniform": torch.zeros(len(content), dtype=logits.dtype)}
     carry: dict = {}
-    if model.item_encoder.has_content:
-        features = projection_inputs(model, catalogue.batches(content_spec_of(loaded.job)), len(content) - 1)
+    if features is not None:
         ridge, features_r2 = ridge_cv(features[warm_items], log_counts[warm_items], seed=seed)
         predicted = ridge_predict(ridge_fit(features[warm_items], log_counts[warm_items], ridge), features)
         vectors = F.normalize(content, dim=-1).double().numpy()
