@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encoders.dropout import Dropout
+from encoders.side import SideNetwork
 from matryoshka.layers import MatryoshkaLinear
 
 
@@ -30,6 +31,7 @@ class ItemEncoder(nn.Module):
         projection: nn.Module | None = None,
         dropout: float = 0.1,
         matryoshka_sizes: tuple[int, ...] = (),
+        side_width: int = 0,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -50,11 +52,37 @@ class ItemEncoder(nn.Module):
                               else nn.Linear(feature_dim, dim))
             self.projection = projection
             self.dropout = Dropout(dropout)
+        # `model.side_network`: a network trained beside each frozen encoder, reading every layer's pooled output
+        # (then each encoder's trunk field holds those outputs, and its top is the side network's correction)
+        self.image_side = self._side_network("image", image_encoder, side_width)
+        self.text_side = self._side_network("text", text_encoder, side_width)
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.02)
             with torch.no_grad():
                 self.id_embedding.weight[0].zero_()
+
+    @staticmethod
+    def _side_network(name: str, encoder: nn.Module | None, width: int) -> SideNetwork | None:
+        if encoder is None or width == 0:
+            return None
+        if encoder.unfreeze_top != 0:
+            raise ValueError(f"model.side_network trains beside a frozen encoder; {name}.unfreeze_top="
+                             f"{encoder.unfreeze_top} (set it to 0)")
+        return SideNetwork(encoder.layer_widths(), width)
+
+    @staticmethod
+    def _trunk(encoder: nn.Module, side: SideNetwork | None, *inputs: torch.Tensor) -> torch.Tensor:
+        """One encoder's trunk field: its frozen part's output, or every layer's pooled output with a side network."""
+        return torch.cat(encoder.layer_features(*inputs), dim=-1) if side is not None else encoder.trunk(*inputs)
+
+    @staticmethod
+    def _top(encoder: nn.Module, side: SideNetwork | None, trunk: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        """One encoder's trunk field -> its features: the trained top, or the frozen output plus the side network's
+        correction."""
+        if side is None:
+            return encoder.top(trunk, *inputs)
+        return trunk[..., -encoder.out_dim:] + side(trunk)
 
     @staticmethod
     def _with_placeholder(features: torch.Tensor, mask: torch.Tensor, placeholder: torch.Tensor) -> torch.Tensor:
@@ -69,10 +97,11 @@ class ItemEncoder(nn.Module):
         fields: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if self.image_encoder is not None:
-                fields.update(image_trunk=self.image_encoder.trunk(image), image_mask=image_mask)
+                fields.update(image_trunk=self._trunk(self.image_encoder, self.image_side, image),
+                              image_mask=image_mask)
             if self.text_encoder is not None:
-                fields.update(text_trunk=self.text_encoder.trunk(input_ids, attention_mask), input_ids=input_ids,
-                              attention_mask=attention_mask, text_mask=text_mask)
+                fields.update(text_trunk=self._trunk(self.text_encoder, self.text_side, input_ids, attention_mask),
+                              input_ids=input_ids, attention_mask=attention_mask, text_mask=text_mask)
         return fields
 
     def encode_trunk(self, fields: dict[str, torch.Tensor], size: int | None = None, *,
@@ -103,10 +132,11 @@ class ItemEncoder(nn.Module):
         """Trunk fields -> each modality's top output, normalised (placeholders where missing), concatenated."""
         parts = []
         if self.image_encoder is not None:
-            features = self.image_encoder.top(fields["image_trunk"])
+            features = self._top(self.image_encoder, self.image_side, fields["image_trunk"])
             parts.append(self._with_placeholder(features, fields["image_mask"].bool(), self.missing_image))
         if self.text_encoder is not None:
-            features = self.text_encoder.top(fields["text_trunk"], fields["input_ids"], fields["attention_mask"])
+            features = self._top(self.text_encoder, self.text_side, fields["text_trunk"], fields["input_ids"],
+                                 fields["attention_mask"])
             parts.append(self._with_placeholder(features, fields["text_mask"].bool(), self.missing_text))
         return torch.cat(parts, dim=-1)
 

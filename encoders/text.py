@@ -124,6 +124,18 @@ class TinyTextEncoder(_TextEncoder):
             features = block(features)
         return self.final_norm(features)
 
+    def layer_widths(self) -> tuple[int, ...]:
+        return (self.out_dim,) * (len(self.blocks) + 2)
+
+    def layer_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """-> the pooled embeddings, each block's output, the final norm's (the encoder's output), [B, dim] each."""
+        features = masked_mean(self.token_embedding(input_ids), attention_mask)
+        outputs = [features]
+        for block in self.blocks:
+            features = block(features)
+            outputs.append(features)
+        return [*outputs, self.final_norm(features)]
+
 
 class HFTextEncoder(_TextEncoder):
     """Any transformers text encoder (BERT, MiniLM, MPNet, RoBERTa, ...), mean-pooled.
@@ -208,6 +220,16 @@ class HFTextEncoder(_TextEncoder):
             out = block(hidden, *args[1:], **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return masked_mean(hidden, attention_mask)
+
+    def layer_widths(self) -> tuple[int, ...]:
+        return (self.out_dim,) * (len(self.blocks) + 1)
+
+    def layer_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """-> the embeddings' and each layer's hidden states but the last, then the model's last hidden state (the
+        encoder's output), each mean-pooled over the attention mask [B, H]."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        states = [*out.hidden_states[: len(self.blocks)], out.last_hidden_state]
+        return [masked_mean(state, attention_mask) for state in states]
 
     def _full(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         token_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]

@@ -37,6 +37,7 @@ def build_recommender(
         use_id_embedding=model.use_id_embedding,
         dropout=model.dropout,
         matryoshka_sizes=model.matryoshka_sizes,
+        side_width=model.side_network,
     )
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,

@@ -41,6 +41,10 @@ class ModelConfig:
         metadata={"help": "retrieval (next-item softmax) or ctr (LEMUR's click BCE + grouped contrastive)"})
     matryoshka_weights: tuple[float, ...] = field(
         default=(), metadata={"help": "loss weight per Matryoshka size (empty = all 1)"})
+    side_network: int = field(
+        default=0,
+        metadata={"help": "width of a network trained beside each frozen encoder on every layer's pooled output "
+                          "(IISAN-style; needs image/text.unfreeze_top=0; 0 = none)"})
     unseen_from_content: bool = field(
         default=True,
         metadata={"help": "items in no training example are left out of the full softmax and their id vector is "
@@ -76,6 +80,8 @@ class ModelConfig:
             raise ValueError("model.dim, model.num_layers and model.num_heads must be >= 1")
         if self.dim % self.num_heads:
             raise ValueError(f"model.dim={self.dim} must be divisible by model.num_heads={self.num_heads}")
+        if self.side_network < 0:
+            raise ValueError(f"model.side_network={self.side_network} must be >= 0 (0 = none)")
         if not 0 <= self.dropout < 1:
             raise ValueError("model.dropout must be in [0, 1)")
         if self.temperature <= 0:

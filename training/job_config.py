@@ -134,6 +134,10 @@ def validate(config: JobConfig) -> JobConfig:
     if config.train.batch_size < 2 and config.model.loss != "full_softmax":
         raise ConfigError("train.batch_size must be >= 2 for in-batch negatives (model.loss=sampled_softmax or "
                           "auto beyond model.full_softmax_max_items)")
+    trained = [f"{name}.unfreeze_top={getattr(config, name).unfreeze_top}" for name in config.model.modalities
+               if getattr(config, name).unfreeze_top != 0]
+    if config.model.side_network and trained:
+        raise ConfigError(f"model.side_network trains beside frozen encoders; {', '.join(trained)} (set to 0)")
     if config.train.targets == "all" and config.model.task != "retrieval":
         raise ConfigError("train.targets=all needs model.task=retrieval (a CTR example is one labelled pair)")
     return dataclasses.replace(config)

@@ -24,6 +24,10 @@ CONFIGS = {
     "pretrained-frozen": (ImageEncoderConfig(kind="efficientnet_lite0", image_size=64, unfreeze_top=0),
                           TextEncoderConfig(kind="hf", path="minilm", max_length=24, unfreeze_top=0)),
 }
+SIDE_NETWORKS = {"tiny-side-network": 8, "pretrained-side-network": 16}  # model.side_network beside frozen encoders
+CONFIGS["tiny-side-network"] = (ImageEncoderConfig(kind="tiny_cnn", image_size=32, unfreeze_top=0),
+                                TextEncoderConfig(kind="tiny", max_length=16, unfreeze_top=0))
+CONFIGS["pretrained-side-network"] = CONFIGS["pretrained-frozen"]
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +46,21 @@ def catalogue(prepared_dir):
     return decode
 
 
-def _model(image, text):
+def _model(image, text, side_network: int = 0):
     torch.manual_seed(0)
-    return build_recommender(ModelConfig(dim=32, num_layers=1, num_heads=2, use_id_embedding=True), image, text,
-                             num_items=1682, max_history=5)
+    model = build_recommender(ModelConfig(dim=32, num_layers=1, num_heads=2, use_id_embedding=True,
+                                          side_network=side_network), image, text, num_items=1682, max_history=5)
+    for side in (model.item_encoder.image_side, model.item_encoder.text_side):
+        if side is not None:  # its up-projection starts at zero, which would leave the layers below without gradient
+            nn.init.normal_(side.up.weight, std=0.1)
+    return model
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_cached_and_uncached_steps_give_equal_outputs_and_gradients(catalogue, name):
     image, text = CONFIGS[name]
     batches = catalogue(image.image_size, text.max_length)
-    model = _model(image, text).train()
+    model = _model(image, text, SIDE_NETWORKS.get(name, 0)).train()
     cache = TrunkCache.build(model.item_encoder, batches, num_items=ITEMS, device=torch.device("cpu"))
     decoded = {k: torch.cat([b[k] for b in batches]) for k in ("item_index", *RAW_CONTENT_FIELDS)}
 
@@ -77,7 +85,11 @@ def test_cached_and_uncached_steps_give_equal_outputs_and_gradients(catalogue, n
     torch.testing.assert_close(cached.user, uncached.user, rtol=1e-5, atol=1e-6)
     assert cached_grads.keys() == uncached_grads.keys()
     encoder_grads = [n for n in cached_grads if ".image_encoder." in n or ".text_encoder." in n]
-    if name == "pretrained-frozen":
+    if name in SIDE_NETWORKS:  # the encoders stay frozen; every parameter of both side networks learns
+        assert not encoder_grads and cache.encoders_frozen
+        side = [n for n, p in model.named_parameters() if "_side." in n]
+        assert side and all(cached_grads[n].abs().sum() > 0 for n in side)
+    elif name == "pretrained-frozen":
         assert not encoder_grads
     else:
         assert any(".image_encoder." in n for n in encoder_grads) and any(".text_encoder." in n for n in encoder_grads)
@@ -153,3 +165,33 @@ def test_trunk_outputs_are_what_the_frozen_layers_make(catalogue):
     torch.testing.assert_close(cache.fields["image_trunk"][ids], image_features)
     torch.testing.assert_close(cache.fields["text_trunk"][ids], text_features)
     assert np.count_nonzero(cache.fields["text_trunk"][0].numpy()) == 0  # row 0 = padding
+
+
+@pytest.mark.parametrize("name", list(SIDE_NETWORKS))
+def test_a_side_network_starts_from_the_frozen_encoders_output(catalogue, name):
+    """Its up-projection starts at zero: before training, item vectors equal the frozen model's (same weights)."""
+    image, text = CONFIGS[name]
+    batch = catalogue(image.image_size, text.max_length)[0]
+    frozen = _model(image, text).eval()
+    torch.manual_seed(0)
+    with_side = build_recommender(ModelConfig(dim=32, num_layers=1, num_heads=2, use_id_embedding=True,
+                                              side_network=SIDE_NETWORKS[name]), image, text, num_items=1682,
+                                  max_history=5).eval()
+    missing, unexpected = with_side.load_state_dict(frozen.state_dict(), strict=False)
+    assert not unexpected and missing and all("_side." in key for key in missing)
+    content = [batch[k] for k in RAW_CONTENT_FIELDS]
+    fields = with_side.item_encoder.content_trunk(*content)
+    widths = with_side.item_encoder.image_side.layer_widths
+    assert fields["image_trunk"].shape == (16, sum(widths)) and widths[-1] == frozen.item_encoder.image_encoder.out_dim
+    torch.testing.assert_close(with_side.item_encoder.encode_content(*content),
+                               frozen.item_encoder.encode_content(*content), rtol=0, atol=0)
+
+
+def test_a_side_network_needs_frozen_encoders():
+    from training.job_config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"model.side_network .*image.unfreeze_top=1"):
+        build_config("tiny", ["image.unfreeze_top=1", "text.unfreeze_top=0", "model.side_network=16"])
+    assert build_config("tiny", ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=16"])
+    with pytest.raises(ValueError, match="model.side_network=-1"):
+        ModelConfig(side_network=-1)
