@@ -108,7 +108,7 @@ def main() -> None:
     parts = set(args.parts.split(","))
 
     speed_job = build_config("movielens", ["image.image_size=96", "image.unfreeze_top=-1", "text.unfreeze_top=-1",
-                                           "model.use_id_embedding=false"])
+                                           "model.side_network=0", "model.use_id_embedding=false"])
     for length in [int(x) for x in args.histories.split(",")] if "speed" in parts else []:
         speed_job.data.max_history = length
         train = leave_one_out(interactions, length).train

@@ -59,21 +59,22 @@ METRICS = ("recall@10", "ndcg@10", "mrr", "recall@50", "masked_ndcg@10")
 SUBSETS = ("test", "test_warm", "test_cold")
 
 # Each trained method is a list of `--set` overrides on top of the shared budget (`common_overrides`).
+NO_SIDE = "model.side_network=0"  # the `movielens` preset trains a side network; these methods do not
 METHODS: dict[str, list[str]] = {
     "id_only": ["model.use_id_embedding=true", "model.modalities="],
-    "two_stage_frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0"],
+    "two_stage_frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0", NO_SIDE],
     # BatchNorm keeps its pretrained statistics, always (session 3: training the top block with batch statistics
     # was the main reason end-to-end trailed; BENCHMARKS.md).
-    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
+    "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1", NO_SIDE],
     # The same on the exact full softmax, as ID-only and frozen train, every item run through the trained tops
     # once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items.
-    "end_to_end_exact": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.mode=catalogue"],
+    "end_to_end_exact": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.mode=catalogue", NO_SIDE],
     # end_to_end_exact's control: the same loss (memory.mode=catalogue), frozen encoders: this pair differs only
     # in whether the tops train.
-    "two_stage_frozen_catalogue": ["image.unfreeze_top=0", "text.unfreeze_top=0", "memory.mode=catalogue"],
+    "two_stage_frozen_catalogue": ["image.unfreeze_top=0", "text.unfreeze_top=0", "memory.mode=catalogue", NO_SIDE],
     # fMRLRec's item space: content only, no id embedding -- what a cold item has anyway.
-    "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false"],
-    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.use_id_embedding=false"],
+    "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false", NO_SIDE],
+    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.use_id_embedding=false", NO_SIDE],
     # End to end at the frozen model's cost (IISAN-style): the encoders frozen, a side network over every layer's
     # pooled output trained with the recommender (encoders.side); the trunk cache holds those outputs.
     "end_to_end_side": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=64"],

@@ -1,17 +1,29 @@
 """The frozen-trunk cache: training speed with and without it, end to end and frozen two-stage, in one run.
 
-    python -m bench.trunk_cache                      # movielens preset's model, 6 uncached and 40 cached steps
-    python -m bench.trunk_cache --uncached-steps 3 --cached-steps 20   # quicker
+    python -m bench.trunk_cache                      # both setups, 6 uncached and 40 cached steps each, ~15 min
+    python -m bench.trunk_cache --setups all_positions --uncached-steps 3 --cached-steps 20   # quicker
 
 The product's own trainer (`training.trainer`) runs in this process on real ml100k_mm batches with an in-process
 bank, as `bench/memory_bank.py` does. The model is the `movielens` preset's (EfficientNet-Lite0 at 64 px + MiniLM
-at 32 tokens, dim 128, SASRec, batch 128), in two regimes:
-- end to end: the top block of each encoder trains (image.unfreeze_top=1, text.unfreeze_top=1; the preset's),
-- frozen two-stage: nothing in the encoders trains (unfreeze_top=0), only the fusion and the recommender.
-Each regime runs uncached (every step decodes nothing here, batches are decoded beforehand, but runs the whole
-encoder) and cached (`memory.trunk_cache`: the trunk's output looked up per item, only the top runs). Step time
-excludes data loading. An epoch is estimated as (training examples / batch) x step time + one catalogue pass;
-the cache's one-off build (one catalogue pass through the trunks) is reported beside it.
+at 32 tokens, dim 128, SASRec), trained in one of two setups, each pinned here (not read from the preset, which
+moves):
+- one_target: LEMUR's setup (the preset's before session 12, and `movielens_e2e`'s): one target per example,
+  history from the memory bank, batches of 128 examples;
+- all_positions: the `movielens` preset's own since session 12: a loss at every history position
+  (`train.targets=all`), every history item recomputed through the encoders (`memory.mode=recompute`), batches
+  of 64 windows of up to 51 interactions;
+and three encoder regimes:
+- end_to_end: the top block of each encoder trains (image.unfreeze_top=1, text.unfreeze_top=1),
+- end_to_end_sampled (one_target only): the same with LEMUR's encoder sampling (`memory.encode_fraction=0.2`:
+  a fifth of the targets run the encoders, the others read the bank),
+- side_network: the encoders frozen, a side network over every layer's pooled output trained beside them
+  (`model.side_network=64`, `encoders.side`, after IISAN): uncached, every step runs the whole frozen encoders;
+  cached, only the side network runs,
+- frozen: nothing in the encoders trains (unfreeze_top=0), only the fusion and the recommender.
+Each runs uncached (batches are decoded beforehand, but every step runs the whole encoders) and cached
+(`memory.trunk_cache`: the trunk's output looked up per item, only the tops run). Step time excludes data
+loading. An epoch is estimated as (training examples or windows / batch) x step time + one catalogue pass; the
+cache's one-off build (one catalogue pass through the trunks) is reported beside it.
 Goals (#19): cached end-to-end samples/s >= 5x uncached; an end-to-end epoch <= 1.5x a frozen two-stage epoch.
 Prints a table and writes bench/results/trunk_cache.json.
 """
@@ -29,15 +41,21 @@ import torch
 from bench.memory_bank import bench_prepared, sampled_batches
 from memory.local import LocalMemoryBankClient
 from pipeline.content import ItemContentDecoder
-from pipeline.sequences import leave_one_out
+from pipeline.sequences import leave_one_out, window_examples
 from pipeline.sources import ITEMS_FILE, load_manifest, read_interactions
 from training.job_config import build_config
 from training.offline_eval import DecodedCatalogue, content_spec_of
 from training.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
-REGIMES = {"end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1"],
-           "frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0"]}
+SETUPS = {"one_target": ["memory.mode=bank", "train.targets=last", "train.batch_size=128"],
+          "all_positions": ["memory.mode=recompute", "train.targets=all", "train.batch_size=64"]}
+REGIMES = {"end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.side_network=0"],
+           "end_to_end_sampled": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.side_network=0",
+                                  "memory.encode_fraction=0.2"],
+           "side_network": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=64"],
+           "frozen": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=0"]}
+SAMPLING_NEEDS_BANK = {"end_to_end_sampled"}
 
 
 def id_batches(train, batch_size: int, seed: int):
@@ -66,6 +84,7 @@ def measure(job, cached: bool, train, prepared: Path, num_items: int, steps: int
     else:
         decoder = ItemContentDecoder(str(prepared / ITEMS_FILE), "target", spec.image_size, spec.tokenizer_path,
                                      spec.max_length)
+        decoder.with_history_content = job.memory.mode == "recompute"
         batches = sampled_batches(decoder, train, job.train.batch_size, 0)
     started = time.perf_counter()
     trainer.refresh_bank(trainer.encode_catalogue(catalogue.batches(spec)), wait=True)
@@ -79,11 +98,12 @@ def measure(job, cached: bool, train, prepared: Path, num_items: int, steps: int
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'regime':<11} {'cache':<5} {'samples/s':>10} {'step s':>7} {'catalogue s':>11} {'epoch min':>9} "
-             f"{'build s':>7} {'MiB':>6}"]
+    lines = [f"{'setup':<13} {'regime':<18} {'cache':<5} {'samples/s':>10} {'step s':>7} {'catalogue s':>11} "
+             f"{'epoch min':>9} {'build s':>7} {'MiB':>6}"]
     for r in rows:
-        lines.append(f"{r['regime']:<11} {'on' if r['cached'] else 'off':<5} {r['samples_per_s']:>10.1f} "
-                     f"{r['step_s']:>7.3f} {r['catalogue_pass_s']:>11.1f} {r['epoch_s'] / 60:>9.1f} "
+        lines.append(f"{r['setup']:<13} {r['regime']:<18} {'on' if r['cached'] else 'off':<5} "
+                     f"{r['samples_per_s']:>10.1f} {r['step_s']:>7.3f} {r['catalogue_pass_s']:>11.1f} "
+                     f"{r['epoch_s'] / 60:>9.1f} "
                      f"{r.get('cache_build_s', float('nan')):>7.1f} {r.get('cache_mb', float('nan')):>6.1f}")
     return "\n".join(lines)
 
@@ -93,29 +113,47 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "ml100k_mm"))
     parser.add_argument("--uncached-steps", type=int, default=6)
     parser.add_argument("--cached-steps", type=int, default=40)
+    parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "trunk_cache.json"))
     args = parser.parse_args()
+    setups = [name for name in args.setups.split(",") if name]
+    if unknown := set(setups) - set(SETUPS):
+        parser.error(f"unknown setups {sorted(unknown)}; valid: {', '.join(SETUPS)}")
     torch.set_num_threads(2)
     prepared = bench_prepared(args.data)
     num_items = load_manifest(prepared)["num_items"]
     train = leave_one_out(read_interactions(prepared), 50).train
     popularity = np.bincount(train.target, minlength=num_items + 1).astype(float)
-    rows = []
-    for regime, overrides in REGIMES.items():
-        job = build_config("movielens", overrides)
-        for cached in (False, True):
-            row = {"regime": regime, **measure(job, cached, train, prepared, num_items,
-                                               args.cached_steps if cached else args.uncached_steps, popularity)}
-            rows.append(row)
-            print(f"{regime} cache={'on' if cached else 'off'}: {row['samples_per_s']:.1f} samples/s", flush=True)
-    by = {(r["regime"], r["cached"]): r for r in rows}
-    summary = {
-        "cached_vs_uncached_end_to_end_samples_per_s": by["end_to_end", True]["samples_per_s"]
-        / by["end_to_end", False]["samples_per_s"],
-        "end_to_end_vs_frozen_epoch_cached": by["end_to_end", True]["epoch_s"] / by["frozen", True]["epoch_s"],
-        "end_to_end_vs_frozen_epoch_uncached": by["end_to_end", False]["epoch_s"] / by["frozen", False]["epoch_s"],
-        "training_examples": len(train),
-    }
+    rows, summary = [], {"training_examples": len(train), "training_windows": len(window_examples(train))}
+    for setup in setups:
+        for regime, overrides in REGIMES.items():
+            job = build_config("movielens", [*SETUPS[setup], *overrides])
+            if regime in SAMPLING_NEEDS_BANK and job.memory.mode != "bank":
+                continue
+            examples = window_examples(train) if job.train.targets == "all" else train
+            for cached in (False, True):
+                row = {"setup": setup, "regime": regime,
+                       **measure(job, cached, examples, prepared, num_items,
+                                 args.cached_steps if cached else args.uncached_steps, popularity)}
+                rows.append(row)
+                print(f"{setup} {regime} cache={'on' if cached else 'off'}: {row['samples_per_s']:.1f} samples/s, "
+                      f"epoch {row['epoch_s'] / 60:.1f} min", flush=True)
+        by = {(r["regime"], r["cached"]): r for r in rows if r["setup"] == setup}
+        summary[setup] = {
+            "cached_vs_uncached_end_to_end_samples_per_s": by["end_to_end", True]["samples_per_s"]
+            / by["end_to_end", False]["samples_per_s"],
+            "end_to_end_vs_frozen_epoch_cached": by["end_to_end", True]["epoch_s"] / by["frozen", True]["epoch_s"],
+            "end_to_end_vs_frozen_epoch_uncached": by["end_to_end", False]["epoch_s"] / by["frozen", False]["epoch_s"],
+        }
+        summary[setup]["side_network_cached_vs_uncached_samples_per_s"] = \
+            by["side_network", True]["samples_per_s"] / by["side_network", False]["samples_per_s"]
+        summary[setup]["side_network_vs_frozen_epoch_cached"] = \
+            by["side_network", True]["epoch_s"] / by["frozen", True]["epoch_s"]
+        if ("end_to_end_sampled", True) in by:
+            summary[setup]["sampled_end_to_end_vs_frozen_epoch_cached"] = \
+                by["end_to_end_sampled", True]["epoch_s"] / by["frozen", True]["epoch_s"]
+            summary[setup]["sampled_cached_vs_end_to_end_uncached_samples_per_s"] = \
+                by["end_to_end_sampled", True]["samples_per_s"] / by["end_to_end", False]["samples_per_s"]
     print(format_table(rows))
     print(json.dumps(summary, indent=2))
     result = {"rows": rows, "summary": summary, "settings": vars(args), "machine": platform.platform(),

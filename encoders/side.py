@@ -8,7 +8,7 @@ then a pure function of the item, computed once (the trunk cache), and only the 
 Here the side network reads each layer's pooled output (an image block's globally averaged map, a text layer's
 masked mean over tokens), not the token-level states IISAN reads: a cached item is then a few KiB, and the
 network costs a few small matrix products per item. It walks the layers bottom to top with a running state of
-`width` features, each layer adding what its (normalised, down-projected) output says given the state so far, and
+`width` features, each layer adding what its (standardised, down-projected) output says given the state so far, and
 adds an up-projection of the final state to the encoder's own output. The up-projection starts at zero, so
 training starts exactly from the frozen encoder.
 """
@@ -30,7 +30,6 @@ class SideNetwork(nn.Module):
         if width < 1 or not layer_widths:
             raise ValueError(f"a side network needs width >= 1 and at least one layer, got {width}, {layer_widths}")
         self.layer_widths = tuple(int(w) for w in layer_widths)
-        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in self.layer_widths)
         self.downs = nn.ModuleList(nn.Linear(w, width) for w in self.layer_widths)
         self.mixes = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in self.layer_widths[1:])
         self.up = nn.Linear(width, self.layer_widths[-1])
@@ -38,8 +37,10 @@ class SideNetwork(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, layers: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(layers, self.layer_widths, dim=-1)
-        state = F.gelu(self.downs[0](self.norms[0](parts[0])))
-        for part, norm, down, mix in zip(parts[1:], self.norms[1:], self.downs[1:], self.mixes):
-            state = state + F.gelu(down(norm(part)) + mix(state))
+        # each layer standardised (a layer norm whose scale and shift the down-projection absorbs: with no
+        # parameter of its own it needs no backward pass, over thousands of features per item)
+        parts = [F.layer_norm(part, part.shape[-1:]) for part in torch.split(layers, self.layer_widths, dim=-1)]
+        state = F.gelu(self.downs[0](parts[0]))
+        for part, down, mix in zip(parts[1:], self.downs[1:], self.mixes):
+            state = state + F.gelu(down(part) + mix(state))
         return self.up(state)

@@ -353,6 +353,27 @@ def test_unseen_items_get_no_gradient_and_a_catalogue_pass_fills_their_rows(sett
     assert changed[unseen].all().item() == enabled and not changed[torch.as_tensor(seen)].any()
 
 
+def test_a_side_network_trains_on_the_trunk_cache_with_the_exact_full_softmax(setting):
+    """`model.side_network` (the `movielens` recipe): the encoders stay frozen, so the step keeps the exact full
+    softmax over every item's fresh vector; the side networks learn, no encoder weight does."""
+    job, num_items, popularity, batch, catalogue, _ = setting
+    job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "model.use_id_embedding=true",
+                                "image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=8"])
+    torch.manual_seed(0)
+    trainer = build_trainer(job, num_items, popularity, LocalMemoryBankClient(capacity=num_items + 1,
+                                                                              dim=job.model.dim), trunk_cache=True)
+    trainer.build_trunk_cache(catalogue.batches(content_spec_of(job)))
+    assert isinstance(trainer.objective, FullSoftmaxLoss) and trainer.trunk_cache.encoders_frozen
+    encoder = trainer.model.item_encoder
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    for _ in range(2):  # the first step moves only the up-projection (it starts at zero), the second all of it
+        trainer.step({k: batch[k] for k in ("target", "history", "rating", "user")})
+    moved = {name for name, p in encoder.named_parameters() if not torch.equal(p.detach(), before[name])}
+    side = {name for name in before if "_side." in name}
+    assert side and side <= moved
+    assert not any(name.startswith(("image_encoder.", "text_encoder.")) for name in moved)
+
+
 def _catalogue_trainer(setting, mode: str, *overrides: str):
     """Trained tops (tiny encoders, top block/layer) on the trunk cache, every history position a target."""
     job, num_items, popularity, _, catalogue, _ = setting

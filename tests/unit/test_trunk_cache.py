@@ -123,6 +123,11 @@ def test_bytes_per_item_of_the_movielens_encoders(catalogue):
     assert plan.total_bytes == plan.bytes_per_item * 1683
     small = plan_trunk_cache(model.item_encoder, catalogue(64, 32)[0], 1682, wanted=True, max_mb=10)
     assert not small.enabled and "memory.trunk_cache_max_mb=10" in small.reason
+    # the `movielens` preset's side network: every layer's pooled output, EfficientNet-Lite0's 16 blocks
+    # (1,808 channels) and head (1,280), MiniLM's embeddings and 6 layers (7 x 384)
+    side = _model(*CONFIGS["pretrained-side-network"], side_network=64)
+    plan = plan_trunk_cache(side.item_encoder, catalogue(64, 32)[0], 1682, wanted=True, max_mb=4096)
+    assert plan.enabled and plan.bytes_per_item == (1808 + 1280 + 7 * 384) * 4 + 2 * 32 * 8 + 2 * 1
 
 
 def test_the_cache_is_off_with_a_reason_where_it_cannot_be_exact(catalogue):
@@ -190,8 +195,12 @@ def test_a_side_network_starts_from_the_frozen_encoders_output(catalogue, name):
 def test_a_side_network_needs_frozen_encoders():
     from training.job_config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match=r"model.side_network .*image.unfreeze_top=1"):
+    with pytest.raises(ConfigError, match=r"model.side_network=16 .*image.unfreeze_top=1: set model.side_network=0"):
         build_config("tiny", ["image.unfreeze_top=1", "text.unfreeze_top=0", "model.side_network=16"])
     assert build_config("tiny", ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=16"])
+    # the `movielens` preset trains one; the presets that train top layers do not
+    assert build_config("movielens").model.side_network == 64
+    assert build_config("movielens", ["model.side_network=0", "text.unfreeze_top=1"]).text.unfreeze_top == 1
+    assert [build_config(name).model.side_network for name in ("movielens_e2e", "movielens_mrl", "gpu")] == [0, 0, 0]
     with pytest.raises(ValueError, match="model.side_network=-1"):
         ModelConfig(side_network=-1)
