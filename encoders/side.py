@@ -1,7 +1,7 @@
 """A side network over a frozen encoder's layers (`model.side_network`), after IISAN (SIGIR 2024).
 
 Training an encoder's top layer end to end runs that layer forward and backward for every item of every step: on
-2 cores a MiniLM layer costs ~16x the frozen model's whole step (BENCHMARKS.md, trunk cache). IISAN keeps the
+2 cores a MiniLM layer makes a step ~14x the frozen model's (BENCHMARKS.md, frozen-trunk cache). IISAN keeps the
 backbone frozen and trains a small network beside it that reads every layer's hidden states; the frozen part is
 then a pure function of the item, computed once (the trunk cache), and only the side network runs per step.
 

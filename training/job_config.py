@@ -59,11 +59,11 @@ def movielens() -> JobConfig:
     """All of ml100k_mm with the pretrained encoders (EfficientNet-Lite0 + MiniLM), trained to early stopping.
 
     The recipe that won BENCHMARKS.md's runs to convergence on 2 cores: the encoders frozen with a side network
-    over every layer trained beside each (end to end at ~1.4x the frozen model's time: the trunk cache holds every
-    layer's pooled output; session 24: test NDCG@10 0.0711 +- 0.0014 against 0.0690 +- 0.0004 without it, three
-    seeds each), item-id embeddings, SASRec with a loss at every history position (`train.targets=all`) over the
+    over every layer trained beside each (end to end at ~1.5x the frozen model's run time: the trunk cache holds
+    every layer's pooled output; session 24: test NDCG@10 0.0711 +- 0.0014 against 0.0690 +- 0.0004 without it,
+    three seeds each), item-id embeddings, SASRec with a loss at every history position (`train.targets=all`) over the
     exact full softmax, the best epoch by validation kept. Training the encoders' top layers instead
-    (`movielens_e2e`) costs ~15x more per epoch (`bench/trunk_cache.py`).
+    (`movielens_e2e`) costs ~14x more per epoch in this setup (`bench/trunk_cache.py`).
     """
     c = JobConfig(preset="movielens")
     c.data.max_history = 50
@@ -140,6 +140,9 @@ def validate(config: JobConfig) -> JobConfig:
                           "auto beyond model.full_softmax_max_items)")
     trained = [f"{name}.unfreeze_top={getattr(config, name).unfreeze_top}" for name in config.model.modalities
                if getattr(config, name).unfreeze_top != 0]
+    if config.model.side_network and "image" in config.model.modalities and config.image.kind == "hf":
+        raise ConfigError("model.side_network reads every encoder layer's output, which image.kind=hf does not give; "
+                          "use image.kind=efficientnet_lite0 or tiny_cnn, or model.side_network=0")
     if config.model.side_network and trained:
         raise ConfigError(f"model.side_network={config.model.side_network} trains beside frozen encoders, but "
                           f"{', '.join(trained)}: set model.side_network=0 to train their top layers instead")

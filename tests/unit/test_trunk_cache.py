@@ -204,3 +204,6 @@ def test_a_side_network_needs_frozen_encoders():
     assert [build_config(name).model.side_network for name in ("movielens_e2e", "movielens_mrl", "gpu")] == [0, 0, 0]
     with pytest.raises(ValueError, match="model.side_network=-1"):
         ModelConfig(side_network=-1)
+    with pytest.raises(ConfigError, match="image.kind=hf does not give"):
+        build_config("tiny", ["image.path=/nowhere", "image.kind=hf", "image.unfreeze_top=0", "text.unfreeze_top=0",
+                              "model.side_network=16"])
