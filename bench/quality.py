@@ -73,8 +73,10 @@ METHODS: dict[str, list[str]] = {
     # in whether the tops train.
     "two_stage_frozen_catalogue": ["image.unfreeze_top=0", "text.unfreeze_top=0", "memory.mode=catalogue", NO_SIDE],
     # fMRLRec's item space: content only, no id embedding -- what a cold item has anyway.
-    "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false", NO_SIDE],
-    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.use_id_embedding=false", NO_SIDE],
+    "two_stage_frozen_content_only": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.use_id_embedding=false",
+                                      NO_SIDE],
+    "end_to_end_content_only": ["image.unfreeze_top=1", "text.unfreeze_top=1", "model.use_id_embedding=false",
+                                NO_SIDE],
     # End to end at the frozen model's cost (IISAN-style): the encoders frozen, a side network over every layer's
     # pooled output trained with the recommender (encoders.side); the trunk cache holds those outputs.
     "end_to_end_side": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=64"],

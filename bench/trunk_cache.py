@@ -1,6 +1,6 @@
 """The frozen-trunk cache: training speed with and without it, end to end and frozen two-stage, in one run.
 
-    python -m bench.trunk_cache                      # both setups, 6 uncached and 40 cached steps each, ~15 min
+    python -m bench.trunk_cache                      # both setups, 6 uncached and 40 cached steps each, ~10 min
     python -m bench.trunk_cache --setups all_positions --uncached-steps 3 --cached-steps 20   # quicker
 
 The product's own trainer (`training.trainer`) runs in this process on real ml100k_mm batches with an in-process
@@ -12,7 +12,7 @@ moves):
 - all_positions: the `movielens` preset's own since session 12: a loss at every history position
   (`train.targets=all`), every history item recomputed through the encoders (`memory.mode=recompute`), batches
   of 64 windows of up to 51 interactions;
-and three encoder regimes:
+and four encoder regimes:
 - end_to_end: the top block of each encoder trains (image.unfreeze_top=1, text.unfreeze_top=1),
 - end_to_end_sampled (one_target only): the same with LEMUR's encoder sampling (`memory.encode_fraction=0.2`:
   a fifth of the targets run the encoders, the others read the bank),

@@ -238,12 +238,14 @@ class PartiallyTrainableEncoder(nn.Module):
     def layer_features(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
         """Every layer's pooled output, bottom to top, the last being the encoder's own output ([B, w] each, as
         `layer_widths`): what a side network reads (`encoders.side`, `model.side_network`)."""
-        raise ValueError(f"{type(self).__name__} does not expose its layers' outputs: model.side_network needs "
-                         "image.kind=tiny_cnn or efficientnet_lite0, text.kind=tiny or hf")
+        raise self._no_layers()
 
     def layer_widths(self) -> tuple[int, ...]:
-        raise ValueError(f"{type(self).__name__} does not expose its layers' outputs: model.side_network needs "
-                         "image.kind=tiny_cnn or efficientnet_lite0, text.kind=tiny or hf")
+        raise self._no_layers()
+
+    def _no_layers(self) -> ValueError:
+        return ValueError(f"{type(self).__name__} does not expose its layers' outputs: model.side_network needs "
+                          "image.kind=tiny_cnn or efficientnet_lite0, text.kind=tiny or hf")
 
     def trunk_cache_unsupported(self) -> str:
         """Why this encoder's trunk output cannot be cached ("" when it can)."""
