@@ -374,8 +374,9 @@ def test_a_side_network_trains_on_the_trunk_cache_with_the_exact_full_softmax(se
     assert not any(name.startswith(("image_encoder.", "text_encoder.")) for name in moved)
 
 
-def _catalogue_trainer(setting, mode: str, *overrides: str):
-    """Trained tops (tiny encoders, top block/layer) on the trunk cache, every history position a target."""
+def _catalogue_trainer(setting, mode: str, *overrides: str, frozen: bool = False):
+    """Trained tops (tiny encoders, top block/layer; `frozen`: the overrides freeze them) on the trunk cache,
+    every history position a target."""
     job, num_items, popularity, _, catalogue, _ = setting
     job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "model.dropout=0.0",
                                 "image.unfreeze_top=1", "text.unfreeze_top=1", "train.targets=all",
@@ -384,7 +385,7 @@ def _catalogue_trainer(setting, mode: str, *overrides: str):
     trainer = build_trainer(job, num_items, popularity, LocalMemoryBankClient(capacity=num_items + 1,
                                                                               dim=job.model.dim), trunk_cache=True)
     cache = trainer.build_trunk_cache(catalogue.batches(content_spec_of(job)))
-    assert not cache.encoders_frozen
+    assert cache.encoders_frozen == frozen
     trainer.refresh_bank(trainer.encode_catalogue(catalogue.batches(content_spec_of(job))), wait=True)
     return trainer
 
@@ -519,3 +520,28 @@ def test_catalogue_mode_is_refused_without_the_trunk_cache_or_with_encoder_sampl
         build_trainer(job, num_items, popularity, bank, trunk_cache=False)
     with pytest.raises(ConfigError, match="memory.mode=catalogue encodes every item each step"):
         build_config("tiny", ["memory.mode=catalogue", "memory.encode_fraction=0.5"])
+
+
+def test_with_a_side_network_catalogue_mode_takes_the_recompute_modes_step(setting):
+    """With frozen encoders and a side network (the `movielens` recipe) both modes train on the same exact full
+    softmax; recompute runs the side networks over the batch's items and again over the catalogue, catalogue mode
+    once over the catalogue. At dropout 0 the same weights give the same loss and the same gradients."""
+    *_, splits = setting
+    batch = _window_batch(splits, rows=16)
+    results = {}
+    for mode in ("catalogue", "recompute"):
+        trainer = _catalogue_trainer(setting, mode, "image.unfreeze_top=0", "text.unfreeze_top=0",
+                                     "model.side_network=8", "model.use_id_embedding=true", frozen=True)
+        trainer.model.train()
+        trainer.optimizer.zero_grad()
+        loss, info = trainer.forward_loss(batch)
+        loss.backward()
+        side = [p for n, p in trainer.model.named_parameters() if "_side." in n]
+        assert side and all(p.grad is not None for p in side)
+        results[mode] = (loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                       if p.grad is not None})
+    (ours, our_grads), (reference, reference_grads) = results["catalogue"], results["recompute"]
+    assert ours == pytest.approx(reference, rel=1e-6)
+    assert our_grads.keys() == reference_grads.keys()
+    for name, grad in reference_grads.items():
+        assert torch.allclose(our_grads[name], grad, atol=1e-6, rtol=1e-4), name
