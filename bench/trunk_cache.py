@@ -18,7 +18,8 @@ and four encoder regimes:
   a fifth of the targets run the encoders, the others read the bank),
 - side_network: the encoders frozen, a side network over every layer's pooled output trained beside them
   (`model.side_network=64`, `encoders.side`, after IISAN): uncached, every step runs the whole frozen encoders;
-  cached, only the side network runs,
+  cached, only the side network runs (in all_positions, once a step over the whole catalogue, whose table the
+  history items read: `Trainer.one_table_a_step`),
 - frozen: nothing in the encoders trains (unfreeze_top=0), only the fusion and the recommender.
 Each runs uncached (batches are decoded beforehand, but every step runs the whole encoders) and cached
 (`memory.trunk_cache`: the trunk's output looked up per item, only the tops run). Step time excludes data

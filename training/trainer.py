@@ -81,7 +81,9 @@ class BankHistory:
 
 class RecomputeHistory:
     """Every history item is encoded with gradients (the costly baseline the bank replaces): its decoded content,
-    or its trunk-cache rows; the bank still serves the targets' cached vectors and the negatives, in one lookup."""
+    or its trunk-cache rows; the bank still serves the targets' cached vectors and the negatives, in one lookup.
+    Where the step makes every item's content anyway, the trainer reads history items from that table instead
+    (`Trainer.one_table_a_step`)."""
 
     def fetch(self, batch: dict, bank: ItemBank, dim: int, device: torch.device, negative_ids: np.ndarray,
               content_of: Callable[[dict, str], dict]) -> HistoryContent:
@@ -104,6 +106,7 @@ class CatalogueHistory:
 
 
 HISTORY_SOURCES = {"bank": BankHistory, "recompute": RecomputeHistory, "catalogue": CatalogueHistory}
+ONE_TABLE_HISTORY = CatalogueHistory()  # wherever a step makes one table of every item (`Trainer.one_table_a_step`)
 
 
 # --------------------------------------------------------------------------- negatives
@@ -285,8 +288,21 @@ class Trainer:
         return encoder.has_content and not (self.trunk_cache is not None and (
             self.trunk_cache.encoders_frozen or self.job.memory.mode == "catalogue"))
 
+    @property
+    def one_table_a_step(self) -> bool:
+        """Whether a step makes every item's content once (`catalogue_table`) and reads its history items, targets
+        and candidates from that table: memory.mode=catalogue, and memory.mode=recompute wherever the step makes
+        every item's content anyway (frozen encoders on the trunk cache, with or without side networks, under
+        the full softmax). There it is the same loss and the same gradients as encoding the history items apart
+        (tests/unit/test_trainer.py), with the encoders' tops (the side networks) run once a step instead of
+        twice."""
+        mode = self.job.memory.mode
+        return mode == "catalogue" or (mode == "recompute" and self.trunk_cache is not None
+                                       and isinstance(self.negatives, CatalogueNegatives)
+                                       and not self._negatives_from_bank)
+
     def catalogue_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory.mode=catalogue: every item's content [N+1, D] (row 0 = padding), from the trunk cache through the
+        """`one_table_a_step`: every item's content [N+1, D] (row 0 = padding), from the trunk cache through the
         encoders' trained tops, with gradients, once per step, twice: (through the fusion's dropout, without it).
         History items read the first; every positive and every full-softmax candidate reads the second, as in
         two_stage_frozen's loss. Candidates through dropout buried new items: a frozen content-only model kept
@@ -328,10 +344,11 @@ class Trainer:
         targets = batch["target"].long()
         target_np = targets.cpu().numpy()
         negative_ids = self.negatives.ids(self.num_items)  # before the step's one bank lookup
-        fetched = self.history.fetch(batch, self.bank, model.item_encoder.dim, device,
-                                     negative_ids if self._negatives_from_bank else negative_ids[:0],
-                                     self.item_content)
-        table, clean_table = self.catalogue_table() if job.memory.mode == "catalogue" else (None, None)
+        one_table = self.one_table_a_step
+        history = ONE_TABLE_HISTORY if one_table else self.history
+        fetched = history.fetch(batch, self.bank, model.item_encoder.dim, device,
+                                negative_ids if self._negatives_from_bank else negative_ids[:0], self.item_content)
+        table, clean_table = self.catalogue_table() if one_table else (None, None)
         encode_mask = cached_content = None
         if job.memory.encode_fraction < 1.0 and table is None:
             # LEMUR's encoder sampling; rows whose item has no bank vector yet are always encoded

@@ -522,26 +522,52 @@ def test_catalogue_mode_is_refused_without_the_trunk_cache_or_with_encoder_sampl
         build_config("tiny", ["memory.mode=catalogue", "memory.encode_fraction=0.5"])
 
 
-def test_with_a_side_network_catalogue_mode_takes_the_recompute_modes_step(setting):
-    """With frozen encoders and a side network (the `movielens` recipe) both modes train on the same exact full
-    softmax; recompute runs the side networks over the batch's items and again over the catalogue, catalogue mode
-    once over the catalogue. At dropout 0 the same weights give the same loss and the same gradients."""
+def _two_pass_loss(trainer, batch: dict) -> torch.Tensor:
+    """A step's loss with the history items encoded apart from the catalogue: the batch's distinct items through
+    the encoders' tops (history read from them), then every item again for the exact softmax's candidates."""
+    fetched = RecomputeHistory().fetch(batch, trainer.bank, trainer.model.item_encoder.dim, trainer.device,
+                                       np.arange(0), trainer.item_content)
+    out = trainer.module(target_ids=batch["target"].long(), content=trainer.item_content(batch, "target"),
+                         history_ids=batch["history"].long(), history_content=fetched.history_content,
+                         history_item_content=fetched.history_item_content, all_positions=True)
+    ids = np.arange(trainer.num_items + 1)
+    candidates, _ = trainer.negatives.vectors(trainer.model, ids, trainer._cached_content(torch.as_tensor(ids), False),
+                                              trainer.device)
+    return trainer.objective(out.user, out.positive, out.positive_ids, candidates, None)
+
+
+@pytest.mark.parametrize("side_width", [8, 0])
+def test_recompute_makes_one_table_a_step_where_it_makes_every_item_anyway(setting, side_width):
+    """Frozen encoders on the trunk cache under the full softmax (the `movielens` recipe, with a side network or
+    without): a recompute step runs the encoders' tops once over the catalogue and reads history items from that
+    table, as memory.mode=catalogue does, instead of over the batch's items and again over the catalogue. At
+    dropout 0 the same weights give the same loss and gradients as the two passes."""
     *_, splits = setting
     batch = _window_batch(splits, rows=16)
-    results = {}
-    for mode in ("catalogue", "recompute"):
-        trainer = _catalogue_trainer(setting, mode, "image.unfreeze_top=0", "text.unfreeze_top=0",
-                                     "model.side_network=8", "model.use_id_embedding=true", frozen=True)
-        trainer.model.train()
+    overrides = ("image.unfreeze_top=0", "text.unfreeze_top=0", f"model.side_network={side_width}",
+                 "model.use_id_embedding=true")
+    trainer = _catalogue_trainer(setting, "recompute", *overrides, frozen=True)
+    assert trainer.one_table_a_step and isinstance(trainer.objective, FullSoftmaxLoss)
+    trainer.model.train()
+    results = []
+    for make_loss in (lambda: trainer.forward_loss(batch)[0], lambda: _two_pass_loss(trainer, batch)):
         trainer.optimizer.zero_grad()
-        loss, info = trainer.forward_loss(batch)
+        loss = make_loss()
         loss.backward()
-        side = [p for n, p in trainer.model.named_parameters() if "_side." in n]
-        assert side and all(p.grad is not None for p in side)
-        results[mode] = (loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
-                                       if p.grad is not None})
-    (ours, our_grads), (reference, reference_grads) = results["catalogue"], results["recompute"]
+        results.append((loss.item(), {n: p.grad.clone() for n, p in trainer.model.named_parameters()
+                                      if p.grad is not None}))
+    (ours, our_grads), (reference, reference_grads) = results
+    side = [n for n in reference_grads if "_side." in n]
+    assert bool(side) == bool(side_width)
     assert ours == pytest.approx(reference, rel=1e-6)
     assert our_grads.keys() == reference_grads.keys()
     for name, grad in reference_grads.items():
         assert torch.allclose(our_grads[name], grad, atol=1e-6, rtol=1e-4), name
+    assert trainer.forward_loss(batch)[1]["encoded_items"] == trainer.num_items
+
+    # the two passes stay where the step does not make every item: trained tops, the sampled softmax, no cache
+    assert not _catalogue_trainer(setting, "recompute").one_table_a_step
+    assert not _catalogue_trainer(setting, "recompute", *overrides, "model.loss=sampled_softmax",
+                                  frozen=True).one_table_a_step
+    assert not _trainer(setting, "memory.mode=recompute", *overrides).one_table_a_step
+    assert _catalogue_trainer(setting, "catalogue").one_table_a_step
