@@ -312,7 +312,7 @@ class Trainer:
         if not self.model.item_encoder.has_content:
             zeros = self._cached_content(ids, dropout=False)
             return zeros, zeros
-        return self.model.item_encoder.encode_trunk_twice(self.trunk_cache.lookup(ids))
+        return self.model.item_encoder.encode_trunk_twice(self.trunk_cache.every_item())
 
     def _cached_content(self, ids: torch.Tensor, dropout: bool) -> torch.Tensor:
         """[K] item ids -> their content [K, D] from the trunk cache through the encoders' tops, with gradients

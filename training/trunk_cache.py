@@ -119,6 +119,11 @@ class TrunkCache:
         """item ids [*] -> trunk fields [*, ...] (what `ItemEncoder.encode_trunk` and `Recommender.forward` take)."""
         return {key: table[ids] for key, table in self.fields.items()}
 
+    def every_item(self) -> dict[str, torch.Tensor]:
+        """Every row [N+1, ...] per field (row 0, the padding, zeros): `lookup` of every id in order, without
+        copying the tables (39 MiB a step for the `movielens` preset's side networks, ~15 ms on 2 cores). Read only."""
+        return dict(self.fields)
+
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """The whole catalogue as trunk-field batches with item_index, for a catalogue pass (only the top runs)."""
         num_rows = next(iter(self.fields.values())).shape[0]
