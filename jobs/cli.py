@@ -15,7 +15,7 @@ from training.overrides import ConfigError, format_config
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                         help="starting configuration: tiny (CI, ~1 min on 2 CPUs), movielens (pretrained encoders "
-                             "frozen and cached, a side network trained beside each, to early stopping: ~12 min on 2 "
+                             "frozen and cached, a side network trained beside each, to early stopping: ~10 min on 2 "
                              "CPUs), movielens_e2e (their "
                              "top layers trained end to end with the memory bank, 3 x 200 steps), "
                              "movielens_mrl (movielens_e2e with Matryoshka vectors at sizes 32/128/512 from one "
