@@ -58,13 +58,14 @@ def tiny() -> JobConfig:
 def movielens() -> JobConfig:
     """All of ml100k_mm with the pretrained encoders (EfficientNet-Lite0 + MiniLM), trained to early stopping.
 
-    The recipe that won BENCHMARKS.md's runs to convergence on 2 cores: the encoders frozen with a side network
-    over every layer trained beside each (end to end at ~1.5x the frozen model's epoch: the trunk cache holds
-    every layer's pooled output, and the side networks run once a step over the catalogue), item-id embeddings,
+    The encoders frozen with a side network over every layer trained beside each (end to end at ~1.4x the frozen
+    model's epoch: the trunk cache holds every layer's pooled output, and the side networks run once a step over
+    the catalogue; BENCHMARKS.md, runs to convergence on 2 cores), item-id embeddings,
     SASRec with a loss at every history position (`train.targets=all`) over the exact full softmax, the best
     epoch by validation kept. On the leave-one-out test set the side network is level with frozen encoders
-    (`bench/preset_seeds.py`: NDCG@10 0.0695 +- 0.0022 over 8 runs against 0.0693 +- 0.0022 over 5); where a
-    test set resolves it (the time split, content only) it is ahead by several seed stds. Training the
+    (`bench/preset_seeds.py`: NDCG@10 0.0695 +- 0.0022 over 8 runs against 0.0693 +- 0.0022 over 5). On the
+    time split, whose test set resolves smaller gaps, it is ahead of frozen content only by several seed stds;
+    with ids (this model) behind on warm items at a 30-epoch cap and ahead on new items. Training the
     encoders' top layers instead (`movielens_e2e`) costs ~14x more per epoch in this setup (`bench/trunk_cache.py`).
     """
     c = JobConfig(preset="movielens")
