@@ -44,9 +44,8 @@ def train(variant: str, seed: int, args: argparse.Namespace) -> str:
     return name
 
 
-def read_run(client, name: str) -> dict:
-    """A finished run's record, found by its run name in any experiment of the store."""
-    experiments = [e.experiment_id for e in client.search_experiments()]
+def read_run(client, experiments: list[str], name: str) -> dict:
+    """A finished run's record, found by its run name in any of `experiments` (ids)."""
     found = client.search_runs(experiments, filter_string=f"attributes.run_name = '{name}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if not found:
@@ -129,7 +128,8 @@ def main() -> None:
     out = Path(args.out)
     runs = json.loads(out.read_text())["runs"] if args.resume and out.exists() else []
     known = {r["run_name"] for r in runs}
-    runs += [{"variant": v, **read_run(client, name)} for v, name in wanted if name not in known]
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs += [{"variant": v, **read_run(client, experiments, name)} for v, name in wanted if name not in known]
     runs.sort(key=lambda r: (list(VARIANTS).index(r["variant"]), r["seed"], r["run_name"]))
     peer = recbole_sasrec_ndcg()
     result = {"benchmark": "preset_seeds", "command": " ".join(sys.argv), "recbole_sasrec_test_ndcg_at_10": peer,

@@ -308,9 +308,8 @@ class Trainer:
         two_stage_frozen's loss. Candidates through dropout buried new items: a frozen content-only model kept
         cold Recall@10 0.0034 on them against 0.0124 with clean candidates, and end to end 0.0087 against 0.0206,
         though they were the better regulariser for warm items (BENCHMARKS.md, session 21)."""
-        ids = torch.arange(self.num_items + 1, device=self.device)
         if not self.model.item_encoder.has_content:
-            zeros = self._cached_content(ids, dropout=False)
+            zeros = self._cached_content(torch.arange(self.num_items + 1, device=self.device), dropout=False)
             return zeros, zeros
         return self.model.item_encoder.encode_trunk_twice(self.trunk_cache.every_item())
 
