@@ -19,7 +19,11 @@ def check_plain_name(value: str, key: str, reserved: tuple[str, ...] = ()) -> No
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = field(default=2, metadata={"help": "the most passes over the training examples"})
+    epochs: int = field(
+        default=2,
+        metadata={"help": "the most passes over the training examples, and the learning-rate schedule's horizon "
+                          "(the cosine decays over this many epochs): with early stopping a larger cap is not only "
+                          "longer, it trains at a higher rate where the run peaks"})
     patience: int = field(
         default=0,
         metadata={"help": "stop after this many epochs without a better validation NDCG@10, averaged over the "

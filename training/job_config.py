@@ -65,7 +65,7 @@ def movielens() -> JobConfig:
     epoch by validation kept. On the leave-one-out test set the side network is level with frozen encoders
     (`bench/preset_seeds.py`: NDCG@10 0.0695 +- 0.0022 over 8 runs against 0.0693 +- 0.0022 over 5). On the
     time split, whose test set resolves smaller gaps, it is ahead of frozen content only by several seed stds;
-    with ids (this model) behind on warm items at a 30-epoch cap and ahead on new items. Training the
+    with ids (this model) level with frozen on warm items at a 60-epoch cap and ahead on new items. Training the
     encoders' top layers instead (`movielens_e2e`) costs ~14x more per epoch in this setup (`bench/trunk_cache.py`).
     """
     c = JobConfig(preset="movielens")
