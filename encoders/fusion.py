@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encoders.dropout import Dropout
+from encoders.dropout import Dropout, drop_threshold, keep_mask
 from encoders.side import SideNetwork
 from matryoshka.layers import MatryoshkaLinear
 
@@ -32,6 +32,7 @@ class ItemEncoder(nn.Module):
         dropout: float = 0.1,
         matryoshka_sizes: tuple[int, ...] = (),
         side_width: int = 0,
+        id_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -57,6 +58,8 @@ class ItemEncoder(nn.Module):
         self.image_side = self._side_network("image", image_encoder, side_width)
         self.text_side = self._side_network("text", text_encoder, side_width)
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
+        drop_threshold(id_dropout)
+        self.id_dropout = id_dropout  # training only: P(an occurrence of an item gets no id vector)
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.02)
             with torch.no_grad():
@@ -183,4 +186,8 @@ class ItemEncoder(nn.Module):
         """[...] item ids -> [..., D] id embeddings (zeros when ids are not used)."""
         if self.id_embedding is None:
             return torch.zeros(*ids.shape, self.dim, device=ids.device)
-        return self.id_embedding(ids)
+        vectors = self.id_embedding(ids)
+        if self.training and self.id_dropout > 0:
+            # DropoutNet-style: a whole id vector is dropped (not rescaled), so the content alone must score it
+            vectors = vectors * keep_mask(ids.shape, self.id_dropout, ids.device).unsqueeze(-1).to(vectors.dtype)
+        return vectors

@@ -38,6 +38,7 @@ def build_recommender(
         dropout=model.dropout,
         matryoshka_sizes=model.matryoshka_sizes,
         side_width=model.side_network,
+        id_dropout=model.id_dropout,
     )
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,

@@ -45,6 +45,10 @@ class ModelConfig:
         default=0,
         metadata={"help": "width of a network trained beside each frozen encoder on every layer's pooled output "
                           "(IISAN-style; needs image/text.unfreeze_top=0; 0 = none)"})
+    id_dropout: float = field(
+        default=0.0,
+        metadata={"help": "in training, the share of item occurrences (history, positive, candidate) whose id "
+                          "vector is dropped, so the content alone must score them (DropoutNet-style; 0 = off)"})
     unseen_from_content: bool = field(
         default=True,
         metadata={"help": "items in no training example are left out of the full softmax and their id vector is "
@@ -84,6 +88,8 @@ class ModelConfig:
             raise ValueError(f"model.side_network={self.side_network} must be >= 0 (0 = none)")
         if not 0 <= self.dropout < 1:
             raise ValueError("model.dropout must be in [0, 1)")
+        if not 0 <= self.id_dropout < 1:
+            raise ValueError("model.id_dropout must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError("model.temperature must be > 0")
         self._check_matryoshka()

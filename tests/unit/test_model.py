@@ -125,6 +125,23 @@ def test_the_id_table_starts_small_and_random():
     assert 0.005 < default.item_encoder.id_embedding.weight[1:].std() < 0.05
 
 
+
+def test_id_dropout_removes_whole_id_vectors_in_training_only():
+    text = TextEncoderConfig(kind="tiny", max_length=6)
+    model = build_recommender(ModelConfig(dim=16, num_layers=1, num_heads=2, modalities=("text",),
+                                          use_id_embedding=True, id_dropout=0.25), ImageEncoderConfig(), text,
+                              num_items=5, max_history=4)
+    encoder, ids = model.item_encoder, torch.arange(1, 6).repeat(2000)  # 10,000 occurrences
+    full = encoder.id_embedding(ids)
+    torch.manual_seed(0)
+    encoder.train()
+    dropped = encoder.id_vectors(ids)
+    zero = (dropped == 0).all(dim=-1)
+    assert 0.23 < float(zero.float().mean()) < 0.27
+    torch.testing.assert_close(dropped[~zero], full[~zero])  # kept vectors whole, not rescaled
+    encoder.eval()
+    torch.testing.assert_close(encoder.id_vectors(ids), full)
+
 def test_all_positions_adds_each_history_positions_next_item_and_keeps_the_last_rows():
     """train.targets=all: the rows of the last position equal the one-target forward; an inner row is the state
     at that position (causal: later items do not change it), and its positive is the next history item."""
