@@ -4,6 +4,7 @@
     python -m bench.paired RUN_A RUN_B RUN_C --subset test --out /tmp/paired.json
     python -m bench.paired RUN_A RUN_B --by-popularity 4     # also NDCG@10 in 4 groups, rare targets to popular
     python -m bench.paired RUN_A RUN_B --among-seen           # ranked against the items some training example holds
+    python -m bench.paired RUN_A RUN_B --unseen-ids zero      # items in no training example scored by content alone
 
 Each argument is a run directory of `jobs.train` / `bench.quality` (it holds `mmrec_run.json`, the checkpoints
 and the run's `data/<subset>.parquet`). For each run the checkpoint the run kept as best (highest
@@ -136,10 +137,27 @@ def kept_checkpoint(run_dir: Path, needs: str = "") -> str:
     return checkpoint.path
 
 
-def run_ranks(run_dir: Path, subset: str, mask_history: bool,
-              among_seen: bool = False) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+def zero_unseen_ids(model, seen: np.ndarray) -> int:
+    """Zero the id vector of every item in no training example (`seen` [N+1] False, from the run's
+    `data/seen.npy`; rows past it are new since training and unseen too; row 0, the padding, is zero already), so
+    those items are scored by their content alone -> how many rows. One `error:` line for a model without ids."""
+    table = model.item_encoder.id_embedding
+    if table is None:
+        raise SystemExit("error: --unseen-ids zero needs a model with item ids (model.use_id_embedding=true)")
+    unseen = torch.ones(len(table.weight), dtype=torch.bool)
+    known = min(len(seen), len(unseen))
+    unseen[:known] = ~torch.as_tensor(np.asarray(seen[:known], dtype=bool))
+    unseen[0] = False
+    with torch.no_grad():
+        table.weight[unseen] = 0.0
+    return int(unseen.sum())
+
+
+def run_ranks(run_dir: Path, subset: str, mask_history: bool, among_seen: bool = False,
+              unseen_ids: str = "as-trained") -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks).
-    among_seen: ranked against the items of some training example only (the run's `data/popularity.npy` > 0)."""
+    among_seen: ranked against the items of some training example only (the run's `data/popularity.npy` > 0).
+    unseen_ids="zero": the unseen items' id vectors zeroed first (`zero_unseen_ids`)."""
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
     from training.evaluate import example_ranks
@@ -150,6 +168,11 @@ def run_ranks(run_dir: Path, subset: str, mask_history: bool,
     items = Path(loaded.job.data.prepared_dir) / ITEMS_FILE
     content = DecodedCatalogue(items, int(loaded.state["num_items"])).encode(loaded)
     examples = read_examples(run_dir / "data" / f"{subset}.parquet")
+    if unseen_ids == "zero":
+        seen_file = run_dir / "data" / "seen.npy"
+        if not seen_file.is_file():
+            raise SystemExit(f"error: {seen_file} is missing: --unseen-ids zero needs the run's seen items")
+        zero_unseen_ids(loaded.model, np.load(seen_file))
     unseen = None
     if among_seen:
         counts_file = run_dir / "data" / "popularity.npy"
@@ -172,6 +195,11 @@ def main() -> int:
                         help="rank against the items of some training example only (the run's data/popularity.npy "
                              "> 0): a warm comparison that the level of the unseen items, which no loss trains, "
                              "does not move (default: the whole catalogue, the protocol)")
+    parser.add_argument("--unseen-ids", choices=("as-trained", "zero"), default="as-trained",
+                        help="zero: score the items in no training example by their content alone (their id "
+                             "vectors zeroed), as a model trained with model.id_dropout saw a dropped id; "
+                             "as-trained: the id vectors the run kept (predicted from content under "
+                             "model.unseen_from_content) (default)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--by-popularity", type=int, default=0, metavar="K",
                         help="also NDCG@10 in K groups of examples by their target's training interactions "
@@ -187,7 +215,8 @@ def main() -> int:
     torch.set_grad_enabled(False)
     runs, first_targets, users = [], None, None
     for run_dir in args.runs:
-        checkpoint, run_users, targets, ranks = run_ranks(run_dir, args.subset, args.mask_history, args.among_seen)
+        checkpoint, run_users, targets, ranks = run_ranks(run_dir, args.subset, args.mask_history, args.among_seen,
+                                                       args.unseen_ids)
         same = first_targets is None or (np.array_equal(targets, first_targets) and np.array_equal(run_users, users))
         if not same:
             raise SystemExit(f"error: {run_dir} has other {args.subset} users or targets than {args.runs[0]}: "
@@ -198,7 +227,8 @@ def main() -> int:
     everything = np.ones(len(users), dtype=bool)
     table = [{"metric": metric, **row} for metric in METRICS
              for row in compare_runs(runs, everything, metric, users, args.resamples)]
-    print(f"\n{args.subset}{' (ranked among the seen items only)' if args.among_seen else ''}, "
+    print(f"\n{args.subset}{' (ranked among the seen items only)' if args.among_seen else ''}"
+          f"{' (unseen items by content alone: id vectors zeroed)' if args.unseen_ids == 'zero' else ''}, "
           f"{len(first_targets)} examples of {len(np.unique(users))} users, differences from "
           f"{runs[0]['run']} "
           f"(95% paired bootstrap, {args.resamples} resamples)\n")
@@ -213,6 +243,7 @@ def main() -> int:
         "benchmark": "paired", "command": " ".join(["python -m bench.paired", *sys.argv[1:]]),
         "machine": {"python": platform.python_version(), "torch": torch.__version__},
         "subset": args.subset, "mask_history": args.mask_history, "among_seen": args.among_seen,
+        "unseen_ids": args.unseen_ids,
         "examples": len(first_targets),
         "users": int(len(np.unique(users))),
         "runs": [{k: v for k, v in run.items() if k != "ranks"} for run in runs], "table": table,
