@@ -5,10 +5,11 @@
 Each argument is a run directory of `jobs.train` / `bench.quality` with item-id embeddings and content. For the
 checkpoint the run kept (as `bench.paired` picks it), every catalogue item's content vector is encoded and set
 beside its id vector (the model scores `normalize(content + id)`). Per run: the mean ratio of id-vector norm to
-content-vector norm for warm items (in a training example) and cold ones (in none: their id rows are the ridge
-regression from content that `Recommender.fill_unseen_ids` fits on the warm items), the mean cosine between a warm
-item's id and content vectors, and the 5-fold cross-validated R^2 of that ridge on the warm items (how much of an
-id vector content can predict, so how much a cold item's predicted row can carry). Prints a table and writes JSON.
+content-vector norm for warm items (in a training example) and cold ones (in none: in runs made before session
+27 their id rows are a ridge regression from content fitted on the warm items, since then zero), the mean cosine
+between a warm item's id and content vectors, and the 5-fold cross-validated R^2 of that ridge on the warm items
+(how much of an id vector content can predict, so how much a cold item's predicted row can carry). Prints a table
+and writes JSON.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "id_content.json"
 
 
 def ridge_cv_r2(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, folds: int = 5, seed: int = 0) -> float:
-    """[M, D] features, [M, E] targets -> the cross-validated R^2 of a ridge with an intercept, penalised as
-    `Recommender.fill_unseen_ids` penalises it (ridge x the mean diagonal of the Gram matrix)."""
+    """[M, D] features, [M, E] targets -> the cross-validated R^2 of a ridge with an intercept, penalised as the
+    product's fill of unseen id rows did before session 27 (ridge x the mean diagonal of the Gram matrix)."""
     order = np.random.default_rng(seed).permutation(len(x))
     sse = sst = 0.0
     for fold in range(folds):

@@ -137,27 +137,12 @@ def kept_checkpoint(run_dir: Path, needs: str = "") -> str:
     return checkpoint.path
 
 
-def zero_unseen_ids(model, seen: np.ndarray) -> int:
-    """Zero the id vector of every item in no training example (`seen` [N+1] False, from the run's
-    `data/seen.npy`; rows past it are new since training and unseen too; row 0, the padding, is zero already), so
-    those items are scored by their content alone -> how many rows. One `error:` line for a model without ids."""
-    table = model.item_encoder.id_embedding
-    if table is None:
-        raise SystemExit("error: --unseen-ids zero needs a model with item ids (model.use_id_embedding=true)")
-    unseen = torch.ones(len(table.weight), dtype=torch.bool)
-    known = min(len(seen), len(unseen))
-    unseen[:known] = ~torch.as_tensor(np.asarray(seen[:known], dtype=bool))
-    unseen[0] = False
-    with torch.no_grad():
-        table.weight[unseen] = 0.0
-    return int(unseen.sum())
-
-
 def run_ranks(run_dir: Path, subset: str, mask_history: bool, among_seen: bool = False,
               unseen_ids: str = "as-trained") -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks).
     among_seen: ranked against the items of some training example only (the run's `data/popularity.npy` > 0).
-    unseen_ids="zero": the unseen items' id vectors zeroed first (`zero_unseen_ids`)."""
+    unseen_ids="zero": the unseen items' id vectors zeroed first (`Recommender.zero_unseen_ids`, what training
+    does since session 27: for runs made before it, whose unseen rows hold a ridge prediction from content)."""
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
     from training.evaluate import example_ranks
@@ -172,7 +157,9 @@ def run_ranks(run_dir: Path, subset: str, mask_history: bool, among_seen: bool =
         seen_file = run_dir / "data" / "seen.npy"
         if not seen_file.is_file():
             raise SystemExit(f"error: {seen_file} is missing: --unseen-ids zero needs the run's seen items")
-        zero_unseen_ids(loaded.model, np.load(seen_file))
+        if loaded.model.item_encoder.id_embedding is None:
+            raise SystemExit(f"error: --unseen-ids zero needs a model with item ids; {run_dir} has none")
+        loaded.model.zero_unseen_ids(torch.as_tensor(np.load(seen_file)))
     unseen = None
     if among_seen:
         counts_file = run_dir / "data" / "popularity.npy"
@@ -197,9 +184,8 @@ def main() -> int:
                              "does not move (default: the whole catalogue, the protocol)")
     parser.add_argument("--unseen-ids", choices=("as-trained", "zero"), default="as-trained",
                         help="zero: score the items in no training example by their content alone (their id "
-                             "vectors zeroed), as a model trained with model.id_dropout saw a dropped id; "
-                             "as-trained: the id vectors the run kept (predicted from content under "
-                             "model.unseen_from_content) (default)")
+                             "vectors zeroed), as training now does; as-trained: the id vectors the run kept "
+                             "(in runs before session 27: a ridge prediction from content) (default)")
     parser.add_argument("--resamples", type=int, default=10_000)
     parser.add_argument("--by-popularity", type=int, default=0, metavar="K",
                         help="also NDCG@10 in K groups of examples by their target's training interactions "

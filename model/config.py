@@ -51,8 +51,8 @@ class ModelConfig:
                           "vector is dropped, so the content alone must score them (DropoutNet-style; 0 = off)"})
     unseen_from_content: bool = field(
         default=True,
-        metadata={"help": "items in no training example are left out of the full softmax and their id vector is "
-                          "predicted from their content (a ridge fit on the other items), not trained as negatives"})
+        metadata={"help": "items in no training example are left out of the full softmax (not trained as "
+                          "negatives) and scored by their content alone (a zero id vector)"})
 
     # Fixed (not settings). The logQ correction (subtract log sampling probability from in-batch negatives) is
     # always on: without it the model learns to rank popular items down, which full ranking on MovieLens punishes

@@ -99,7 +99,7 @@ class FullSoftmaxLoss:
     positives through dropout and a clean table reached train loss 2.5 with validation NDCG@10 0.029.
 
     `excluded` [N+1] bool: items that are no candidate (the items in no training example, whose scores should
-    come from their content alone, `Recommender.fill_unseen_ids`, not from being pushed down as negatives).
+    come from their content alone, `Recommender.zero_unseen_ids`, not from being pushed down as negatives).
     """
 
     def __init__(self, temperature: float, fresh_table: bool = False, excluded: torch.Tensor | None = None) -> None:

@@ -8,8 +8,7 @@ So its exact top-k is the offline evaluation's ranking for the same user (tests/
 
 Content table: a fresh catalogue pass through `training.offline_eval` (`load_checkpoint` + `DecodedCatalogue`),
 as `training.export` does. Items in the catalogue that the checkpoint never trained on (a newer prepared
-items.parquet, or `add_items`) get the id vector their content predicts (a ridge fit on the trained items,
-`model.unseen_from_content`), or a zero one with that setting off: either way they are scored by content.
+items.parquet, or `add_items`) get a zero id vector: they are scored by their content alone.
 
 A *bundle* (`save_bundle` / `from_bundle`) is what serving ships: the checkpoint's model.pt and state.json plus
 catalogue.parquet (item_index, item_id, content vector), so loading needs no image decoding or encoder pass.
@@ -41,8 +40,7 @@ from pipeline.sources import ITEMS_FILE, load_manifest
 from serving.index import ExactIndex, FunnelIndex, HnswIndex, ItemIndex, search_filtered
 from training.checkpoint import MODEL_FILE, STATE_FILE, read_state
 from training.job_config import JobConfig
-from training.offline_eval import (DecodedCatalogue, LoadedCheckpoint, content_spec_of, load_checkpoint,
-                                   predict_new_id_rows)
+from training.offline_eval import DecodedCatalogue, LoadedCheckpoint, content_spec_of, load_checkpoint
 
 INDEX_MODES = ("exact", "hnsw", "funnel")
 BUNDLE_CATALOGUE = "catalogue.parquet"
@@ -200,9 +198,8 @@ class ItemRecommender:
     def add_items(self, items_path: str | Path) -> list[str]:
         """Add the items of a newer items.parquet (prepared) whose index is past this catalogue; -> their raw ids.
 
-        They are decoded and encoded by the model's item encoder and get the id vector their content predicts
-        (`training.offline_eval.predict_new_id_rows`, as a catalogue pass does for items the checkpoint never
-        trained on): scored by content. Items already
+        They are decoded and encoded by the model's item encoder and get a zero id vector (as a catalogue pass
+        gives items the checkpoint never trained on): scored by content alone. Items already
         here must keep their index and id (a preparation of the same dataset keeps them).
         """
         from pipeline.content import ItemContentDecoder
@@ -227,7 +224,6 @@ class ItemRecommender:
                                       torch.device("cpu")) for start in range(0, len(new), 256)]
         _grow_id_table(self.model, len(indices))
         content = torch.cat([self._content, *parts])
-        predict_new_id_rows(self.model, self.job, content, trained_items=self.num_items - self.new_items)
         self.new_items += len(new)
         self._set_catalogue(content, ids)
         return ids[len(ids) - len(new):]

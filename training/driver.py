@@ -180,7 +180,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
     np.save(work / "seen.npy", seen)
     paths["seen"] = str(work / "seen.npy")
     if job.model.unseen_from_content and not seen[1:].all():
-        log(f"[train] {int((~seen[1:]).sum())} items in no training example: id vectors predicted from content "
+        log(f"[train] {int((~seen[1:]).sum())} items in no training example: scored by their content alone "
             f"(model.unseen_from_content)")
 
     tracker = Tracker.start(job.tracking, run_name, tags={"preset": job.preset, "config_hash": job.config_hash()})

@@ -1,8 +1,8 @@
 """Offline evaluation of a saved checkpoint against the current catalogue, in this process (no Ray).
 
 This module owns: loading a checkpoint for a catalogue that may have grown since it was trained (new items get
-content vectors from the item encoder, and the id vector their content predicts under `model.unseen_from_content`,
-else a zero one: `predict_new_id_rows`), decoding the catalogue once and encoding it with
+content vectors from the item encoder and a zero id vector: scored by content alone, as the items no training
+example held), decoding the catalogue once and encoding it with
 any number of models, and full-ranking metrics of a checkpoint on given examples. The retrain's promotion gate
 and `jobs.evaluate` both score through `evaluate_checkpoint`, so champion and challenger are measured by the
 same code on the same item table.
@@ -106,23 +106,9 @@ class DecodedCatalogue:
         return self._decoded[spec]
 
     def encode(self, loaded: LoadedCheckpoint) -> torch.Tensor:
-        """-> content table [N+1, D] (row 0 = padding) of every item, by this checkpoint's item encoder. Items new
-        since training get their predicted id rows from it (`predict_new_id_rows`)."""
-        content = encode_catalog(loaded.model, self.batches(content_spec_of(loaded.job)), self.num_items,
-                                 torch.device("cpu"))
-        predict_new_id_rows(loaded.model, loaded.job, content, trained_items=self.num_items - loaded.new_items)
-        return content
-
-
-def predict_new_id_rows(model: Recommender, job: JobConfig, content: torch.Tensor, trained_items: int) -> int:
-    """Under `model.unseen_from_content`, items past the first `trained_items` (new since training) get the id
-    vector that a ridge fit content -> id on the trained items predicts (`Recommender.fill_unseen_ids`, as the
-    trainer does for the items no training example holds); else they keep a zero one. -> rows written."""
-    if not job.model.unseen_from_content or len(content) - 1 <= trained_items:
-        return 0
-    trained = torch.zeros(len(content), dtype=torch.bool)
-    trained[1:trained_items + 1] = True
-    return model.fill_unseen_ids(content, trained)
+        """-> content table [N+1, D] (row 0 = padding) of every item, by this checkpoint's item encoder."""
+        return encode_catalog(loaded.model, self.batches(content_spec_of(loaded.job)), self.num_items,
+                              torch.device("cpu"))
 
 
 def evaluate_checkpoint(loaded: LoadedCheckpoint, catalogue: DecodedCatalogue, examples: Examples, *,

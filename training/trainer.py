@@ -250,8 +250,8 @@ class Trainer:
                  module: torch.nn.Module | None = None, callbacks: Sequence[StepCallback] = (),
                  seen: np.ndarray | None = None) -> None:
         self.model, self.module = model, module if module is not None else model
-        # the items in a training example [N+1]; under model.unseen_from_content the others get their id vector
-        # from their content at every catalogue pass (`Recommender.fill_unseen_ids`)
+        # the items in a training example [N+1]; under model.unseen_from_content the others' id vectors are zeroed
+        # at every catalogue pass, so they are scored by content alone (`Recommender.zero_unseen_ids`)
         self.seen = torch.as_tensor(seen, device=device) if seen is not None and job.model.unseen_from_content \
             else None
         self.optimizer, self.objective, self.negatives, self.history = optimizer, objective, negatives, history
@@ -474,10 +474,10 @@ class Trainer:
             self.average.load_trained(self.model, trained)
 
     def _catalogue_content(self, catalogue: Callable[[], Iterable[dict]]) -> torch.Tensor:
-        """A catalogue pass with the model's current weights; unseen items' id vectors are predicted from it."""
+        """A catalogue pass with the model's current weights (unseen items' id vectors zeroed)."""
         content = self.encode_catalogue(catalogue())
         if self.seen is not None:
-            self.model.fill_unseen_ids(content, self.seen)
+            self.model.zero_unseen_ids(self.seen)
         return content
 
     @contextmanager

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.paired import compare_runs, paired_bootstrap, per_user, popularity_buckets, run_ranks, zero_unseen_ids
+from bench.paired import compare_runs, paired_bootstrap, per_user, popularity_buckets, run_ranks
 from training.metrics import ranking_metrics
 
 
@@ -100,23 +100,3 @@ def test_among_seen_is_refused_outside_the_warm_subset(tmp_path):
     assert "--among-seen compares warm targets" in done.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o.json").exists()
 
-
-def test_zero_unseen_ids_clears_the_unseen_and_new_rows_only():
-    import torch
-
-    from model.build import build_recommender
-    from training.job_config import build_config
-
-    job = build_config("tiny", ["model.use_id_embedding=true", "model.dim=8"])
-    model = build_recommender(job.model, job.image, job.text, num_items=6, max_history=4)
-    table = model.item_encoder.id_embedding.weight
-    before = table.detach().clone()
-    seen = np.array([False, True, False, True, True, False])  # rows 0-5 known at training; row 6 is new since
-    assert zero_unseen_ids(model, seen) == 3
-    zeroed = (table == 0).all(dim=1).tolist()
-    assert zeroed == [True, False, True, False, False, True, True]
-    assert torch.equal(table[[1, 3, 4]], before[[1, 3, 4]])
-    no_ids = build_recommender(build_config("tiny", ["model.dim=8"]).model, job.image, job.text, num_items=6,
-                               max_history=4)
-    with pytest.raises(SystemExit, match="needs a model with item ids"):
-        zero_unseen_ids(no_ids, seen)

@@ -323,10 +323,10 @@ def test_a_loss_at_every_history_position_needs_the_full_softmax_and_learns(sett
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_unseen_items_get_no_gradient_and_a_catalogue_pass_fills_their_rows(setting, enabled):
+def test_unseen_items_get_no_gradient_and_a_catalogue_pass_zeroes_their_rows(setting, enabled):
     """Through the trainer, frozen encoders on the trunk cache (the `movielens` recipe: exact full softmax): with
     `model.unseen_from_content` the items in no training example send the steps no gradient, and end_epoch
-    writes their predicted id rows before it scores (evaluation, the bank and the checkpoint see them)."""
+    zeroes their id rows before it scores (evaluation, the bank and the checkpoint see content alone)."""
     job, num_items, popularity, batch, catalogue, splits = setting
     job = build_config("tiny", [f"data.prepared_dir={job.data.prepared_dir}", "model.dropout=0.0",
                                 "model.use_id_embedding=true", "image.unfreeze_top=0", "text.unfreeze_top=0",
@@ -351,6 +351,7 @@ def test_unseen_items_get_no_gradient_and_a_catalogue_pass_fills_their_rows(sett
         pass
     changed = (table.detach() != before).any(1)
     assert changed[unseen].all().item() == enabled and not changed[torch.as_tensor(seen)].any()
+    assert (table[unseen] == 0).all().item() == enabled
 
 
 def test_a_side_network_trains_on_the_trunk_cache_with_the_exact_full_softmax(setting):

@@ -1,5 +1,5 @@
-"""Items in no training example (`model.unseen_from_content`): which they are, their id vector predicted from
-content, and the full softmax that leaves them out instead of pushing them down as negatives."""
+"""Items in no training example (`model.unseen_from_content`): which they are, their zero id vector (scored by
+content alone), and the full softmax that leaves them out instead of pushing them down as negatives."""
 from __future__ import annotations
 
 import dataclasses
@@ -32,34 +32,28 @@ def _id_model(num_items: int = 12, dim: int = 8):
     return build_recommender(job.model, job.image, job.text, num_items=num_items, max_history=4)
 
 
-def test_unseen_rows_get_the_id_vector_a_ridge_fit_on_the_seen_items_predicts():
-    model, num_items, dim = _id_model(), 12, 8
+def test_unseen_and_new_rows_are_zeroed_and_seen_rows_kept():
+    model, num_items = _id_model(), 12
     table = model.item_encoder.id_embedding.weight
-    g = torch.Generator().manual_seed(1)
-    content = torch.randn(num_items + 1, dim, generator=g)
-    mapping, offset = torch.randn(dim, dim, generator=g), torch.randn(dim, generator=g)
-    seen = torch.ones(num_items + 1, dtype=torch.bool)
-    seen[[0, 4, 9]] = False
-    with torch.no_grad():  # seen items' id vectors: an exact affine function of their content
-        table[1:] = content[1:] @ mapping + offset
     before = table.detach().clone()
-    assert model.fill_unseen_ids(content, seen, ridge=1e-9) == 2
-    expected = content[[4, 9]] @ mapping + offset
-    torch.testing.assert_close(table[[4, 9]].detach(), expected, rtol=1e-4, atol=1e-4)
-    keep = torch.ones(num_items + 1, dtype=torch.bool)
-    keep[[4, 9]] = False
-    assert torch.equal(table[keep], before[keep])  # seen rows and the padding row untouched
-    assert model.fill_unseen_ids(content, torch.ones(num_items + 1, dtype=torch.bool)) == 0
+    seen = torch.ones(num_items - 1, dtype=torch.bool)  # rows 0-10 known at training; rows 11-12 are new since
+    seen[[0, 4, 9]] = False
+    assert model.zero_unseen_ids(seen) == 4  # 4, 9, 11, 12 (row 0 is the padding)
+    zero = (table == 0).all(dim=1)
+    assert zero.nonzero().flatten().tolist() == [0, 4, 9, 11, 12]
+    keep = ~zero
+    assert torch.equal(table[keep], before[keep])  # seen rows untouched
+    assert model.zero_unseen_ids(torch.ones(num_items + 1, dtype=torch.bool)) == 0
 
 
 def test_an_id_only_model_keeps_its_unseen_rows():
-    """No content to predict from; one shared vector would tie every unseen item (ties go to the target)."""
+    """No content to score by; one shared zero vector would tie every unseen item (ties go to the target)."""
     job = build_config("tiny", ["model.use_id_embedding=true", "model.modalities=", "model.dim=8"])
     model = build_recommender(job.model, job.image, job.text, num_items=12, max_history=4)
     seen = torch.ones(13, dtype=torch.bool)
     seen[3] = False
     before = model.item_encoder.id_embedding.weight.detach().clone()
-    assert model.fill_unseen_ids(torch.zeros(13, 8), seen) == 0
+    assert model.zero_unseen_ids(seen) == 0
     assert torch.equal(model.item_encoder.id_embedding.weight, before)
 
 
