@@ -33,7 +33,6 @@ class ItemEncoder(nn.Module):
         matryoshka_sizes: tuple[int, ...] = (),
         side_width: int = 0,
         id_dropout: float = 0.0,
-        id_dropout_on: str = "all",
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -61,8 +60,6 @@ class ItemEncoder(nn.Module):
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
         drop_threshold(id_dropout)
         self.id_dropout = id_dropout  # training only: P(an occurrence of an item gets no id vector)
-        # which occurrences: "all", "history" (what the sequence model reads) or "candidates" (what it scores)
-        self.id_dropout_roles = ("history", "candidates") if id_dropout_on == "all" else (id_dropout_on,)
         if self.id_embedding is not None:
             nn.init.normal_(self.id_embedding.weight, std=0.02)
             with torch.no_grad():
@@ -185,18 +182,12 @@ class ItemEncoder(nn.Module):
                    if encoder is not None and encoder.trunk_cache_unsupported()]
         return "; ".join(reasons)
 
-    @property
-    def drops_ids_by_role(self) -> bool:
-        """Whether id dropout applies to one role only (`model.id_dropout_on` history or candidates)."""
-        return self.id_dropout > 0 and len(self.id_dropout_roles) == 1
-
-    def id_vectors(self, ids: torch.Tensor, role: str = "candidates") -> torch.Tensor:
-        """[...] item ids -> [..., D] id embeddings (zeros when ids are not used). role: "history" for the items a
-        sequence model reads, "candidates" for the items it scores (`model.id_dropout_on` picks which drop)."""
+    def id_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """[...] item ids -> [..., D] id embeddings (zeros when ids are not used)."""
         if self.id_embedding is None:
             return torch.zeros(*ids.shape, self.dim, device=ids.device)
         vectors = self.id_embedding(ids)
-        if self.training and self.id_dropout > 0 and role in self.id_dropout_roles:
+        if self.training and self.id_dropout > 0:
             # DropoutNet-style: a whole id vector is dropped (not rescaled), so the content alone must score it
             vectors = vectors * keep_mask(ids.shape, self.id_dropout, ids.device).unsqueeze(-1).to(vectors.dtype)
         return vectors

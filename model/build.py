@@ -39,7 +39,6 @@ def build_recommender(
         matryoshka_sizes=model.matryoshka_sizes,
         side_width=model.side_network,
         id_dropout=model.id_dropout,
-        id_dropout_on=model.id_dropout_on,
     )
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,

@@ -10,7 +10,6 @@ MODALITIES = ("image", "text")
 SEQUENCE_MODELS = ("sasrec", "lru")
 LOSSES = ("auto", "sampled_softmax", "full_softmax")
 TASKS = ("retrieval", "ctr")
-ID_DROPOUT_ON = ("all", "history", "candidates")  # model.id_dropout_on
 
 
 @dataclass(kw_only=True)
@@ -50,10 +49,6 @@ class ModelConfig:
         default=0.0,
         metadata={"help": "in training, the share of item occurrences (history, positive, candidate) whose id "
                           "vector is dropped, so the content alone must score them (DropoutNet-style; 0 = off)"})
-    id_dropout_on: str = field(
-        default="all",
-        metadata={"help": "where model.id_dropout drops ids: all, history (the items the sequence model reads) or "
-                          "candidates (the items it scores: positives and the softmax's candidates)"})
     unseen_from_content: bool = field(
         default=True,
         metadata={"help": "items in no training example are left out of the full softmax (not trained as "
@@ -95,8 +90,6 @@ class ModelConfig:
             raise ValueError("model.dropout must be in [0, 1)")
         if not 0 <= self.id_dropout < 1:
             raise ValueError("model.id_dropout must be in [0, 1)")
-        if self.id_dropout_on not in ID_DROPOUT_ON:
-            raise ValueError(f"model.id_dropout_on={self.id_dropout_on!r}; valid: {', '.join(ID_DROPOUT_ON)}")
         if self.temperature <= 0:
             raise ValueError("model.temperature must be > 0")
         self._check_matryoshka()

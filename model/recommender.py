@@ -53,20 +53,17 @@ class Recommender(nn.Module):
         if size is not None and size not in self.supported_sizes:
             raise ValueError(f"size {size} is not supported; this model serves sizes {list(self.supported_sizes)}")
 
-    def raw_item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None,
-                         role: str = "candidates") -> torch.Tensor:
-        """content [*, >=size] + id embedding of ids [*] -> unnormalised item vectors [*, size or D]. role: what the
-        items are to the sequence model, "history" (read) or "candidates" (scored): `model.id_dropout_on`."""
+    def raw_item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """content [*, >=size] + id embedding of ids [*] -> unnormalised item vectors [*, size or D]"""
         self._check_size(size)
-        id_part = self.item_encoder.id_vectors(ids, role)
+        id_part = self.item_encoder.id_vectors(ids)
         if size is None:
             return content + id_part
         return truncate(content, size) + truncate(id_part, size)
 
-    def item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None,
-                     role: str = "candidates") -> torch.Tensor:
+    def item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """content [*, >=size] + id embedding of ids [*] -> normalised item vectors [*, size or D]"""
-        return F.normalize(self.raw_item_vectors(content, ids, size, role), dim=-1)
+        return F.normalize(self.raw_item_vectors(content, ids, size), dim=-1)
 
     @torch.no_grad()
     def zero_unseen_ids(self, seen: torch.Tensor) -> int:
@@ -102,12 +99,11 @@ class Recommender(nn.Module):
         state = self.sequence_model.last_state(vectors, real)  # [B, D]: forward(...)[:, -1], computed for it
         return state if size is None else truncate(state, size)
 
-    def _history_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
-                         role: str = "history") -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (real [B, L] bool, the sequence model's input: item vectors, zero at padding [B, L, D]); role
-        "candidates" for the same items as positives"""
+    def _history_vectors(self, history_ids: torch.Tensor,
+                         history_content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (real [B, L] bool, the sequence model's input: item vectors, zero at padding [B, L, D])"""
         real = history_ids > 0
-        return real, self.item_vectors(history_content, history_ids, role=role) * real[..., None]
+        return real, self.item_vectors(history_content, history_ids) * real[..., None]
 
     def user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,
                      size: int | None = None) -> torch.Tensor:
@@ -178,9 +174,7 @@ class Recommender(nn.Module):
         # position i (< L-1) predicts history item i+1; it is real whenever item i is (histories are left-padded)
         inner = real[:, :-1]
         if candidate_table is not None and content_table is not None:
-            vectors = self._history_vectors(history_ids, candidate_table[history_ids], "candidates")[1]
-        elif self.item_encoder.drops_ids_by_role:  # the positives' ids drop apart from the inputs'
-            vectors = self._history_vectors(history_ids, history_content, "candidates")[1]
+            vectors = self._history_vectors(history_ids, candidate_table[history_ids])[1]
         return StepOutput(
             user=torch.cat([states[:, :-1][inner], states[:, -1]]),
             positive=torch.cat([vectors[:, 1:][inner], positive]),

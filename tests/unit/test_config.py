@@ -48,8 +48,8 @@ def test_flatten_for_mlflow_params():
 # (the time split's validation window, which data.time_split_at users need to choose epochs on a period like the test);
 # 76th: model.side_network (end to end at the frozen model's cost, IISAN-style; BENCHMARKS.md session 24); 77th,
 # without a preset: model.id_dropout (with ids, end to end > frozen > ID-only on warm items, at new items' cost: a
-# choice the user makes; BENCHMARKS.md session 27); 78th, measured and removed: model.id_dropout_on (session 28)
-MAX_SETTABLE_KEYS = 78
+# choice the user makes; BENCHMARKS.md session 27)
+MAX_SETTABLE_KEYS = 77
 # (+1 train.average_epochs, the weight averaging of bench.quality and the movielens preset)
 # (+1 memory.trunk_cache, on in every preset with a frozen trunk; +1 train.targets, SASRec's every-position loss)
 # (+1 model.unseen_from_content, on by default; bench.quality measures it off)

@@ -142,27 +142,6 @@ def test_id_dropout_removes_whole_id_vectors_in_training_only():
     encoder.eval()
     torch.testing.assert_close(encoder.id_vectors(ids), full)
 
-
-@pytest.mark.parametrize("on", ["history", "candidates"])
-def test_id_dropout_on_one_role_leaves_the_other_whole(on):
-    """model.id_dropout_on: ids drop only where the items play that role (read by the sequence model, or scored),
-    the positives of train.targets=all (the next history items) included, with and without one table a step."""
-    torch.manual_seed(0)
-    model = build_recommender(ModelConfig(dim=16, num_layers=1, num_heads=2, modalities=(), use_id_embedding=True,
-                                          id_dropout=0.5, id_dropout_on=on),
-                              ImageEncoderConfig(), TextEncoderConfig(kind="tiny"), num_items=5, max_history=4).train()
-    encoder, ids = model.item_encoder, torch.arange(1, 6).repeat(400)
-    other = "candidates" if on == "history" else "history"
-    torch.testing.assert_close(encoder.id_vectors(ids, other), encoder.id_embedding(ids))
-    assert 0.45 < float((encoder.id_vectors(ids, on) == 0).all(dim=-1).float().mean()) < 0.55
-    history, targets = ids[:20].reshape(5, 4), ids[:5]
-    for tables in ({"content_table": torch.zeros(6, 16), "candidate_table": torch.zeros(6, 16)}, {}):
-        out = model(target_ids=targets, content={"item_ids": targets}, history_ids=history,
-                    history_content=torch.zeros(5, 4, 16), all_positions=True, **tables)
-        zero_positives = int((out.positive == 0).all(dim=-1).sum())
-        assert out.positive.shape[0] == 20 and (zero_positives > 4 if on == "candidates" else zero_positives == 0)
-
-
 def test_all_positions_adds_each_history_positions_next_item_and_keeps_the_last_rows():
     """train.targets=all: the rows of the last position equal the one-target forward; an inner row is the state
     at that position (causal: later items do not change it), and its positive is the next history item."""
