@@ -31,6 +31,12 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   popularity far better than the features do out of sample has learnt it per item, and gives a new item little
   of it.
 
+- `--match-cold R,...`: warm accuracy at a given cold Recall@10, for each run: the smallest uniform offset at which
+  its cold Recall@10 reaches R, and its warm and all-example metrics there. The level of the unseen items is one
+  scalar that no loss trains and that trades cold recall against warm accuracy in every model, so two models
+  compare on warm items at the same cold recall (where each run's trade-off curve passes through it), not only
+  at the levels they happen to be trained to ("not reached" where no offset gets there).
+
 This measures; it changes no model. Writes bench/results/new_item_boost.json, prints a table.
 """
 from __future__ import annotations
@@ -40,6 +46,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +76,20 @@ def offset_for_mass(logits: torch.Tensor, unseen: torch.Tensor, target: float, *
         middle = (low + high) / 2
         low, high = (middle, high) if unseen_mass(logits, unseen, middle) < target else (low, middle)
     return (low + high) / 2
+
+
+def offset_for_recall(recall_at: Callable[[float], float], target: float, *, low: float = -30.0,
+                      high: float = 30.0, iterations: int = 40) -> float:
+    """The smallest offset (to bisection precision) at which `recall_at(offset)`, non-decreasing in the offset (the
+    cold targets are unseen items: lifting the unseen items only lifts them), reaches `target`."""
+    if recall_at(high) < target:
+        raise ValueError(f"cold Recall@10 {target} is out of reach within offsets [{low}, {high}]")
+    if recall_at(low) >= target:
+        return low
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (low, middle) if recall_at(middle) >= target else (middle, high)
+    return high
 
 
 def ridge_fit(features: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:
@@ -164,7 +185,8 @@ def metrics_of(ranks: np.ndarray) -> dict[str, float]:
     return {metric: float(per_user(ranks, metric).mean()) for metric in ("recall@10", "ndcg@10", "recall@50")}
 
 
-def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: int) -> dict:
+def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: int,
+                match_cold: list[float] = ()) -> dict:
     from bench.paired import kept_checkpoint
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
@@ -223,7 +245,21 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         examples = read_examples(run_dir / "data" / f"{name}.parquet")
         users = torch.cat([users_of(examples, slice(start, start + 1024)) for start in range(0, len(examples.target), 1024)])
         subsets[name] = (users, torch.as_tensor(np.array(examples.target)))
-    rows_out, plain = [], {}
+    plain: dict[str, np.ndarray] = {}
+
+    def measured(row: dict, boost: torch.Tensor, keep: bool = False) -> dict:
+        """row + each subset's metrics (and all test examples') under `boost` (cosine units) [N+1]."""
+        every = []
+        for name, (users, targets) in subsets.items():
+            subset_ranks = ranks(users, targets, boost.to(users.dtype))
+            row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(subset_ranks).items()})
+            every.append(subset_ranks)
+            if keep:
+                plain[name] = subset_ranks
+        row.update({f"test/{k}": round(v, 4) for k, v in metrics_of(np.concatenate(every)).items()})
+        return row
+
+    rows_out = []
     for prior, shape in priors.items():
         shaped = logits + shape[None, :]
         for factor in factors:
@@ -233,16 +269,23 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
             boost = (offset * unseen.to(shape.dtype) + shape) * temperature  # in cosine units, as the scores
             row = {"prior": prior, "factor": factor, "logit_offset": round(offset, 4),
                    "unseen_mass": round(unseen_mass(shaped, unseen, offset), 4)}
-            every = []
-            for name, (users, targets) in subsets.items():
-                subset_ranks = ranks(users, targets, boost.to(users.dtype))
-                row.update({f"{name}/{k}": round(v, 4) for k, v in metrics_of(subset_ranks).items()})
-                every.append(subset_ranks)
-                if factor == 0:
-                    plain[name] = subset_ranks
-            row.update({f"test/{k}": round(v, 4) for k, v in metrics_of(np.concatenate(every)).items()})
-            rows_out.append(row)
+            rows_out.append(measured(row, boost, keep=factor == 0))
     cold_users, cold_targets = subsets["test_cold"]
+    unit = unseen.to(logits.dtype) * temperature  # one logit of offset on every unseen item, in cosine units
+
+    def cold_recall(offset: float) -> float:
+        return metrics_of(ranks(cold_users, cold_targets, (offset * unit).to(cold_users.dtype)))["recall@10"]
+
+    matched = []
+    for level in match_cold:
+        try:
+            offset = offset_for_recall(cold_recall, level)
+        except ValueError:  # no level of the unseen items gets there (an ID-only model's new items, say)
+            matched.append({"cold_recall@10_wanted": level, "reached": False})
+            continue
+        row = {"cold_recall@10_wanted": level, "reached": True, "logit_offset": round(offset, 4),
+               "unseen_mass": round(unseen_mass(logits, unseen, offset), 4)}
+        matched.append(measured(row, offset * unit))
     among = ranks(cold_users, cold_targets, torch.zeros(len(items)), among=unseen)
     test_examples = len(subsets["test_warm"][1]) + len(cold_targets)
     # how far the scores follow popularity: each item's mean score over (up to) 2,000 warm test examples, against
@@ -263,7 +306,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
             "warm_mean_score_vs_log_count_correlation": round(popularity_correlation, 4),
             "popularity_of_new_items": carry,
             "cold_among_unseen_random_recall@10": round(min(10, int(unseen.sum())) / int(unseen.sum()), 4),
-            "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out}
+            "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out, "matched_cold": matched}
 
 
 def main() -> int:
@@ -273,6 +316,9 @@ def main() -> int:
     parser.add_argument("--factors", default="0,0.4,0.55,0.75,1,1.5",
                         help="unseen items' mass as multiples of their catalogue share (0 = no offset, always "
                              "measured)")
+    parser.add_argument("--match-cold", default="", metavar="R,...",
+                        help="also each run's warm and all-example metrics at the smallest uniform offset at which "
+                             "its cold Recall@10 reaches each R (default: none)")
     parser.add_argument("--train-sample", type=int, default=4000, help="training examples the offsets are fitted on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -284,12 +330,18 @@ def main() -> int:
     if any(f < 0 for f in factors):
         parser.error("--factors must be >= 0")
     factors = sorted(set(factors) | {0.0})  # the model as trained is always the first row
+    try:
+        match_cold = [float(r) for r in args.match_cold.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--match-cold must be a comma list of numbers, got {args.match_cold!r}")
+    if any(not 0 < r <= 1 for r in match_cold):
+        parser.error("--match-cold levels must be in (0, 1]")
     started = time.perf_counter()
     torch.set_grad_enabled(False)
     results = []
     for run_dir in args.runs:
         try:
-            result = measure_run(run_dir, factors, args.train_sample, args.seed)
+            result = measure_run(run_dir, factors, args.train_sample, args.seed, match_cold)
         except ValueError as error:  # a factor whose mass cannot be reached (f x share >= 1)
             raise SystemExit(f"error: {run_dir}: {error}") from None
         results.append(result)
@@ -316,6 +368,16 @@ def main() -> int:
                   f"{row['test_cold/recall@10']:.4f} | {row['test_cold/ndcg@10']:.4f} | {row['test_cold/recall@50']:.4f} | "
                   f"{row['test_warm/recall@10']:.4f} | {row['test_warm/ndcg@10']:.4f} | {row['test_warm/recall@50']:.4f} | "
                   f"{row['test/recall@10']:.4f} | {row['test/ndcg@10']:.4f} |")
+        if result["matched_cold"]:
+            print("\n| cold R@10 wanted | logit offset | unseen mass | cold R@10 | warm R@10 | warm NDCG@10 "
+                  "| all NDCG@10 |\n|---:|---:|---:|---:|---:|---:|---:|")
+            for row in result["matched_cold"]:
+                if row.get("reached") is False:
+                    print(f"| {row['cold_recall@10_wanted']:g} | not reached at any offset | | | | | |")
+                    continue
+                print(f"| {row['cold_recall@10_wanted']:g} | {row['logit_offset']:.3f} | {row['unseen_mass']:.4f} | "
+                      f"{row['test_cold/recall@10']:.4f} | {row['test_warm/recall@10']:.4f} | "
+                      f"{row['test_warm/ndcg@10']:.4f} | {row['test/ndcg@10']:.4f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "new_item_boost", "command": " ".join(["python -m bench.new_item_boost", *sys.argv[1:]]),

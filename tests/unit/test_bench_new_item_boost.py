@@ -70,6 +70,13 @@ def test_a_directory_that_is_no_run_is_one_error_line(tmp_path):
     assert not (tmp_path / "o.json").exists()
 
 
+@pytest.mark.parametrize("levels", ["0.02,x", "0", "1.5"])
+def test_a_bad_cold_recall_level_is_refused_before_any_run_is_read(tmp_path, levels):
+    done = subprocess.run([sys.executable, "-m", "bench.new_item_boost", str(tmp_path), "--match-cold", levels],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--match-cold" in done.stderr.strip().splitlines()[-1]
+
+
 def test_ridge_cv_tells_a_learnable_target_from_noise():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(400, 20)) * 5.0
@@ -111,3 +118,17 @@ def test_the_content_prior_spreads_only_the_unseen_items_by_what_a_log_count_is_
     assert (shape[~unseen] == 0).all()
     assert shape[unseen].mean() == pytest.approx(0.0, abs=1e-12)
     assert shape[unseen] == pytest.approx(slope * (predicted[unseen] - predicted[unseen].mean()))
+
+
+def test_the_offset_for_a_cold_recall_is_the_smallest_that_reaches_it():
+    from bench.new_item_boost import offset_for_recall
+
+    def recall_at(offset: float) -> float:  # a non-decreasing step function: 0.1 per unit above -3, up to 1
+        return min(1.0, max(0.0, 0.1 * np.floor(offset + 3)))
+
+    for target in (0.1, 0.35, 1.0):
+        offset = offset_for_recall(recall_at, target)
+        assert recall_at(offset) >= target and recall_at(offset - 1e-6) < target
+    assert offset_for_recall(recall_at, 0.0) == -30.0  # reached everywhere: the lowest offset
+    with pytest.raises(ValueError, match="out of reach"):
+        offset_for_recall(lambda offset: 0.5, 0.6)
