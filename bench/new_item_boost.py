@@ -72,10 +72,7 @@ def offset_for_mass(logits: torch.Tensor, unseen: torch.Tensor, target: float, *
         raise ValueError("no unseen items")
     if not unseen_mass(logits, unseen, low) <= target <= unseen_mass(logits, unseen, high):
         raise ValueError(f"the target mass {target} is out of reach within offsets [{low}, {high}]")
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        low, high = (middle, high) if unseen_mass(logits, unseen, middle) < target else (low, middle)
-    return (low + high) / 2
+    return smallest_reaching(lambda offset: unseen_mass(logits, unseen, offset), target, low, high, iterations)
 
 
 def offset_for_recall(recall_at: Callable[[float], float], target: float, *, low: float = -30.0,
@@ -86,9 +83,16 @@ def offset_for_recall(recall_at: Callable[[float], float], target: float, *, low
         raise ValueError(f"cold Recall@10 {target} is out of reach within offsets [{low}, {high}]")
     if recall_at(low) >= target:
         return low
+    return smallest_reaching(recall_at, target, low, high, iterations)
+
+
+def smallest_reaching(value_at: Callable[[float], float], target: float, low: float, high: float,
+                      iterations: int) -> float:
+    """Bisection on a non-decreasing `value_at` with value_at(low) < target <= value_at(high): the smallest x in
+    [low, high] with value_at(x) >= target, to within (high - low) / 2**iterations above it."""
     for _ in range(iterations):
         middle = (low + high) / 2
-        low, high = (low, middle) if recall_at(middle) >= target else (middle, high)
+        low, high = (low, middle) if value_at(middle) >= target else (middle, high)
     return high
 
 
