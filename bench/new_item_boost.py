@@ -376,7 +376,7 @@ def main() -> int:
             print("\n| cold R@10 wanted | logit offset | unseen mass | cold R@10 | warm R@10 | warm NDCG@10 "
                   "| all NDCG@10 |\n|---:|---:|---:|---:|---:|---:|---:|")
             for row in result["matched_cold"]:
-                if row.get("reached") is False:
+                if not row["reached"]:
                     print(f"| {row['cold_recall@10_wanted']:g} | not reached at any offset | | | | | |")
                     continue
                 print(f"| {row['cold_recall@10_wanted']:g} | {row['logit_offset']:.3f} | {row['unseen_mass']:.4f} | "

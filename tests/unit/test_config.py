@@ -47,8 +47,9 @@ def test_flatten_for_mlflow_params():
 # the config diet of 2026-12-03 (it was 104): add a key only with a preset that needs it; 75th: data.validation_from
 # (the time split's validation window, which data.time_split_at users need to choose epochs on a period like the test);
 # 76th: model.side_network (end to end at the frozen model's cost, IISAN-style; BENCHMARKS.md session 24); 77th,
-# without a preset: model.id_dropout (with ids, end to end > frozen > ID-only on warm items, at new items' cost: a
-# choice the user makes; BENCHMARKS.md session 27)
+# without a preset: model.id_dropout (as trained, with ids, end to end > frozen > ID-only on warm items, at new
+# items' cost: a choice the user makes; BENCHMARKS.md session 27; session 28: that gain is new items placed lower,
+# not a better warm ranking at a fixed cold recall)
 MAX_SETTABLE_KEYS = 77
 # (+1 train.average_epochs, the weight averaging of bench.quality and the movielens preset)
 # (+1 memory.trunk_cache, on in every preset with a frozen trunk; +1 train.targets, SASRec's every-position loss)
