@@ -31,7 +31,11 @@ Methods:
   trained tops once a step (`memory.mode=catalogue`; history items through the fusion's dropout, candidates
   and positives without it, as two_stage_frozen's; before 2026-12-05 its candidates were dropped out too),
 - two_stage_frozen_catalogue: end_to_end_exact's control, frozen encoders on the same loss,
-- *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only).
+- *_content_only: the same two without the item-id embedding (fMRLRec's item space: content only),
+- end_to_end_side: the encoders frozen, a side network trained beside each (the `movielens` preset's model),
+- matryoshka_lru, lru_32 / lru_128 / lru_512: end_to_end_side with a 1-layer LRU, one Matryoshka model at dim
+  512 scored at sizes 32 / 128 / 512 (its runs keep those test metrics under "sizes") and the same model trained
+  at each size alone.
 
 Metrics (Recall@10, NDCG@10, MRR, Recall@50, and NDCG@10 with the history masked; mean ± std over `--seeds` via
 `train.seed`) on all test users, on users whose test item is warm, and on users whose test item is cold. Wall time is the whole `run_training` call (data,
@@ -52,7 +56,7 @@ import numpy as np
 from pipeline.config import DataConfig
 from training.job_config import JobConfig, build_config
 from pipeline.content import read_examples
-from training.evaluate import popularity_metrics
+from training.evaluate import popularity_metrics, size_table
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
 METRICS = ("recall@10", "ndcg@10", "mrr", "recall@50", "masked_ndcg@10")
@@ -81,6 +85,15 @@ METHODS: dict[str, list[str]] = {
     # pooled output trained with the recommender (encoders.side); the trunk cache holds those outputs.
     "end_to_end_side": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=64"],
 }
+# fMRLRec's claim on the product's end-to-end model (the side network): one Matryoshka model (the `movielens_mrl`
+# preset's sequence model: a full-width 1-layer LRU, nested losses weighted 0.25 / 0.5 / 1) scored at each of its
+# sizes, against the same model trained at each size alone (Matryoshka off, model.dim = the size).
+MATRYOSHKA_SIZES = (32, 128, 512)
+_SIDE_LRU = [*METHODS["end_to_end_side"], "model.sequence_model=lru", "model.num_layers=1"]
+METHODS["matryoshka_lru"] = [*_SIDE_LRU, f"model.dim={MATRYOSHKA_SIZES[-1]}",
+                             "model.matryoshka_sizes=" + ",".join(map(str, MATRYOSHKA_SIZES)),
+                             "model.matryoshka_weights=0.25,0.5,1"]
+METHODS.update({f"lru_{size}": [*_SIDE_LRU, f"model.dim={size}"] for size in MATRYOSHKA_SIZES})
 POPULARITY = "popularity"
 
 
@@ -142,10 +155,24 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
             for name in METRICS:
                 values = np.array([run["metrics"][subset][name] for run in mine], dtype=float)
                 entry[subset][name] = {"mean": float(values.mean()), "std": float(values.std(ddof=0))}
+        if all("sizes" in run for run in mine):
+            entry["sizes"] = size_summary([run["sizes"] for run in mine])
         walls = np.array([run["wall_seconds"] for run in mine], dtype=float)
         entry["wall_seconds"] = {"mean": float(walls.mean()), "std": float(walls.std(ddof=0))}
         summary[method] = entry
     return summary
+
+
+def size_summary(tables: list[list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Each run's `size_table` rows -> {size: {metric: {"mean", "std"}}} over the runs (the sizes every run has)."""
+    sizes = sorted(set.intersection(*({int(row["size"]) for row in table} for table in tables)))
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for size in sizes:
+        rows = [next(row for row in table if int(row["size"]) == size) for table in tables]
+        names = [name for name in rows[0] if name != "size"]
+        values = {name: np.array([row.get(name, float("nan")) for row in rows], dtype=float) for name in names}
+        out[str(size)] = {name: {"mean": float(v.mean()), "std": float(v.std(ddof=0))} for name, v in values.items()}
+    return out
 
 
 def format_table(summary: dict[str, dict]) -> str:
@@ -156,6 +183,11 @@ def format_table(summary: dict[str, dict]) -> str:
             f"{entry[s][m]['mean']:>13.4f} ± {entry[s][m]['std']:<6.4f}" for s in SUBSETS for m in METRICS
         )
         lines.append(f"{method:<30}{cells}{entry['wall_seconds']['mean']:>12.0f}")
+    for method, entry in summary.items():
+        for size, metrics in entry.get("sizes", {}).items():
+            cells = "".join(f"  test/{m}@s{size} {metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}"
+                            for m in ("ndcg@10", "recall@10") if m in metrics)
+            lines.append(f"{method:<30}{cells}")
     return "\n".join(lines)
 
 
@@ -233,6 +265,8 @@ def main() -> int:
                          "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
                          "run_dir": str(Path(job.train.storage_path).resolve() / outcome.run_name),
                          "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
+            if size_table(outcome.metrics):  # a Matryoshka model: the test metrics at each of its sizes
+                runs[-1]["sizes"] = size_table(outcome.metrics)
             print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
                 f"{s}/{m}={metrics[s][m]:.4f}" for s in SUBSETS for m in METRICS), flush=True)
             # survives an interruption (--resume)

@@ -1,4 +1,4 @@
-"""bench/quality.py's `--resume`: which earlier runs it keeps, and that it refuses runs of another protocol."""
+"""bench/quality.py: what `--resume` keeps and refuses (runs of another protocol), and its Matryoshka methods."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.quality import method_config, resumed_runs, run_protocol
+from bench.quality import MATRYOSHKA_SIZES, method_config, resumed_runs, run_protocol, size_summary
 
 
 def _args(tmp_path, **changes) -> argparse.Namespace:
@@ -57,3 +57,23 @@ def test_resume_refuses_runs_of_another_protocol_in_one_line(tmp_path):
     out.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read"):
         resumed_runs(out, out.with_suffix(".partial.json"), _protocol(tmp_path))
+
+
+def test_the_matryoshka_methods_are_one_nested_model_and_its_single_size_twins(tmp_path):
+    args = _args(tmp_path)
+    nested = method_config("matryoshka_lru", 0, args).model
+    assert (nested.dim, nested.matryoshka_sizes, nested.sequence_model, nested.side_network) == \
+        (512, (32, 128, 512), "lru", 64)
+    for size in MATRYOSHKA_SIZES:
+        single = method_config(f"lru_{size}", 0, args).model
+        assert (single.dim, single.matryoshka_sizes, single.sequence_model, single.num_layers) == \
+            (size, (), "lru", nested.num_layers)
+
+
+def test_size_summary_averages_each_size_over_the_runs_that_all_have_it():
+    runs = [[{"size": 32, "ndcg@10": 0.02}, {"size": 512, "ndcg@10": 0.06}],
+            [{"size": 32, "ndcg@10": 0.04}, {"size": 128, "ndcg@10": 0.05}, {"size": 512, "ndcg@10": 0.08}]]
+    summary = size_summary(runs)
+    assert list(summary) == ["32", "512"]
+    assert summary["32"]["ndcg@10"] == pytest.approx({"mean": 0.03, "std": 0.01})
+    assert summary["512"]["ndcg@10"]["mean"] == pytest.approx(0.07)
