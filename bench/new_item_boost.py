@@ -37,6 +37,9 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   compare on warm items at the same cold recall (where each run's trade-off curve passes through it), not only
   at the levels they happen to be trained to ("not reached" where no offset gets there).
 
+- `--size S`: every reading with a Matryoshka model's size-S vectors (item and user vectors truncated to their first S
+  dims and renormalised, as its evaluation scores each size); a run whose model does not serve S is one error line.
+
 This measures; it changes no model. Writes bench/results/new_item_boost.json, prints a table.
 """
 from __future__ import annotations
@@ -190,7 +193,7 @@ def metrics_of(ranks: np.ndarray) -> dict[str, float]:
 
 
 def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: int,
-                match_cold: list[float] = ()) -> dict:
+                match_cold: list[float] = (), size: int | None = None) -> dict:
     from bench.paired import kept_checkpoint
     from pipeline.content import read_examples
     from pipeline.sources import ITEMS_FILE
@@ -202,16 +205,18 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         raise SystemExit(f"error: {counts_file} is missing: the run's training counts tell the unseen items")
     loaded = load_checkpoint(Path(checkpoint))
     model, temperature = loaded.model.eval(), loaded.job.model.temperature
+    if size is not None and size not in model.supported_sizes:
+        raise ValueError(f"--size {size}: its model serves sizes {', '.join(map(str, model.supported_sizes))}")
     catalogue = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE, int(loaded.state["num_items"]))
     content, features = encode_with_features(catalogue, loaded)
     counts = np.load(counts_file)
     unseen = torch.zeros(len(content), dtype=torch.bool)
     unseen[1:] = torch.as_tensor(counts[1:len(content)] == 0)
-    items = model.item_vectors(content, torch.arange(len(content)))
+    items = model.item_vectors(content, torch.arange(len(content)), size)  # a Matryoshka prefix with --size
 
     def users_of(examples, rows) -> torch.Tensor:
         history = torch.as_tensor(examples.history[rows])
-        return model.user_vectors(history, content[history])
+        return model.user_vectors(history, content[history], size)
 
     def ranks(users: torch.Tensor, targets: torch.Tensor, boost: torch.Tensor, among=None) -> np.ndarray:
         return torch.cat([ranks_with_offset(users[start:start + 1024], items, targets[start:start + 1024], boost, among)
@@ -303,7 +308,8 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     if "content" in priors:
         carry["unseen_ridge_prediction_vs_log_test_count_correlation"] = round(
             correlation(predicted[unseen_items], log_test_counts[unseen_items]), 4)
-    return {"run": run_dir.name, "checkpoint": Path(checkpoint).name, "unseen_items": int(unseen.sum()),
+    return {"run": run_dir.name, "checkpoint": Path(checkpoint).name, "size": size or items.shape[1],
+            "unseen_items": int(unseen.sum()),
             "unseen_share_of_catalogue": round(share, 4), "cold_share_of_test": round(len(cold_targets) / test_examples, 4),
             "cold_among_unseen": {k: round(v, 4) for k, v in metrics_of(among).items()},
             "cold_median_rank": float(np.median(plain["test_cold"])),
@@ -324,6 +330,8 @@ def main() -> int:
                         help="also each run's warm and all-example metrics at the smallest uniform offset at which "
                              "its cold Recall@10 reaches each R (default: none)")
     parser.add_argument("--train-sample", type=int, default=4000, help="training examples the offsets are fitted on")
+    parser.add_argument("--size", type=int, default=None,
+                        help="score with each run's Matryoshka vectors of this size (default: the full vectors)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -340,17 +348,19 @@ def main() -> int:
         parser.error(f"--match-cold must be a comma list of numbers, got {args.match_cold!r}")
     if any(not 0 < r <= 1 for r in match_cold):
         parser.error("--match-cold levels must be in (0, 1]")
+    if args.size is not None and args.size < 1:
+        parser.error(f"--size must be >= 1, got {args.size}")
     started = time.perf_counter()
     torch.set_grad_enabled(False)
     results = []
     for run_dir in args.runs:
         try:
-            result = measure_run(run_dir, factors, args.train_sample, args.seed, match_cold)
-        except ValueError as error:  # a factor whose mass cannot be reached (f x share >= 1)
+            result = measure_run(run_dir, factors, args.train_sample, args.seed, match_cold, args.size)
+        except ValueError as error:  # a factor whose mass cannot be reached (f x share >= 1), a size not served
             raise SystemExit(f"error: {run_dir}: {error}") from None
         results.append(result)
         among = result["cold_among_unseen"]
-        print(f"\n{result['run']}: {result['unseen_items']} unseen items ({result['unseen_share_of_catalogue']:.1%} of "
+        print(f"\n{result['run']} (size {result['size']}): {result['unseen_items']} unseen items ({result['unseen_share_of_catalogue']:.1%} of "
               f"the catalogue; cold targets are {result['cold_share_of_test']:.1%} of the test examples)")
         print(f"cold targets among the unseen items only: Recall@10 {among['recall@10']:.4f} (random "
               f"{result['cold_among_unseen_random_recall@10']:.4f}), NDCG@10 {among['ndcg@10']:.4f}; among all "

@@ -132,3 +132,10 @@ def test_the_offset_for_a_cold_recall_is_the_smallest_that_reaches_it():
     assert offset_for_recall(recall_at, 0.0) == -30.0  # reached everywhere: the lowest offset
     with pytest.raises(ValueError, match="out of reach"):
         offset_for_recall(lambda offset: 0.5, 0.6)
+
+
+@pytest.mark.parametrize("size", ["0", "-32"])
+def test_a_size_below_one_is_refused_before_any_run_is_read(tmp_path, size):
+    done = subprocess.run([sys.executable, "-m", "bench.new_item_boost", str(tmp_path), f"--size={size}"],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--size must be >= 1" in done.stderr.strip().splitlines()[-1]
