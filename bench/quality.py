@@ -35,7 +35,7 @@ Methods:
 - end_to_end_side: the encoders frozen, a side network trained beside each (the `movielens` preset's model),
 - matryoshka_lru, lru_32 / lru_128 / lru_512: end_to_end_side with a 1-layer LRU, one Matryoshka model at dim
   512 scored at sizes 32 / 128 / 512 (its runs keep those test metrics under "sizes") and the same model trained
-  at each size alone.
+  at each size alone; other sizes by name: `lru_64`, `matryoshka_lru_32_64_128` (one model at dim 128).
 
 Metrics (Recall@10, NDCG@10, MRR, Recall@50, and NDCG@10 with the history masked; mean ± std over `--seeds` via
 `train.seed`) on all test users, on users whose test item is warm, and on users whose test item is cold. Wall time is the whole `run_training` call (data,
@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -88,13 +89,44 @@ METHODS: dict[str, list[str]] = {
 # fMRLRec's claim on the product's end-to-end model (the side network): one Matryoshka model (the `movielens_mrl`
 # preset's sequence model: a full-width 1-layer LRU, nested losses weighted 0.25 / 0.5 / 1) scored at each of its
 # sizes, against the same model trained at each size alone (Matryoshka off, model.dim = the size).
+# Other sizes by name: `lru_<D>` and `matryoshka_lru_<s1>_..._<sk>` (`method_overrides`).
 MATRYOSHKA_SIZES = (32, 128, 512)
 _SIDE_LRU = [*METHODS["end_to_end_side"], "model.sequence_model=lru", "model.num_layers=1"]
-METHODS["matryoshka_lru"] = [*_SIDE_LRU, f"model.dim={MATRYOSHKA_SIZES[-1]}",
-                             "model.matryoshka_sizes=" + ",".join(map(str, MATRYOSHKA_SIZES)),
-                             "model.matryoshka_weights=0.25,0.5,1"]
-METHODS.update({f"lru_{size}": [*_SIDE_LRU, f"model.dim={size}"] for size in MATRYOSHKA_SIZES})
+_SINGLE_LRU = re.compile(r"lru_(\d+)")
+_NESTED_LRU = re.compile(r"matryoshka_lru((?:_\d+)+)")
 POPULARITY = "popularity"
+
+
+def _nested_lru(sizes: tuple[int, ...]) -> list[str]:
+    """One Matryoshka LRU at dim sizes[-1], scored at each size; each size's loss weighs half the next one's
+    (0.25 / 0.5 / 1 for three sizes, the `movielens_mrl` preset's weights)."""
+    weights = [0.5 ** (len(sizes) - 1 - i) for i in range(len(sizes))]
+    return [*_SIDE_LRU, f"model.dim={sizes[-1]}", "model.matryoshka_sizes=" + ",".join(map(str, sizes)),
+            "model.matryoshka_weights=" + ",".join(f"{w:g}" for w in weights)]
+
+
+METHODS["matryoshka_lru"] = _nested_lru(MATRYOSHKA_SIZES)
+METHODS.update({f"lru_{size}": [*_SIDE_LRU, f"model.dim={size}"] for size in MATRYOSHKA_SIZES})
+
+
+def method_overrides(method: str) -> list[str]:
+    """A method's `--set` overrides: METHODS' entry, or for `lru_<D>` the side-network model with a 1-layer LRU at
+    dim D, for `matryoshka_lru_<s1>_..._<sk>` one Matryoshka LRU at those sizes. KeyError for any other name."""
+    if method in METHODS:
+        return METHODS[method]
+    if single := _SINGLE_LRU.fullmatch(method):
+        return [*_SIDE_LRU, f"model.dim={int(single[1])}"]
+    if nested := _NESTED_LRU.fullmatch(method):
+        return _nested_lru(tuple(int(size) for size in nested[1].strip("_").split("_")))
+    raise KeyError(method)
+
+
+def _known(method: str) -> bool:
+    try:
+        method_overrides(method)
+    except KeyError:
+        return False
+    return True
 
 
 def common_overrides(args: argparse.Namespace) -> list[str]:
@@ -116,7 +148,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def method_config(method: str, seed: int, args: argparse.Namespace) -> JobConfig:
-    overrides = [*common_overrides(args), *METHODS[method], *args.overrides, f"train.seed={seed}",
+    overrides = [*common_overrides(args), *method_overrides(method), *args.overrides, f"train.seed={seed}",
                  f"train.run_name=quality-{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"]
     job = build_config("movielens", overrides)
     job.preset = f"bench-quality-{method}"
@@ -207,7 +239,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prepared-dir", default="prepared/ml100k_mm")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma list of {', '.join(METHODS)}, lru_<D>, matryoshka_lru_<s1>_..._<sk>")
     parser.add_argument("--seeds", default="0,1,2", help="train.seed values (comma list)")
     parser.add_argument("--steps", type=int, default=0, help="training steps per epoch (0 = whole epochs)")
     parser.add_argument("--epochs", type=int, default=100, help="epochs at most, every method")
@@ -229,9 +262,10 @@ def main() -> int:
                              "they were measured under another protocol")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    unknown = [method for method in methods if not _known(method)]
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
+        parser.error(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}, lru_<D>, "
+                     f"matryoshka_lru_<s1>_..._<sk>")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
     from training.driver import init_ray, run_training
@@ -279,7 +313,8 @@ def main() -> int:
             subsets = subset_popularity(Path(job.train.storage_path).resolve() / trained["run_name"], job)
             runs.append({"method": POPULARITY, "seed": seed, "wall_seconds": 0.0, "metrics": {
                 s: {m: float(subsets[s][m]) if s in subsets else float("nan") for m in METRICS} for s in SUBSETS}})
-    order = [POPULARITY, *methods, *(m for m in METHODS if m not in methods)]  # resumed runs may add methods
+    # resumed runs may add methods
+    order = list(dict.fromkeys([POPULARITY, *methods, *METHODS, *(run["method"] for run in runs)]))
     runs.sort(key=lambda run: (order.index(run["method"]), run["seed"]))
     summary = summarise(runs)
     counts = _subset_sizes(first)
@@ -289,7 +324,8 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "load_average_at_end": list(os.getloadavg())},
         "protocol": {**protocol,
-                     "methods": {m: METHODS[m] for m in dict.fromkeys(run["method"] for run in runs) if m in METHODS},
+                     "methods": {m: method_overrides(m) for m in dict.fromkeys(run["method"] for run in runs)
+                                 if _known(m)},
                      "common_overrides": common_overrides(args), "test_users": counts},
         "summary": summary,
         "runs": runs,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.quality import MATRYOSHKA_SIZES, method_config, resumed_runs, run_protocol, size_summary
+from bench.quality import MATRYOSHKA_SIZES, method_config, method_overrides, resumed_runs, run_protocol, size_summary
 
 
 def _args(tmp_path, **changes) -> argparse.Namespace:
@@ -77,3 +77,14 @@ def test_size_summary_averages_each_size_over_the_runs_that_all_have_it():
     assert list(summary) == ["32", "512"]
     assert summary["32"]["ndcg@10"] == pytest.approx({"mean": 0.03, "std": 0.01})
     assert summary["512"]["ndcg@10"]["mean"] == pytest.approx(0.07)
+
+
+def test_other_sizes_are_methods_by_name_and_other_names_are_refused(tmp_path):
+    args = _args(tmp_path)
+    nested = method_config("matryoshka_lru_32_64_128", 0, args).model
+    assert (nested.dim, nested.matryoshka_sizes, nested.matryoshka_weights) == (128, (32, 64, 128), (0.25, 0.5, 1.0))
+    assert method_config("lru_64", 0, args).model.dim == 64
+    assert method_overrides("matryoshka_lru") == method_overrides("matryoshka_lru_32_128_512")
+    for name in ("lru_", "lru_64x", "matryoshka_lru_", "popularity"):
+        with pytest.raises(KeyError):
+            method_overrides(name)
