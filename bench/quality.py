@@ -97,16 +97,20 @@ _NESTED_LRU = re.compile(r"matryoshka_lru((?:_\d+)+)")
 POPULARITY = "popularity"
 
 
+def _single_lru(dim: int) -> list[str]:
+    return [*_SIDE_LRU, f"model.dim={dim}"]
+
+
 def _nested_lru(sizes: tuple[int, ...]) -> list[str]:
     """One Matryoshka LRU at dim sizes[-1], scored at each size; each size's loss weighs half the next one's
     (0.25 / 0.5 / 1 for three sizes, the `movielens_mrl` preset's weights)."""
     weights = [0.5 ** (len(sizes) - 1 - i) for i in range(len(sizes))]
-    return [*_SIDE_LRU, f"model.dim={sizes[-1]}", "model.matryoshka_sizes=" + ",".join(map(str, sizes)),
+    return [*_single_lru(sizes[-1]), "model.matryoshka_sizes=" + ",".join(map(str, sizes)),
             "model.matryoshka_weights=" + ",".join(f"{w:g}" for w in weights)]
 
 
 METHODS["matryoshka_lru"] = _nested_lru(MATRYOSHKA_SIZES)
-METHODS.update({f"lru_{size}": [*_SIDE_LRU, f"model.dim={size}"] for size in MATRYOSHKA_SIZES})
+METHODS.update({f"lru_{size}": _single_lru(size) for size in MATRYOSHKA_SIZES})
 
 
 def method_overrides(method: str) -> list[str]:
@@ -115,7 +119,7 @@ def method_overrides(method: str) -> list[str]:
     if method in METHODS:
         return METHODS[method]
     if single := _SINGLE_LRU.fullmatch(method):
-        return [*_SIDE_LRU, f"model.dim={int(single[1])}"]
+        return _single_lru(int(single[1]))
     if nested := _NESTED_LRU.fullmatch(method):
         return _nested_lru(tuple(int(size) for size in nested[1].strip("_").split("_")))
     raise KeyError(method)
@@ -299,8 +303,9 @@ def main() -> int:
                          "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
                          "run_dir": str(Path(job.train.storage_path).resolve() / outcome.run_name),
                          "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
-            if size_table(outcome.metrics):  # a Matryoshka model: the test metrics at each of its sizes
-                runs[-1]["sizes"] = size_table(outcome.metrics)
+            sizes = size_table(outcome.metrics)
+            if sizes:  # a Matryoshka model: the test metrics at each of its sizes
+                runs[-1]["sizes"] = sizes
             print(f"[bench] {method} seed={seed} wall={wall:.0f}s " + " ".join(
                 f"{s}/{m}={metrics[s][m]:.4f}" for s in SUBSETS for m in METRICS), flush=True)
             # survives an interruption (--resume)
