@@ -297,6 +297,31 @@ def format_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarise(runs: list[dict]) -> dict[str, dict]:
+    """Per model: its seeds, and the mean and std (over seeds, ddof=0 as bench.quality's) of every test metric,
+    of the best epoch, the epochs run and the wall time."""
+    summary: dict[str, dict] = {}
+    for model in dict.fromkeys(run["model"] for run in runs):
+        mine = [run for run in runs if run["model"] == model]
+        columns = {f"test_{m}": [run["test"][m] for run in mine] for m in METRICS}
+        columns.update({key: [run[key] for run in mine] for key in ("best_epoch", "epochs_run", "wall_seconds")})
+        summary[model] = {"seeds": [run["seed"] for run in mine],
+                          **{key: {"mean": float(np.mean(values)), "std": float(np.std(values))}
+                             for key, values in columns.items()}}
+    return summary
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    lines = ["| model | seeds | " + " | ".join(f"test {m}" for m in METRICS) + " | best epoch | epochs run | wall s |",
+             "|---|---|" + "---:|" * (len(METRICS) + 3)]
+    for model, entry in summary.items():
+        cells = [f"{entry[f'test_{m}']['mean']:.4f} ± {entry[f'test_{m}']['std']:.4f}" for m in METRICS]
+        cells += [f"{entry[key]['mean']:.1f} ± {entry[key]['std']:.1f}" for key in ("best_epoch", "epochs_run")]
+        cells.append(f"{entry['wall_seconds']['mean']:.0f}")
+        lines.append(f"| {model} | {', '.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def format_markdown(runs: list[dict]) -> str:
     header = ("| model | seed | test NDCG@10 | test Recall@10 | test MRR | test Recall@50 | best val NDCG@10 (epoch) "
               "| epochs run | stopped by | train s/epoch | wall s |")
@@ -323,6 +348,7 @@ def write_results(path: Path, payload: dict, merge: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if merge and path.exists():
         payload["runs"][:] = merge_runs(payload["runs"], json.loads(path.read_text()).get("runs", []))
+    payload["summary"] = summarise(payload["runs"])
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, path)
@@ -444,7 +470,8 @@ def main() -> int:
                   f"of {result['epochs_run']} (stopped by {result['stopped_by']}); {wall:.0f}s", flush=True)
             write_results(args.out, payload, merge=args.resume)  # after every model: a killed run keeps what finished
     write_results(args.out, payload, merge=args.resume)
-    print("\n" + format_table(runs) + "\n\n" + format_markdown(runs) + f"\n\nwrote {args.out}")
+    print("\n" + format_table(payload["runs"]) + "\n\n" + format_markdown(payload["runs"]) + "\n\n"
+          + format_summary(payload["summary"]) + f"\n\nwrote {args.out}")
     return 0
 
 

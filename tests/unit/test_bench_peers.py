@@ -13,10 +13,12 @@ from bench.peers import (
     SplitMismatch,
     check_split,
     compare_splits,
+    format_summary,
     merge_runs,
     our_split,
     recbole_sequences,
     recbole_split,
+    summarise,
     write_atomic_inter,
 )
 from pipeline.sequences import order_interactions
@@ -98,3 +100,26 @@ def test_merge_runs_keeps_other_invocations_runs_and_prefers_ours() -> None:
     on_disk = [{"model": "SASRec", "seed": 0, "v": "disk"}, {"model": "GRU4Rec", "seed": 0, "v": "old"}]
     assert merge_runs(mine, on_disk) == [{"model": "SASRec", "seed": 0, "v": "disk"},
                                          {"model": "GRU4Rec", "seed": 0, "v": "mine"}]
+
+
+def _run(model: str, seed: int, ndcg: float, best_epoch: int, wall: float) -> dict:
+    return {"model": model, "seed": seed, "best_epoch": best_epoch, "epochs_run": best_epoch + 11,
+            "wall_seconds": wall, "test": {"ndcg@10": ndcg, "recall@10": 2 * ndcg, "mrr": ndcg, "recall@50": 0.4}}
+
+
+def test_summarise_gives_each_model_its_seeds_mean_and_population_std() -> None:
+    runs = [_run("SASRec", 0, 0.06, 8, 3000.0), _run("GRU4Rec", 0, 0.07, 15, 2000.0),
+            _run("SASRec", 1, 0.08, 12, 1000.0)]
+    summary = summarise(runs)
+    assert list(summary) == ["SASRec", "GRU4Rec"]
+    sasrec = summary["SASRec"]
+    assert sasrec["seeds"] == [0, 1]
+    assert sasrec["test_ndcg@10"] == pytest.approx({"mean": 0.07, "std": 0.01})
+    assert sasrec["test_recall@10"] == pytest.approx({"mean": 0.14, "std": 0.02})
+    assert sasrec["best_epoch"] == pytest.approx({"mean": 10.0, "std": 2.0})
+    assert sasrec["epochs_run"]["mean"] == pytest.approx(21.0)
+    assert sasrec["wall_seconds"] == pytest.approx({"mean": 2000.0, "std": 1000.0})
+    assert summary["GRU4Rec"]["test_ndcg@10"] == pytest.approx({"mean": 0.07, "std": 0.0})
+    table = format_summary(summary)
+    assert "| SASRec | 0, 1 | 0.0700 ± 0.0100 | 0.1400 ± 0.0200 |" in table
+    assert "| GRU4Rec | 0 | 0.0700 ± 0.0000 |" in table
