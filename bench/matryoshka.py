@@ -11,10 +11,10 @@ Each model trains for the same number of steps on ALL ml100k_mm users (leave-one
 test split with full ranking over the catalogue. The Matryoshka model (model.dim = largest size,
 model.matryoshka_sizes = all sizes) is scored at every size from its one checkpoint; each single-size model
 (model.dim = s, Matryoshka off: the plain architecture you would otherwise train) at its own size. The Matryoshka
-model is the one the product builds (the `movielens_mrl` preset's): a full-width sequence model whose last state,
-truncated, is the user vector. The variants that lost (fMRLRec's nested LRU, a user head, block normalisation,
-a zero-initialised head, a 4 x dim LRU feed-forward) were removed with their flags; their results are in
-BENCHMARKS.md and their code in git history at e629acf.
+model is the one the product builds (the `movielens_mrl` preset's, there at dim 128 over the side-network
+encoders): a full-width sequence model whose last state, truncated, is the user vector. The variants that lost
+(fMRLRec's nested LRU, a user head, block normalisation, a zero-initialised head, a 4 x dim LRU feed-forward) were
+removed with their flags; their results are in BENCHMARKS.md and their code in git history at e629acf.
 
 Why in process rather than `run_training`: on a shared 2-core machine Ray start-up, TorchTrainer set-up and
 catalogue materialisation cost 40-60 s per run and vary a lot with other load; that would swamp the quantity

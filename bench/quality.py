@@ -86,9 +86,10 @@ METHODS: dict[str, list[str]] = {
     # pooled output trained with the recommender (encoders.side); the trunk cache holds those outputs.
     "end_to_end_side": ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=64"],
 }
-# fMRLRec's claim on the product's end-to-end model (the side network): one Matryoshka model (the `movielens_mrl`
-# preset's sequence model: a full-width 1-layer LRU, nested losses weighted 0.25 / 0.5 / 1) scored at each of its
-# sizes, against the same model trained at each size alone (Matryoshka off, model.dim = the size).
+# fMRLRec's claim on the product's end-to-end model (the side network): one Matryoshka model (a full-width 1-layer
+# LRU, nested losses weighted 0.25 / 0.5 / 1; at dim 512 the `movielens_mrl` preset's shape before 2026-12-06, at
+# dim 128 (`matryoshka_lru_32_64_128`) the preset's model since) scored at each of its sizes, against the same model
+# trained at each size alone (Matryoshka off, model.dim = the size).
 # Other sizes by name: `lru_<D>` and `matryoshka_lru_<s1>_..._<sk>` (`method_overrides`).
 MATRYOSHKA_SIZES = (32, 128, 512)
 _SIDE_LRU = [*METHODS["end_to_end_side"], "model.sequence_model=lru", "model.num_layers=1"]
@@ -103,7 +104,8 @@ def _single_lru(dim: int) -> list[str]:
 
 def _nested_lru(sizes: tuple[int, ...]) -> list[str]:
     """One Matryoshka LRU at dim sizes[-1], scored at each size; each size's loss weighs half the next one's
-    (0.25 / 0.5 / 1 for three sizes, the `movielens_mrl` preset's weights)."""
+    (0.25 / 0.5 / 1 for three sizes, the `movielens_mrl` preset's weights). `matryoshka_lru_32_64_128` is that
+    preset's model (`tests/unit/test_matryoshka_integration.py`)."""
     weights = [0.5 ** (len(sizes) - 1 - i) for i in range(len(sizes))]
     return [*_single_lru(sizes[-1]), "model.matryoshka_sizes=" + ",".join(map(str, sizes)),
             "model.matryoshka_weights=" + ",".join(f"{w:g}" for w in weights)]

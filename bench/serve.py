@@ -18,10 +18,10 @@ does not redo are kept, so other parts, such as the HTTP latency of jobs.serve, 
 3. http: POST /recommend of `jobs.serve` (Ray Serve, one replica, started by this script in its own local Ray and
    stopped after), loaded by threads of this process (one keep-alive `http.client` connection each, sharing the
    machine's CPUs with the server, as a sidecar client would) at each --concurrency for --seconds: latency
-   p50/p90/p99 and throughput, for exact search and the funnel at two prefix sizes (32, 128). Each request is a
+   p50/p90/p99 and throughput, for exact search and the funnel at each smaller size it serves. Each request is a
    random real user's last max_history items, k = 10. The model: --checkpoint, else (--http-preset, default
    movielens_mrl) that architecture at its seeded initial weights over the real catalogue (1,682 items):
-   latency depends on shapes, not on weight values, and training it first takes half an hour here.
+   latency depends on shapes, not on weight values, and training it first takes ~10 minutes here.
        python -m bench.serve --parts http [--checkpoint DIR] [--concurrency 1,8,32] [--seconds 8]
        python -m bench.serve --parts http --url http://127.0.0.1:8000     # a server already running
 Per-query cost: one query at a time (what an online request sees), median over the queries, in milliseconds;
@@ -57,9 +57,13 @@ RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 K = 10
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ml100k_mm"
-# (label, extra request fields): exact search at the full size, and the funnel retrieving with two prefix sizes
-HTTP_VARIANTS = (("exact", {"mode": "exact"}), ("funnel@32", {"mode": "funnel", "size": 32}),
-                 ("funnel@128", {"mode": "funnel", "size": 128}))
+
+
+def http_variants(sizes: list[int]) -> list[tuple[str, dict]]:
+    """(label, extra request fields): exact search at the full size, and the funnel retrieving with each smaller
+    size the served model has (re-ranking at the full size)."""
+    return [("exact", {"mode": "exact"}),
+            *((f"funnel@{size}", {"mode": "funnel", "size": size}) for size in sorted(sizes)[:-1])]
 
 
 def timed_build(build) -> tuple[ItemIndex, float]:
@@ -301,14 +305,10 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def run_http_bench(base_url: str, prepared_dir: Path, *, max_history: int, concurrencies: list[int],
-                   seconds: float, sizes: list[int], variants=HTTP_VARIANTS) -> list[LoadResult]:
-    """Every variant the served model supports (the funnel needs its prefix size below the full one) at every
-    concurrency."""
+                   seconds: float, sizes: list[int]) -> list[LoadResult]:
+    """Every variant the served model supports (`http_variants`) at every concurrency."""
     results = []
-    for label, fields in variants:
-        if fields.get("size") is not None and not (fields["size"] in sizes and fields["size"] < max(sizes)):
-            print(f"{label:<11} skipped: the model serves sizes {sizes}")
-            continue
+    for label, fields in http_variants(sizes):
         bodies = request_bodies(prepared_dir, fields, max_history)
         for concurrency in concurrencies:
             result = measure_http(base_url, bodies, concurrency, seconds, variant=label)

@@ -18,8 +18,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                              "frozen and cached, a side network trained beside each, to early stopping: ~10 min on 2 "
                              "CPUs), movielens_e2e (their "
                              "top layers trained end to end with the memory bank, 3 x 200 steps), "
-                             "movielens_mrl (movielens_e2e with Matryoshka vectors at sizes 32/128/512 from one "
-                             "model), gpu (everything trained, one GPU)")
+                             "movielens_mrl (movielens with a 1-layer LRU and Matryoshka vectors at sizes 32/64/128 "
+                             "from one model), gpu (everything trained, one GPU)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, type-checked (repeatable), e.g. --set train.epochs=3 "
                              "--set data.raw_dir=/data/ml100k_mm; unknown keys are refused with the valid ones")

@@ -5,7 +5,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bench.serve import LoadResult, format_http_row, measure_http
+from bench.serve import LoadResult, format_http_row, http_variants, measure_http
 
 
 class _Recommend(BaseHTTPRequestHandler):
@@ -40,3 +40,9 @@ def test_measure_http_counts_answers_errors_and_orders_percentiles():
         assert isinstance(good, LoadResult) and format_http_row(good).split()[:2] == ["exact", "4"]
     finally:
         server.shutdown()
+
+
+def test_http_variants_funnel_at_every_size_below_the_full_one():
+    assert [label for label, _ in http_variants([32, 64, 128])] == ["exact", "funnel@32", "funnel@64"]
+    assert http_variants([128, 32])[1] == ("funnel@32", {"mode": "funnel", "size": 32})
+    assert http_variants([128]) == [("exact", {"mode": "exact"})]  # no Matryoshka sizes: exact only

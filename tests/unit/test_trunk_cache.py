@@ -198,10 +198,11 @@ def test_a_side_network_needs_frozen_encoders():
     with pytest.raises(ConfigError, match=r"model.side_network=16 .*image.unfreeze_top=1: set model.side_network=0"):
         build_config("tiny", ["image.unfreeze_top=1", "text.unfreeze_top=0", "model.side_network=16"])
     assert build_config("tiny", ["image.unfreeze_top=0", "text.unfreeze_top=0", "model.side_network=16"])
-    # the `movielens` preset trains one; the presets that train top layers do not
+    # `movielens` (and `movielens_mrl`, built on it) trains one; the presets that train top layers do not
     assert build_config("movielens").model.side_network == 64
     assert build_config("movielens", ["model.side_network=0", "text.unfreeze_top=1"]).text.unfreeze_top == 1
-    assert [build_config(name).model.side_network for name in ("movielens_e2e", "movielens_mrl", "gpu")] == [0, 0, 0]
+    assert [build_config(name).model.side_network for name in ("movielens_e2e", "gpu")] == [0, 0]
+    assert build_config("movielens_mrl").model.side_network == 64
     with pytest.raises(ValueError, match="model.side_network=-1"):
         ModelConfig(side_network=-1)
     with pytest.raises(ConfigError, match="image.kind=hf does not give"):
