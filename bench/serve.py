@@ -21,7 +21,7 @@ does not redo are kept, so other parts, such as the HTTP latency of jobs.serve, 
    p50/p90/p99 and throughput, for exact search and the funnel at each smaller size it serves. Each request is a
    random real user's last max_history items, k = 10. The model: --checkpoint, else (--http-preset, default
    movielens_mrl) that architecture at its seeded initial weights over the real catalogue (1,682 items):
-   latency depends on shapes, not on weight values, and training it first takes ~10 minutes here.
+   latency depends on shapes, not on weight values, and training it first takes ~5 minutes here (alone).
        python -m bench.serve --parts http [--checkpoint DIR] [--concurrency 1,8,32] [--seconds 8]
        python -m bench.serve --parts http --url http://127.0.0.1:8000     # a server already running
 Per-query cost: one query at a time (what an online request sees), median over the queries, in milliseconds;
