@@ -10,7 +10,9 @@ Every method starts from the `movielens` preset (since 2026-12-03: a loss at eve
 default: whole epochs, at most 100, patience 10 (on validation NDCG@10 averaged over 3 epochs), the weights
 averaged over about an epoch (the preset's `train.average_epochs=1`, since 2026-12-04). Measured per seed
 on 2 cores: ID-only 8-14 min, frozen two-stage 8-15 min, end-to-end ~55 min (BENCHMARKS.md); `--resume`
-continues an interrupted run or adds seeds / methods to a finished one (refused if its protocol differs).
+keeps the finished runs of an interrupted bench, continues the run it was training from that run's last
+checkpoint (its wall time counts the interrupted part up to that checkpoint), or adds seeds / methods to a
+finished bench (refused if its protocol differs).
 
 Every method is a config of the product (`run_training`, the same Ray Data pipeline, memory bank, TorchTrainer
 loop and MLflow logging), on all of ml100k_mm, leave-one-out (or by time with `--set data.time_split_at=DATE`:
@@ -27,6 +29,8 @@ Methods:
 - end_to_end: the same encoders with their top block trained by the recommendation loss (`unfreeze_top=1`),
   BatchNorm statistics kept (always, since 2026-12-03; before, `image.freeze_norm_stats=true`), on the sampled
   softmax over each step's distinct items (logQ-corrected),
+- end_to_end_sampled: the same with LEMUR's encoder sampling (`memory.encode_fraction=0.2`; bank mode, one target
+  per example: `--set memory.mode=bank --set train.targets=last`),
 - end_to_end_exact: the same on the exact full softmax, as ID-only and frozen train: every item through the
   trained tops once a step (`memory.mode=catalogue`; history items through the fusion's dropout, candidates
   and positives without it, as two_stage_frozen's; before 2026-12-05 its candidates were dropped out too),
@@ -71,6 +75,9 @@ METHODS: dict[str, list[str]] = {
     # BatchNorm keeps its pretrained statistics, always (session 3: training the top block with batch statistics
     # was the main reason end-to-end trailed; BENCHMARKS.md).
     "end_to_end": ["image.unfreeze_top=1", "text.unfreeze_top=1", NO_SIDE],
+    # LEMUR's encoder sampling: the same, with a random 20% of a step's targets run through the trained tops and the
+    # rest read from the memory bank (bank mode only: `--set memory.mode=bank --set train.targets=last`).
+    "end_to_end_sampled": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.encode_fraction=0.2", NO_SIDE],
     # The same on the exact full softmax, as ID-only and frozen train, every item run through the trained tops
     # once a step (memory.mode=catalogue) instead of the sampled softmax over the step's own items.
     "end_to_end_exact": ["image.unfreeze_top=1", "text.unfreeze_top=1", "memory.mode=catalogue", NO_SIDE],
@@ -153,9 +160,12 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def method_config(method: str, seed: int, args: argparse.Namespace) -> JobConfig:
+def method_config(method: str, seed: int, args: argparse.Namespace, run_name: str = "") -> JobConfig:
+    """The method's job; `run_name` (an interrupted run's) resumes that run from its last checkpoint, else a new
+    name."""
+    run_name = run_name or f"quality-{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     overrides = [*common_overrides(args), *method_overrides(method), *args.overrides, f"train.seed={seed}",
-                 f"train.run_name=quality-{method}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"]
+                 f"train.run_name={run_name}"]
     job = build_config("movielens", overrides)
     job.preset = f"bench-quality-{method}"
     return job
@@ -263,9 +273,10 @@ def main() -> int:
                         help="extra override for every trained method (e.g. train.encoder_lr=1e-3)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--resume", action="store_true",
-                        help="keep the runs already in OUT's .partial.json (an interrupted run) or else in OUT (a "
-                             "finished one, to add seeds or methods) and train only the missing ones; refused when "
-                             "they were measured under another protocol")
+                        help="keep the runs already in OUT's .partial.json (an interrupted bench: the run it was "
+                             "training continues from its last checkpoint) or else in OUT (a finished one, to add "
+                             "seeds or methods) and train only the missing ones; refused when they were measured "
+                             "under another protocol")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = [method for method in methods if not _known(method)]
@@ -288,6 +299,9 @@ def main() -> int:
             return 2
         if runs:
             print(f"[bench] resuming: {len(runs)} runs from {source}", flush=True)
+        interrupted = interrupted_run(partial, Path(args.storage_path))
+    else:
+        interrupted = None
 
     init_ray()  # one Ray session for every run; run_training reuses it
     started_all = time.perf_counter()
@@ -295,12 +309,22 @@ def main() -> int:
         for method in methods:
             if any(run["method"] == method and run["seed"] == seed for run in runs):
                 continue
-            job = method_config(method, seed, args)
+            earlier = interrupted if interrupted and (interrupted["method"], interrupted["seed"]) == (method, seed) \
+                else None
+            job = method_config(method, seed, args, earlier["run_name"] if earlier else "")
+            if earlier:
+                print(f"[bench] resuming the interrupted run {earlier['run_name']} from its last checkpoint "
+                      f"({earlier['seconds']:.0f} s of it kept)", flush=True)
+            # the run in flight, so that an interruption resumes it (--resume)
+            partial.write_text(json.dumps({"protocol": protocol, "runs": runs, "in_flight": {
+                "method": method, "seed": seed, "run_name": job.train.run_name,
+                "started_at": time.time() - (earlier["seconds"] if earlier else 0.0)}}, indent=2))
             started = time.perf_counter()
             outcome = run_training(job, log=lambda line: print(line, flush=True))
-            wall = time.perf_counter() - started
+            wall = time.perf_counter() - started + (earlier["seconds"] if earlier else 0.0)
             metrics = {subset: pick(outcome.metrics, subset) for subset in SUBSETS}
             runs.append({"method": method, "seed": seed, "wall_seconds": wall, "metrics": metrics,
+                         **({"resumed_after_seconds": earlier["seconds"]} if earlier else {}),
                          "epochs": outcome.last_metrics.get("epoch"), "best_epoch": outcome.metrics.get("epoch"),
                          "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
                          "run_dir": str(Path(job.train.storage_path).resolve() / outcome.run_name),
@@ -382,6 +406,25 @@ def resumed_runs(out: Path, partial: Path, protocol: dict) -> tuple[list[dict], 
         raise ValueError(f"--resume: the runs in {source} were measured under another protocol ("
                          + "; ".join(differ) + "); use another --out")
     return list(stored.get("runs", [])), source
+
+
+def interrupted_run(partial: Path, storage_path: Path) -> dict | None:
+    """The run that was training when the bench was stopped (the partial file's `in_flight`), for --resume to
+    continue from its last checkpoint: {method, seed, run_name, seconds}, `seconds` being its wall time up to
+    that checkpoint (what was trained after it is lost and trained again). None when there is none, or its run
+    directory has no checkpoint (it starts again under a new name)."""
+    try:
+        flight = json.loads(partial.read_text()).get("in_flight")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    if not flight:
+        return None
+    checkpoints = list((storage_path / flight["run_name"]).glob("checkpoint_*"))
+    if not checkpoints:
+        return None
+    last = max(checkpoint.stat().st_mtime for checkpoint in checkpoints)
+    return {"method": flight["method"], "seed": flight["seed"], "run_name": flight["run_name"],
+            "seconds": max(0.0, last - flight["started_at"])}
 
 
 def _subset_sizes(job: JobConfig) -> dict[str, int]:

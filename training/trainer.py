@@ -639,6 +639,9 @@ def check_targets(job: JobConfig, loss: str, exact: bool) -> None:
     never the bank's."""
     if job.train.targets != "all":
         return
+    if job.memory.encode_fraction < 1.0:
+        raise ConfigError("train.targets=all scores every history position, so every positive must be fresh; "
+                          "memory.encode_fraction < 1 would read the rest from the bank: use train.targets=last")
     if loss == "full_softmax" and not exact:
         raise ConfigError("train.targets=all with model.loss=full_softmax needs every item's vector fresh each step "
                           "(ID-only, frozen encoders on the trunk cache, or memory.mode=catalogue); else use "

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import pytest
 
-from bench.quality import MATRYOSHKA_SIZES, method_config, method_overrides, resumed_runs, run_protocol, size_summary
+from bench.quality import (MATRYOSHKA_SIZES, interrupted_run, method_config, method_overrides, resumed_runs,
+                           run_protocol, size_summary)
 
 
 def _args(tmp_path, **changes) -> argparse.Namespace:
@@ -88,3 +90,27 @@ def test_other_sizes_are_methods_by_name_and_other_names_are_refused(tmp_path):
     for name in ("lru_", "lru_64x", "matryoshka_lru_", "popularity"):
         with pytest.raises(KeyError):
             method_overrides(name)
+
+
+def test_the_sampled_end_to_end_method_is_end_to_end_with_a_fifth_of_its_targets_encoded(tmp_path):
+    args = _args(tmp_path, overrides=["memory.mode=bank", "train.targets=last"])
+    full, sampled = (method_config(name, 0, args) for name in ("end_to_end", "end_to_end_sampled"))
+    assert (full.memory.encode_fraction, sampled.memory.encode_fraction) == (1.0, 0.2)
+    assert (sampled.image.unfreeze_top, sampled.text.unfreeze_top, sampled.model) == \
+        (full.image.unfreeze_top, full.text.unfreeze_top, full.model)
+
+
+def test_resume_continues_the_run_in_flight_from_its_last_checkpoint_counting_its_time_up_to_it(tmp_path):
+    partial, runs = tmp_path / "q.partial.json", tmp_path / "runs"
+    assert interrupted_run(partial, runs) is None  # no partial file
+    flight = {"method": "end_to_end", "seed": 1, "run_name": "quality-end_to_end-s1-x", "started_at": 1000.0}
+    partial.write_text(json.dumps({"protocol": {}, "runs": [], "in_flight": flight}))
+    assert interrupted_run(partial, runs) is None  # killed before its first checkpoint: trained again, new name
+    checkpoint = runs / flight["run_name"] / "checkpoint_2026-12-06_10-00-00.000000"
+    checkpoint.mkdir(parents=True)
+    os.utime(checkpoint, (1600.0, 1600.0))
+    assert interrupted_run(partial, runs) == {**{k: flight[k] for k in ("method", "seed", "run_name")},
+                                              "seconds": 600.0}
+    assert method_config("end_to_end", 1, _args(tmp_path), flight["run_name"]).train.run_name == flight["run_name"]
+    partial.write_text(json.dumps({"protocol": {}, "runs": []}))  # the last run finished: nothing in flight
+    assert interrupted_run(partial, runs) is None

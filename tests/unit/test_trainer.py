@@ -311,6 +311,8 @@ def test_a_loss_at_every_history_position_needs_the_full_softmax_and_learns(sett
         _trainer(setting, "train.targets=all")  # trained encoders, history from the bank: stale positives
     with pytest.raises(ConfigError, match="with model.loss=full_softmax needs every item's vector fresh"):
         _trainer(setting, "train.targets=all", "model.loss=full_softmax", "memory.mode=recompute")
+    with pytest.raises(ConfigError, match="memory.encode_fraction < 1 would read the rest from the bank"):
+        _trainer(setting, "train.targets=all", "memory.mode=recompute", "memory.encode_fraction=0.2")
     # trained encoders, history recomputed: the sampled softmax over the step's distinct items
     content_model = _trainer(setting, "train.targets=all", "memory.mode=recompute")
     assert content_model.objective.unique_candidates
