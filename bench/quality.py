@@ -291,6 +291,7 @@ def main() -> int:
     protocol = run_protocol(first, args)
     partial = args.out.with_suffix(".partial.json")
     runs: list[dict] = []
+    interrupted = None  # the run a stopped bench was training (--resume continues it)
     if args.resume:
         try:
             runs, source = resumed_runs(args.out, partial, protocol)
@@ -300,8 +301,6 @@ def main() -> int:
         if runs:
             print(f"[bench] resuming: {len(runs)} runs from {source}", flush=True)
         interrupted = interrupted_run(partial, Path(args.storage_path))
-    else:
-        interrupted = None
 
     init_ray()  # one Ray session for every run; run_training reuses it
     started_all = time.perf_counter()
@@ -311,20 +310,21 @@ def main() -> int:
                 continue
             earlier = interrupted if interrupted and (interrupted["method"], interrupted["seed"]) == (method, seed) \
                 else None
+            kept = earlier["seconds"] if earlier else 0.0  # the interrupted part's wall time, up to its checkpoint
             job = method_config(method, seed, args, earlier["run_name"] if earlier else "")
             if earlier:
                 print(f"[bench] resuming the interrupted run {earlier['run_name']} from its last checkpoint "
-                      f"({earlier['seconds']:.0f} s of it kept)", flush=True)
+                      f"({kept:.0f} s of it kept)", flush=True)
             # the run in flight, so that an interruption resumes it (--resume)
             partial.write_text(json.dumps({"protocol": protocol, "runs": runs, "in_flight": {
-                "method": method, "seed": seed, "run_name": job.train.run_name,
-                "started_at": time.time() - (earlier["seconds"] if earlier else 0.0)}}, indent=2))
+                "method": method, "seed": seed, "run_name": job.train.run_name, "started_at": time.time() - kept}},
+                indent=2))
             started = time.perf_counter()
             outcome = run_training(job, log=lambda line: print(line, flush=True))
-            wall = time.perf_counter() - started + (earlier["seconds"] if earlier else 0.0)
+            wall = time.perf_counter() - started + kept
             metrics = {subset: pick(outcome.metrics, subset) for subset in SUBSETS}
             runs.append({"method": method, "seed": seed, "wall_seconds": wall, "metrics": metrics,
-                         **({"resumed_after_seconds": earlier["seconds"]} if earlier else {}),
+                         **({"resumed_after_seconds": kept} if earlier else {}),
                          "epochs": outcome.last_metrics.get("epoch"), "best_epoch": outcome.metrics.get("epoch"),
                          "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
                          "run_dir": str(Path(job.train.storage_path).resolve() / outcome.run_name),
