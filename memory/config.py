@@ -34,7 +34,8 @@ class MemoryConfig:
     num_shards: int = field(default=1, metadata={"help": "memory-bank actors; item i lives on shard i % num_shards"})
     encode_fraction: float = field(
         default=1.0,
-        metadata={"help": "bank mode: share of a step's targets run through the encoders (the rest: bank vectors)"})
+        metadata={"help": "share of a step's targets run through the encoders, the rest bank vectors (bank mode, one "
+                          "target per example; refused where it would be ignored)"})
     refresh_every_steps: int = field(
         default=0,
         metadata={"help": "re-encode the catalogue into the bank every N steps (0 = only at each evaluation)"})

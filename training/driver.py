@@ -34,7 +34,8 @@ from training.evaluate import popularity_metrics, write_size_report
 from training.gallery import GALLERY_DIR, GALLERY_USERS, write_gallery
 from training.loop import train_loop_per_worker
 from training.trunk_cache import trunk_cache_plan
-from training.trainer import SELECTION_SCORE, StepCallback, check_catalogue_mode, check_targets, exact_catalogue
+from training.trainer import (SELECTION_SCORE, StepCallback, check_catalogue_mode, check_encode_fraction, check_targets,
+                              exact_catalogue)
 from training.offline_eval import content_spec_of
 from training.tracking import Tracker
 
@@ -225,6 +226,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
         loss = job.model.resolved_loss(num_items, exact)
         log(f"[train] loss: {loss}" + (" (model.loss=auto)" if job.model.loss == "auto" else ""))
         check_targets(job, loss, exact)
+        check_encode_fraction(job, loss, exact)
         tracker.log_params({"model.loss_resolved": loss})
         tracker.log_metrics({"trunk_cache_enabled": float(cache_plan.enabled),
                              "trunk_cache_mb": cache_plan.total_bytes / 2**20})

@@ -651,6 +651,23 @@ def check_targets(job: JobConfig, loss: str, exact: bool) -> None:
                           "are positives too, and the bank's vectors would be stale ones)")
 
 
+def check_encode_fraction(job: JobConfig, loss: str, exact: bool) -> None:
+    """`memory.encode_fraction < 1` samples which of a step's targets run through the encoders, the rest read from
+    the bank. Refused where a step makes every item's vector once from the trunk cache instead
+    (`Trainer.one_table_a_step` under memory.mode=recompute: frozen encoders, exact full softmax), since it
+    would be ignored there, as it would by an ID-only model (no encoder); memory.mode=catalogue refuses it in its
+    own config (`MemoryConfig`)."""
+    if job.memory.encode_fraction == 1.0:
+        return
+    if not job.model.modalities:
+        raise ConfigError("memory.encode_fraction < 1 would be ignored: an ID-only model (model.modalities empty) "
+                          "has no encoder to sample; leave it at 1")
+    if job.memory.mode == "recompute" and exact and loss == "full_softmax":
+        raise ConfigError("memory.encode_fraction < 1 would be ignored: with frozen encoders on the trunk cache "
+                          "and the full softmax a step makes every item's vector once, with nothing to sample; "
+                          "leave it at 1 or use memory.mode=bank")
+
+
 def make_negatives(job: JobConfig, num_items: int, exact: bool = False):
     """The config's negatives source: the whole catalogue for the full softmax, else in-batch (CTR: always)."""
     if job.model.task == "ctr":
@@ -674,7 +691,9 @@ def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: 
     model = model.to(device)
     check_catalogue_mode(job, trunk_cache)
     exact = exact_catalogue(job, trunk_cache)
-    check_targets(job, job.model.resolved_loss(num_items, exact), exact)
+    loss = job.model.resolved_loss(num_items, exact)
+    check_targets(job, loss, exact)
+    check_encode_fraction(job, loss, exact)
     return Trainer(model, make_optimizer(model, job),
                    build_objective(job.model, popularity, exact, all_positions=job.train.targets == "all", seen=seen),
                    make_negatives(job, num_items, exact), HISTORY_SOURCES[job.memory.mode](), bank, job, num_items,

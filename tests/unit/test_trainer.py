@@ -18,7 +18,7 @@ from training.checkpoint import restore, save_checkpoint
 from training.job_config import build_config
 from training.offline_eval import DecodedCatalogue, content_spec_of
 from training.trainer import (BankHistory, CatalogueNegatives, InBatchNegatives, RecomputeHistory, UniformNegatives,
-                              EarlyStopping, build_trainer, exact_catalogue, lr_scale, make_negatives)
+                              EarlyStopping, Trainer, build_trainer, exact_catalogue, lr_scale, make_negatives)
 from training.overrides import ConfigError
 
 
@@ -391,6 +391,29 @@ def _catalogue_trainer(setting, mode: str, *overrides: str, frozen: bool = False
     assert cache.encoders_frozen == frozen
     trainer.refresh_bank(trainer.encode_catalogue(catalogue.batches(content_spec_of(job))), wait=True)
     return trainer
+
+
+def test_encoder_sampling_is_refused_where_a_step_makes_one_table_and_kept_in_bank_mode(setting):
+    """memory.encode_fraction < 1 with frozen encoders on the trunk cache and the full softmax under
+    memory.mode=recompute would be ignored (the step makes every item's vector once): refused in one line. In bank
+    mode the same model samples its targets (the rest from the bank), so it is accepted there. An ID-only model
+    has no encoder to sample: refused too."""
+    job, num_items, popularity, *_ = setting
+    frozen = [f"data.prepared_dir={job.data.prepared_dir}", "image.unfreeze_top=0", "text.unfreeze_top=0",
+              "memory.encode_fraction=0.2"]
+
+    def build(*overrides: str) -> Trainer:
+        bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)
+        return build_trainer(build_config("tiny", [*frozen, *overrides]), num_items, popularity, bank,
+                             trunk_cache=True)
+
+    with pytest.raises(ConfigError, match="memory.encode_fraction < 1 would be ignored"):
+        build("memory.mode=recompute")
+    assert not build("memory.mode=bank").one_table_a_step
+    # without the full softmax the recompute step encodes its targets apart, and samples them
+    assert not build("memory.mode=recompute", "model.loss=sampled_softmax").one_table_a_step
+    with pytest.raises(ConfigError, match="an ID-only model .* has no encoder to sample"):
+        build("model.use_id_embedding=true", "model.modalities=")
 
 
 def _window_batch(splits, rows: int = 32) -> dict:
