@@ -37,6 +37,11 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   compare on warm items at the same cold recall (where each run's trade-off curve passes through it), not only
   at the levels they happen to be trained to ("not reached" where no offset gets there).
 
+- `--from-quality FILE`: the run directories of a `bench.quality` result (its `run_dir`s, popularity left out),
+  and a summary over seeds per method: as trained and at each `--match-cold` level, the mean and standard
+  deviation of warm NDCG@10 / Recall@10 and all-example NDCG@10, and cold targets' Recall@10 among the unseen items
+  (the warm goal's comparison at a fixed level of the new items: gaps against the seeds' spread).
+
 - `--size S`: every reading with a Matryoshka model's size-S vectors (item and user vectors truncated to their first S
   dims and renormalised, as its evaluation scores each size); a run whose model does not serve S is one error line.
 
@@ -319,10 +324,74 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
             "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out, "matched_cold": matched}
 
 
+def runs_from_quality(path: Path) -> list[tuple[Path, str]]:
+    """A `bench.quality` result -> [(run directory, method)] of its trained runs, in its order. ValueError (one
+    line) where the file cannot be read or names no run directory."""
+    try:
+        stored = json.loads(path.read_text())
+        runs = [(Path(run["run_dir"]), str(run["method"])) for run in stored["runs"] if run.get("run_dir")]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"--from-quality: cannot read the runs of {path}: {error!r}") from None
+    if not runs:
+        raise ValueError(f"--from-quality: {path} names no trained run directory")
+    return runs
+
+
+SUMMARY_METRICS = ("test_warm/ndcg@10", "test_warm/recall@10", "test_cold/recall@10", "test/ndcg@10")
+
+
+def method_summary(results: list[dict], methods: list[str]) -> dict[str, dict]:
+    """Per method (the runs of `results` in the order of `methods`, one label per result): the seeds' mean and std
+    (ddof 0, as bench.quality) of SUMMARY_METRICS as trained (`as_trained`) and at each matched cold level
+    (`at_cold`, keyed by the level; a level some run did not reach is left out, its count in `not_reached`), and
+    of the cold targets' Recall@10 among the unseen items."""
+    def spread(values: list[float]) -> dict[str, float]:
+        array = np.array(values, dtype=float)
+        return {"mean": round(float(array.mean()), 4), "std": round(float(array.std()), 4), "n": len(values)}
+
+    summary: dict[str, dict] = {}
+    for method in dict.fromkeys(methods):
+        mine = [result for result, label in zip(results, methods) if label == method]
+        trained = [next(row for row in result["offsets"] if row["factor"] == 0) for result in mine]
+        entry = {"runs": len(mine),
+                 "as_trained": {name: spread([row[name] for row in trained]) for name in SUMMARY_METRICS},
+                 "cold_among_unseen_recall@10": spread([r["cold_among_unseen"]["recall@10"] for r in mine]),
+                 "at_cold": {}, "not_reached": {}}
+        levels = dict.fromkeys(row["cold_recall@10_wanted"] for r in mine for row in r["matched_cold"])
+        for level in levels:
+            rows = [row for r in mine for row in r["matched_cold"] if row["cold_recall@10_wanted"] == level]
+            reached = [row for row in rows if row["reached"]]
+            if len(reached) < len(rows):
+                entry["not_reached"][str(level)] = len(rows) - len(reached)
+                continue
+            entry["at_cold"][str(level)] = {name: spread([row[name] for row in reached]) for name in SUMMARY_METRICS}
+        summary[method] = entry
+    return summary
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    """The warm goal's table: one row per method and cold level (as trained first), mean ± std over its runs."""
+    lines = ["| method | runs | cold level | warm NDCG@10 | warm R@10 | cold R@10 | all NDCG@10 |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+
+    def cells(block: dict) -> str:
+        return " | ".join(f"{block[name]['mean']:.4f} ± {block[name]['std']:.4f}" for name in SUMMARY_METRICS)
+
+    for method, entry in summary.items():
+        lines.append(f"| {method} | {entry['runs']} | as trained | {cells(entry['as_trained'])} |")
+        for level, block in entry["at_cold"].items():
+            lines.append(f"| {method} | {entry['runs']} | cold R@10 {level} | {cells(block)} |")
+        for level, missed in entry["not_reached"].items():
+            lines.append(f"| {method} | {entry['runs']} | cold R@10 {level} | not reached by {missed} run(s) | | | |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.new_item_boost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories trained with held-out cold items")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories trained with held-out cold items")
+    parser.add_argument("--from-quality", type=Path, default=None, metavar="FILE",
+                        help="also the runs of a bench.quality result, summarised per method over its seeds")
     parser.add_argument("--factors", default="0,0.4,0.55,0.75,1,1.5",
                         help="unseen items' mass as multiples of their catalogue share (0 = no offset, always "
                              "measured)")
@@ -350,10 +419,18 @@ def main() -> int:
         parser.error("--match-cold levels must be in (0, 1]")
     if args.size is not None and args.size < 1:
         parser.error(f"--size must be >= 1, got {args.size}")
+    labelled: list[tuple[Path, str]] = [(run_dir, "") for run_dir in args.runs]
+    if args.from_quality is not None:
+        try:
+            labelled += runs_from_quality(args.from_quality)
+        except ValueError as error:
+            parser.error(str(error))
+    if not labelled:
+        parser.error("name run directories or --from-quality FILE")
     started = time.perf_counter()
     torch.set_grad_enabled(False)
     results = []
-    for run_dir in args.runs:
+    for run_dir, _ in labelled:
         try:
             result = measure_run(run_dir, factors, args.train_sample, args.seed, match_cold, args.size)
         except ValueError as error:  # a factor whose mass cannot be reached (f x share >= 1), a size not served
@@ -392,11 +469,17 @@ def main() -> int:
                 print(f"| {row['cold_recall@10_wanted']:g} | {row['logit_offset']:.3f} | {row['unseen_mass']:.4f} | "
                       f"{row['test_cold/recall@10']:.4f} | {row['test_warm/recall@10']:.4f} | "
                       f"{row['test_warm/ndcg@10']:.4f} | {row['test/ndcg@10']:.4f} |")
+    grouped = [(result, method) for result, (_, method) in zip(results, labelled) if method]
+    summary = method_summary([r for r, _ in grouped], [m for _, m in grouped]) if grouped else {}
+    if summary:
+        print(f"\nper method over its runs (mean ± std), from {args.from_quality}\n")
+        print(format_summary(summary))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "benchmark": "new_item_boost", "command": " ".join(["python -m bench.new_item_boost", *sys.argv[1:]]),
         "machine": {"python": platform.python_version(), "torch": torch.__version__},
-        "runs": results, "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
+        "runs": results, **({"summary": summary} if summary else {}),
+        "seconds": round(time.perf_counter() - started, 1)}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
 

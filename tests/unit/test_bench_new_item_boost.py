@@ -1,8 +1,10 @@
 """bench/new_item_boost.py: the offset that gives unseen items a chosen softmax mass, and ranks under an offset."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +141,57 @@ def test_a_size_below_one_is_refused_before_any_run_is_read(tmp_path, size):
     done = subprocess.run([sys.executable, "-m", "bench.new_item_boost", str(tmp_path), f"--size={size}"],
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--size must be >= 1" in done.stderr.strip().splitlines()[-1]
+
+
+def _result(warm: float, cold: float, matched: list[tuple[float, float | None]]) -> dict:
+    """A measure_run result with only what method_summary reads: its row as trained, each matched level's row
+    (None: not reached) and the cold targets' recall among the unseen items."""
+    row = {"test_warm/ndcg@10": warm, "test_warm/recall@10": 2 * warm, "test_cold/recall@10": cold,
+           "test/ndcg@10": warm - 0.01}
+    return {"offsets": [{"factor": 0.0, **row}, {"factor": 1.0, **row, "test_warm/ndcg@10": 0.0}],
+            "cold_among_unseen": {"recall@10": cold * 10},
+            "matched_cold": [{"cold_recall@10_wanted": level, "reached": False} if got is None else
+                             {"cold_recall@10_wanted": level, "reached": True, **row, "test_warm/ndcg@10": got}
+                             for level, got in matched]}
+
+
+def test_the_summary_over_seeds_is_per_method_as_trained_and_at_each_reached_cold_level():
+    from bench.new_item_boost import format_summary, method_summary
+
+    results = [_result(0.08, 0.0, [(0.006, 0.084), (0.03, 0.082)]), _result(0.07, 0.07, [(0.006, 0.076), (0.03, 0.075)]),
+               _result(0.06, 0.0, [(0.006, 0.086), (0.03, None)]), _result(0.05, 0.07, [(0.006, 0.074), (0.03, 0.073)])]
+    summary = method_summary(results, ["e2e", "frozen", "e2e", "frozen"])
+    assert list(summary) == ["e2e", "frozen"]
+    e2e, frozen = summary["e2e"], summary["frozen"]
+    assert e2e["runs"] == 2 and e2e["as_trained"]["test_warm/ndcg@10"] == {"mean": 0.07, "std": 0.01, "n": 2}
+    assert e2e["at_cold"]["0.006"]["test_warm/ndcg@10"] == {"mean": 0.085, "std": 0.001, "n": 2}
+    assert "0.03" not in e2e["at_cold"] and e2e["not_reached"] == {"0.03": 1}  # one seed short: no mean
+    assert frozen["at_cold"]["0.03"]["test_warm/ndcg@10"]["mean"] == 0.074 and frozen["not_reached"] == {}
+    assert frozen["cold_among_unseen_recall@10"]["mean"] == 0.7
+    table = format_summary(summary)
+    assert "| e2e | 2 | cold R@10 0.03 | not reached by 1 run(s) |" in table
+    assert "| frozen | 2 | cold R@10 0.006 | 0.0750 ± 0.0010 |" in table
+
+
+def test_runs_from_a_quality_result_are_its_trained_run_directories_and_a_bad_file_is_one_error_line(tmp_path):
+    from bench.new_item_boost import runs_from_quality
+
+    good = tmp_path / "quality.json"
+    good.write_text(json.dumps({"runs": [{"method": "popularity", "seed": 0},
+                                         {"method": "id_only", "seed": 0, "run_dir": "/r/a"},
+                                         {"method": "id_only", "seed": 1, "run_dir": "/r/b"}]}))
+    assert runs_from_quality(good) == [(Path("/r/a"), "id_only"), (Path("/r/b"), "id_only")]
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"runs": [{"method": "popularity", "seed": 0}]}))
+    with pytest.raises(ValueError, match="names no trained run directory"):
+        runs_from_quality(empty)
+    (tmp_path / "broken.json").write_text("{not json")
+    for bad in (tmp_path / "missing.json", tmp_path / "broken.json"):
+        done = subprocess.run([sys.executable, "-m", "bench.new_item_boost", "--from-quality", str(bad)],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith(
+            "python -m bench.new_item_boost: error: --from-quality: cannot read the runs of")
+    done = subprocess.run([sys.executable, "-m", "bench.new_item_boost"], check=False, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "name run directories or --from-quality FILE")
