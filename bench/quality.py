@@ -302,7 +302,6 @@ def main() -> int:
             print(f"[bench] resuming: {len(runs)} runs from {source}", flush=True)
         interrupted = interrupted_run(partial, Path(args.storage_path))
 
-    init_ray()  # one Ray session for every run; run_training reuses it
     started_all = time.perf_counter()
     for seed in seeds:
         for method in methods:
@@ -319,6 +318,7 @@ def main() -> int:
             partial.write_text(json.dumps({"protocol": protocol, "runs": runs, "in_flight": {
                 "method": method, "seed": seed, "run_name": job.train.run_name, "started_at": time.time() - kept}},
                 indent=2))
+            init_ray()  # one Ray session for every run (the first starts it; none where --resume left nothing)
             started = time.perf_counter()
             outcome = run_training(job, log=lambda line: print(line, flush=True))
             wall = time.perf_counter() - started + kept

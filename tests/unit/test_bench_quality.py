@@ -114,3 +114,30 @@ def test_resume_continues_the_run_in_flight_from_its_last_checkpoint_counting_it
     assert method_config("end_to_end", 1, _args(tmp_path), flight["run_name"]).train.run_name == flight["run_name"]
     partial.write_text(json.dumps({"protocol": {}, "runs": []}))  # the last run finished: nothing in flight
     assert interrupted_run(partial, runs) is None
+
+
+def test_resume_with_nothing_left_to_train_writes_the_result_without_starting_ray(tmp_path, prepared_dir):
+    """Every (method, seed) asked for is in the partial file: the result is written from it alone. RAY_ADDRESS
+    names no cluster, so starting Ray would fail the command."""
+    import subprocess
+    import sys
+
+    from bench.quality import METRICS, SUBSETS
+
+    args = _args(tmp_path, prepared_dir=str(prepared_dir), overrides=[])
+    protocol = run_protocol(method_config("id_only", 0, args), args)
+    metrics = {subset: {name: 0.05 for name in METRICS} for subset in SUBSETS}
+    runs = [{"method": method, "seed": 0, "wall_seconds": 60.0, "metrics": metrics} for method in ("id_only",
+                                                                                                  "popularity")]
+    out = tmp_path / "q.json"
+    out.with_suffix(".partial.json").write_text(json.dumps({"protocol": protocol, "runs": runs}))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.quality", "--prepared-dir", str(prepared_dir), "--methods", "id_only",
+         "--seeds", "0", "--epochs", "30", "--storage-path", str(tmp_path / "runs"), "--out", str(out), "--resume"],
+        check=False, capture_output=True, text=True, timeout=120,  # Ray to a dead address hangs
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert [(run["method"], run["seed"]) for run in result["runs"]] == [("popularity", 0), ("id_only", 0)]
+    assert result["summary"]["id_only"]["test"]["ndcg@10"] == {"mean": 0.05, "std": 0.0}
+    assert not out.with_suffix(".partial.json").exists()
