@@ -37,8 +37,8 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   compare on warm items at the same cold recall (where each run's trade-off curve passes through it), not only
   at the levels they happen to be trained to ("not reached" where no offset gets there).
 
-- `--from-quality FILE`: the run directories of a `bench.quality` result (its `run_dir`s, popularity left out),
-  and a summary over seeds per method: as trained and at each `--match-cold` level, the mean and standard
+- `--from-quality FILE` (repeatable; with several files each method is labelled `method [file stem]`): the run
+  directories of a `bench.quality` result (its `run_dir`s, popularity left out), and a summary over seeds per method: as trained and at each `--match-cold` level, the mean and standard
   deviation of warm NDCG@10 / Recall@10 and all-example NDCG@10, and cold targets' Recall@10 among the unseen items
   (the warm goal's comparison at a fixed level of the new items: gaps against the seeds' spread).
 
@@ -337,6 +337,13 @@ def runs_from_quality(path: Path) -> list[tuple[Path, str]]:
     return runs
 
 
+def labelled_quality_runs(paths: list[Path]) -> list[tuple[Path, str]]:
+    """The runs of several `bench.quality` results, each labelled by its method, and with more than one file by
+    `method [file stem]` (the same method under two protocols is two rows of the summary)."""
+    return [(run_dir, method if len(paths) == 1 else f"{method} [{path.stem}]")
+            for path in paths for run_dir, method in runs_from_quality(path)]
+
+
 SUMMARY_METRICS = ("test_warm/ndcg@10", "test_warm/recall@10", "test_cold/recall@10", "test/ndcg@10")
 
 
@@ -390,8 +397,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.new_item_boost", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", type=Path, help="run directories trained with held-out cold items")
-    parser.add_argument("--from-quality", type=Path, default=None, metavar="FILE",
-                        help="also the runs of a bench.quality result, summarised per method over its seeds")
+    parser.add_argument("--from-quality", type=Path, action="append", default=[], metavar="FILE",
+                        help="also the runs of a bench.quality result, summarised per method over its seeds "
+                             "(repeatable: each method then labelled with its file's name)")
     parser.add_argument("--factors", default="0,0.4,0.55,0.75,1,1.5",
                         help="unseen items' mass as multiples of their catalogue share (0 = no offset, always "
                              "measured)")
@@ -420,11 +428,10 @@ def main() -> int:
     if args.size is not None and args.size < 1:
         parser.error(f"--size must be >= 1, got {args.size}")
     labelled: list[tuple[Path, str]] = [(run_dir, "") for run_dir in args.runs]
-    if args.from_quality is not None:
-        try:
-            labelled += runs_from_quality(args.from_quality)
-        except ValueError as error:
-            parser.error(str(error))
+    try:
+        labelled += labelled_quality_runs(args.from_quality)
+    except ValueError as error:
+        parser.error(str(error))
     if not labelled:
         parser.error("name run directories or --from-quality FILE")
     started = time.perf_counter()
@@ -472,7 +479,7 @@ def main() -> int:
     grouped = [(result, method) for result, (_, method) in zip(results, labelled) if method]
     summary = method_summary([r for r, _ in grouped], [m for _, m in grouped]) if grouped else {}
     if summary:
-        print(f"\nper method over its runs (mean ± std), from {args.from_quality}\n")
+        print(f"\nper method over its runs (mean ± std), from {', '.join(map(str, args.from_quality))}\n")
         print(format_summary(summary))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -174,13 +174,19 @@ def test_the_summary_over_seeds_is_per_method_as_trained_and_at_each_reached_col
 
 
 def test_runs_from_a_quality_result_are_its_trained_run_directories_and_a_bad_file_is_one_error_line(tmp_path):
-    from bench.new_item_boost import runs_from_quality
+    from bench.new_item_boost import labelled_quality_runs, runs_from_quality
 
     good = tmp_path / "quality.json"
     good.write_text(json.dumps({"runs": [{"method": "popularity", "seed": 0},
                                          {"method": "id_only", "seed": 0, "run_dir": "/r/a"},
                                          {"method": "id_only", "seed": 1, "run_dir": "/r/b"}]}))
     assert runs_from_quality(good) == [(Path("/r/a"), "id_only"), (Path("/r/b"), "id_only")]
+    other = tmp_path / "sampled.json"
+    other.write_text(json.dumps({"runs": [{"method": "id_only", "seed": 0, "run_dir": "/r/c"}]}))
+    assert labelled_quality_runs([good]) == runs_from_quality(good)  # one file: the methods' own names
+    assert labelled_quality_runs([good, other]) == [(Path("/r/a"), "id_only [quality]"),
+                                                    (Path("/r/b"), "id_only [quality]"),
+                                                    (Path("/r/c"), "id_only [sampled]")]
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"runs": [{"method": "popularity", "seed": 0}]}))
     with pytest.raises(ValueError, match="names no trained run directory"):
