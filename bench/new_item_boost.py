@@ -38,9 +38,10 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   at the levels they happen to be trained to ("not reached" where no offset gets there).
 
 - `--from-quality FILE` (repeatable; with several files each method is labelled `method [file stem]`): the run
-  directories of a `bench.quality` result (its `run_dir`s, popularity left out), and a summary over seeds per method: as trained and at each `--match-cold` level, the mean and standard
-  deviation of warm NDCG@10 / Recall@10 and all-example NDCG@10, and cold targets' Recall@10 among the unseen items
-  (the warm goal's comparison at a fixed level of the new items: gaps against the seeds' spread).
+  directories of a `bench.quality` result (its `run_dir`s, popularity left out), and a summary over seeds per
+  method: as trained and at each `--match-cold` level, the mean and standard deviation of warm NDCG@10 / Recall@10,
+  cold Recall@10 and all-example NDCG@10, and of cold targets' Recall@10 among the unseen items (the warm goal's
+  comparison at a fixed level of the new items: gaps against the seeds' spread).
 
 - `--size S`: every reading with a Matryoshka model's size-S vectors (item and user vectors truncated to their first S
   dims and renormalised, as its evaluation scores each size); a run whose model does not serve S is one error line.
