@@ -35,7 +35,11 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   its cold Recall@10 reaches R, and its warm and all-example metrics there. The level of the unseen items is one
   scalar that no loss trains and that trades cold recall against warm accuracy in every model, so two models
   compare on warm items at the same cold recall (where each run's trade-off curve passes through it), not only
-  at the levels they happen to be trained to ("not reached" where no offset gets there).
+  at the levels they happen to be trained to ("not reached" where no offset gets there). Each offset is also given
+  in cosine units, `model.new_item_offset`: the product's setting that adds it wherever items are ranked. Fitted
+  here on the test set it is a measurement; for a model in use, pick it on validation (`jobs.evaluate --split
+  validation --set model.new_item_offset=X`). Offsets here are on the raw scores: a run's own
+  model.new_item_offset is not applied.
 
 - `--from-quality FILE` (repeatable; with several files each method is labelled `method [file stem]`): the run
   directories of a `bench.quality` result (its `run_dir`s, popularity left out), and a summary over seeds per
@@ -299,6 +303,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
             matched.append({"cold_recall@10_wanted": level, "reached": False})
             continue
         row = {"cold_recall@10_wanted": level, "reached": True, "logit_offset": round(offset, 4),
+               "new_item_offset": round(offset * temperature, 5),  # the same in cosine units: model.new_item_offset
                "unseen_mass": round(unseen_mass(logits, unseen, offset), 4)}
         matched.append(measured(row, offset * unit))
     among = ranks(cold_users, cold_targets, torch.zeros(len(items)), among=unseen)
@@ -468,13 +473,14 @@ def main() -> int:
                   f"{row['test_warm/recall@10']:.4f} | {row['test_warm/ndcg@10']:.4f} | {row['test_warm/recall@50']:.4f} | "
                   f"{row['test/recall@10']:.4f} | {row['test/ndcg@10']:.4f} |")
         if result["matched_cold"]:
-            print("\n| cold R@10 wanted | logit offset | unseen mass | cold R@10 | warm R@10 | warm NDCG@10 "
-                  "| all NDCG@10 |\n|---:|---:|---:|---:|---:|---:|---:|")
+            print("\n| cold R@10 wanted | logit offset | model.new_item_offset | unseen mass | cold R@10 | warm R@10 "
+                  "| warm NDCG@10 | all NDCG@10 |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
             for row in result["matched_cold"]:
                 if not row["reached"]:
-                    print(f"| {row['cold_recall@10_wanted']:g} | not reached at any offset | | | | | |")
+                    print(f"| {row['cold_recall@10_wanted']:g} | not reached at any offset | | | | | | |")
                     continue
-                print(f"| {row['cold_recall@10_wanted']:g} | {row['logit_offset']:.3f} | {row['unseen_mass']:.4f} | "
+                print(f"| {row['cold_recall@10_wanted']:g} | {row['logit_offset']:.3f} | "
+                      f"{row['new_item_offset']:.4f} | {row['unseen_mass']:.4f} | "
                       f"{row['test_cold/recall@10']:.4f} | {row['test_warm/recall@10']:.4f} | "
                       f"{row['test_warm/ndcg@10']:.4f} | {row['test/ndcg@10']:.4f} |")
     grouped = [(result, method) for result, (_, method) in zip(results, labelled) if method]

@@ -5,7 +5,9 @@
     ray job submit --working-dir . -- python -m jobs.evaluate --model models:/mmrec@champion
 The config is the one the checkpoint was trained with (same examples, same protocol); `--set` changes it,
 e.g. `--set data.prepared_dir=/data/prepared` when the data lives elsewhere. Items added to the catalogue
-since training are ranked too (by content). Runs in this process: no Ray cluster is needed.
+since training are ranked too (by content). `--set model.new_item_offset=X` scores the items in no training example
+with X added (what serving would then return; pick it on `--split validation`). Runs in this process: no Ray
+cluster is needed.
 """
 from __future__ import annotations
 
@@ -46,11 +48,15 @@ def main() -> int:
     loaded = load_checkpoint(checkpoint, manifest["num_items"])
     if loaded.new_items:
         print(f"[evaluate] {loaded.new_items} items are newer than the checkpoint: ranked by content only")
+    offset = job.model.new_item_offset
+    if offset:
+        print(f"[evaluate] model.new_item_offset {offset:+g} on the scores of the {int(loaded.unseen.sum())} items "
+              f"in no training example")
     catalogue = DecodedCatalogue(prepared / ITEMS_FILE, manifest["num_items"], batch_size=job.train.eval_batch_size,
                                  max_image_pixels=job.data.max_image_pixels)
     metrics = evaluate_checkpoint(loaded, catalogue, examples, ks=job.train.eval_ks,
                                   mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
-                                  sizes=job.model.matryoshka_sizes)
+                                  sizes=job.model.matryoshka_sizes, new_item_offset=offset)
     seconds = time.perf_counter() - started
 
     name = f"evaluate-{version.name}-v{version.version}" if version else "evaluate-checkpoint"
@@ -59,7 +65,8 @@ def main() -> int:
         tags.update(model_uri=args.model, model_name=version.name, model_version=version.version)
     tracker = Tracker.start(job.tracking, f"{name}-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     tracker.log_params({"model": args.model or "", "checkpoint": str(checkpoint), "split": args.split,
-                        "num_examples": len(examples), "num_items": manifest["num_items"]})
+                        "num_examples": len(examples), "num_items": manifest["num_items"],
+                        "new_item_offset": offset})
     tracker.log_metrics({f"{args.split}_{k}": v for k, v in metrics.items()} | {"eval_seconds": seconds})
     tracker.finish("FINISHED")
 

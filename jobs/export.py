@@ -57,7 +57,8 @@ def main() -> int:
     try:
         with staged(out, is_export_dir, EXPORT_WHAT) as staging:
             written = export_item_vectors(checkpoint, staging, None if args.all_sizes else [size],
-                                          prepared_dir=job.data.prepared_dir)
+                                          prepared_dir=job.data.prepared_dir,
+                                          new_item_offset=job.model.new_item_offset)
             model_dir = staging / EXPORT_MODEL_DIR
             model_dir.mkdir()
             for name in (MODEL_FILE, STATE_FILE):

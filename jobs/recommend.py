@@ -147,7 +147,8 @@ def main() -> int:
         print(f"error: {len(unknown)} of the requested users have no interactions in {prepared}: "
               f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}", file=sys.stderr)
         return 2
-    recommender = ItemRecommender.from_checkpoint(checkpoint, prepared_dir=prepared)
+    recommender = ItemRecommender.from_checkpoint(checkpoint, prepared_dir=prepared,
+                                                  new_item_offset=job.model.new_item_offset)  # --set applies
     try:  # a bad --k / --size / --mode for this model: one line, before Ray starts
         recommender.recommend(table.column("history")[0].as_py(), args.k, size=args.size, mode=args.mode)
     except RecommendationError as err:

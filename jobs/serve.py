@@ -70,6 +70,9 @@ class ServeOptions:
     batch_wait_ms: float = field(default=2.0, metadata={"help": "how long a request waits for others to batch with"})
     user_histories: bool = field(default=True, metadata={"help": "load users' histories from the prepared data "
                                                                  "(user_id requests)"})
+    new_item_offset: str = field(default="", metadata={"help": "added to the cosine score of the items in no "
+                                                               "training example, in [-2, 2]; \"\" = the model's "
+                                                               "model.new_item_offset"})
 
     def __post_init__(self) -> None:
         from training.overrides import ConfigError
@@ -84,6 +87,16 @@ class ServeOptions:
                               "--max-batch >= 1, --cpus-per-replica > 0")
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"--route-prefix must start with '/', got {self.route_prefix!r}")
+        try:
+            offset = self.recommender_options().get("new_item_offset", 0.0)
+        except ValueError:
+            raise ConfigError(f"--new-item-offset must be a number, got {self.new_item_offset!r}") from None
+        if not -2.0 <= offset <= 2.0:
+            raise ConfigError(f"--new-item-offset must be in [-2, 2], got {self.new_item_offset}")
+
+    def recommender_options(self) -> dict[str, Any]:
+        """Keywords of `ItemRecommender` these options set."""
+        return {"new_item_offset": float(self.new_item_offset)} if self.new_item_offset.strip() else {}
 
     @classmethod
     def from_strings(cls, values: dict[str, Any]) -> "ServeOptions":
@@ -121,9 +134,8 @@ class ServeOptions:
 def _load_recommender(target: str, options: ServeOptions):
     """A pinned models:/NAME/VERSION or a checkpoint directory -> a recommender, its indexes built and warmed by one
     request per mode before it serves (a swap never makes the first requests pay for them)."""
-    from serving.online import load_warm_recommender
-
-    return load_warm_recommender(target, options.tracking_uri, prepared_dir=options.prepared_dir or None)
+    return load_warm_recommender(target, options.tracking_uri, prepared_dir=options.prepared_dir or None,
+                                 **options.recommender_options())
 
 
 api = FastAPI(title="mmrec recommendations", docs_url=None, redoc_url=None, openapi_url=None)
@@ -150,8 +162,7 @@ class RecommenderDeployment:
         torch.set_num_threads(max(1, int(options.cpus_per_replica)))
         self.options = options
         source = ModelSource(model_uri=options.model, checkpoint=options.checkpoint, tracking_uri=options.tracking_uri)
-        self.slot = ModelSlot(source, lambda target: load_warm_recommender(
-            target, options.tracking_uri, prepared_dir=options.prepared_dir or None))
+        self.slot = ModelSlot(source, lambda target: _load_recommender(target, options))
         self.histories = (UserHistories.from_prepared(catalogue_dir(self.slot.served.recommender))
                           if options.user_histories else None)
         self.started = time.time()

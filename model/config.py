@@ -53,6 +53,14 @@ class ModelConfig:
         default=True,
         metadata={"help": "items in no training example are left out of the full softmax (not trained as "
                           "negatives) and scored by their content alone (a zero id vector)"})
+    new_item_offset: float = field(
+        default=0.0,
+        metadata={"help": "added to the cosine score of every item in no training example (held out, new since "
+                          "training, added at serving) wherever items are ranked: validation (so it moves the "
+                          "checkpoint kept), test, jobs.evaluate, the retrain gate, export's table and serving; "
+                          "not in training. Sets new items' exposure against warm accuracy (one trade: "
+                          "BENCHMARKS.md); bench.new_item_boost --match-cold prints the offset that reaches a cold "
+                          "Recall@10 (in [-2, 2]; 0 = off)"})
 
     # Fixed (not settings). The logQ correction (subtract log sampling probability from in-batch negatives) is
     # always on: without it the model learns to rank popular items down, which full ranking on MovieLens punishes
@@ -92,6 +100,8 @@ class ModelConfig:
             raise ValueError("model.id_dropout must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError("model.temperature must be > 0")
+        if not -2.0 <= self.new_item_offset <= 2.0:  # cosines are in [-1, 1]: beyond 2 the order is fixed anyway
+            raise ValueError(f"model.new_item_offset={self.new_item_offset} must be in [-2, 2] (a cosine offset)")
         self._check_matryoshka()
 
     def _check_matryoshka(self) -> None:

@@ -215,6 +215,13 @@ def search_filtered(index: ItemIndex, exact: ExactIndex, queries: np.ndarray, k:
     return Hits(scores, rows)
 
 
+def merge_hits(parts: Sequence[Hits], k: int) -> Hits:
+    """Hits of the same queries over disjoint rows (each [Q, k_i], rows -1 = none) -> the k best of their union."""
+    scores = np.concatenate([np.where(p.rows >= 0, p.scores, -np.inf) for p in parts], axis=1)
+    rows = np.concatenate([p.rows for p in parts], axis=1)
+    return _rerank(scores.astype(np.float32), rows, k)
+
+
 def _banned(exclude: Sequence[np.ndarray], allowed: np.ndarray | None, num_rows: int) -> np.ndarray:
     """[Q, N] bool: True where a query may not get the row."""
     banned = np.zeros((len(exclude), num_rows), dtype=bool) if allowed is None else np.repeat(~allowed[None], len(exclude), 0)

@@ -14,6 +14,11 @@ A *bundle* (`save_bundle` / `from_bundle`) is what serving ships: the checkpoint
 catalogue.parquet (item_index, item_id, content vector), so loading needs no image decoding or encoder pass.
 The MLflow pyfunc model (`serving.pyfunc`) is a bundle.
 
+New items: the items in no training example of the checkpoint (its state.json's `unseen_items`), those past its
+catalogue and those `add_items` adds get `new_item_offset` (default: the checkpoint's model.new_item_offset) added to
+their cosine score, as evaluation does (`training.evaluate.item_offsets`). Every index searches the other items; the
+new ones are scored exactly beside it and the two top-k lists merged, so an approximate index stays exact for them.
+
 Modes (`recommend(mode=...)`): "exact" (brute force), "hnsw" (faiss graph), "funnel" (Matryoshka: retrieve
 `funnel_candidates` with a size-s prefix, re-rank with the full vectors). Indexes are built on first use per
 (mode, size) and kept; `index=` at construction builds one up front.
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 from model.recommender import Recommender
 from matryoshka.layers import truncate
 from pipeline.sources import ITEMS_FILE, load_manifest
-from serving.index import ExactIndex, FunnelIndex, HnswIndex, ItemIndex, search_filtered
+from serving.index import ExactIndex, FunnelIndex, Hits, HnswIndex, ItemIndex, merge_hits, search_filtered
 from training.checkpoint import MODEL_FILE, STATE_FILE, read_state
 from training.job_config import JobConfig
 from training.offline_eval import DecodedCatalogue, LoadedCheckpoint, content_spec_of, load_checkpoint
@@ -51,7 +56,7 @@ BUNDLE_MANIFEST = "serving.json"
 class Recommendations:
     item_ids: list[str]  # raw item ids (items.csv item_id), best first
     item_indices: list[int]  # the training index (1..N)
-    scores: list[float]  # cosine scores, same order
+    scores: list[float]  # cosine scores, same order (new items': + the recommender's new_item_offset)
     unknown_history: list[str]  # history ids not in the catalogue: ignored and reported
     size: int  # the vector size of the scores (funnel: the full size it re-ranks with)
 
@@ -68,11 +73,13 @@ class ItemRecommender:
     content: [N+1, D] content vectors (row 0 = padding). item_ids: N raw ids, item_ids[i - 1] is index i.
     funnel_size: the default funnel prefix (None = the smallest Matryoshka size below the full one);
     funnel_candidates: k' (raised to k when k is larger); hnsw_*: faiss HNSW graph degree and beams.
+    unseen: [N+1] bool, the items in no training example (default: the last `new_items` rows);
+    new_item_offset: added to their scores (None = the config's model.new_item_offset; in [-2, 2]).
     """
 
     def __init__(self, model: Recommender, content: torch.Tensor, item_ids: Sequence[str], *, job: JobConfig,
                  index: str | Sequence[str] = "exact", source: dict | None = None, new_items: int = 0,
-                 funnel_size: int | None = None, funnel_candidates: int = 200, funnel_coarse: str = "exact",
+                 unseen: np.ndarray | None = None, new_item_offset: float | None = None, funnel_size: int | None = None, funnel_candidates: int = 200, funnel_coarse: str = "exact",
                  hnsw_m: int = 32, hnsw_ef_construction: int = 80, hnsw_ef_search: int = 128) -> None:
         if content.shape[0] != len(item_ids) + 1:
             raise ValueError(f"content has {content.shape[0]} rows, expected {len(item_ids) + 1} (N items + padding)")
@@ -88,6 +95,16 @@ class ItemRecommender:
         self.hnsw_options = {"m": hnsw_m, "ef_construction": hnsw_ef_construction, "ef_search": hnsw_ef_search}
         self.source = dict(source or {})
         self.new_items = new_items
+        if unseen is None:
+            unseen = np.zeros(len(item_ids) + 1, dtype=bool)
+            unseen[len(item_ids) + 1 - new_items:] = True
+        if len(unseen) != len(item_ids) + 1:
+            raise ValueError(f"unseen has {len(unseen)} rows, expected {len(item_ids) + 1} (N items + padding)")
+        self._unseen = np.asarray(unseen, dtype=bool).copy()
+        self._unseen[0] = False
+        self.new_item_offset = float(job.model.new_item_offset if new_item_offset is None else new_item_offset)
+        if not -2.0 <= self.new_item_offset <= 2.0:
+            raise ValueError(f"new_item_offset={new_item_offset} must be in [-2, 2] (a cosine offset)")
         self.built_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._set_catalogue(content, list(item_ids))
         for mode in ([index] if isinstance(index, str) else list(index)):
@@ -116,8 +133,8 @@ class ItemRecommender:
         content = DecodedCatalogue(items_path, num_items, max_image_pixels=loaded.job.data.max_image_pixels) \
             .encode(loaded)
         return cls(loaded.model, content, _item_ids(items_path, num_items), job=loaded.job, index=index,
-                   new_items=loaded.new_items, source={"checkpoint": str(checkpoint_dir), "items": str(items_path)},
-                   **options)
+                   new_items=loaded.new_items, unseen=loaded.unseen,
+                   source={"checkpoint": str(checkpoint_dir), "items": str(items_path)}, **options)
 
     @classmethod
     def from_model_uri(cls, uri: str, tracking_uri: str, **kw) -> "ItemRecommender":
@@ -168,9 +185,11 @@ class ItemRecommender:
         if manifest_path.is_file():
             saved = json.loads(manifest_path.read_text())
             source.update({key: saved[key] for key in ("model_uri", "version", "registered_model") if saved.get(key)})
+            if saved.get("new_item_offset") is not None:  # the offset it was served with, unless given here
+                options.setdefault("new_item_offset", saved["new_item_offset"])
         ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)[order]
         return cls(loaded.model, table_with_pad, [str(i) for i in ids], job=loaded.job, index=index,
-                   new_items=loaded.new_items, source=source, **options)
+                   new_items=loaded.new_items, unseen=loaded.unseen, source=source, **options)
 
     # ------------------------------------------------------------------------------------------------ catalogue
 
@@ -225,6 +244,7 @@ class ItemRecommender:
         _grow_id_table(self.model, len(indices))
         content = torch.cat([self._content, *parts])
         self.new_items += len(new)
+        self._unseen = np.concatenate([self._unseen, np.ones(len(new), dtype=bool)])
         self._set_catalogue(content, ids)
         return ids[len(ids) - len(new):]
 
@@ -235,7 +255,8 @@ class ItemRecommender:
             "model_uri": self.source.get("model_uri", ""), "version": self.source.get("version", ""),
             "registered_model": self.source.get("registered_model", ""),
             "checkpoint": self.source.get("checkpoint", ""), "num_items": self.num_items,
-            "new_items": self.new_items, "sizes": list(self.sizes), "dim": self.dim,
+            "new_items": self.new_items, "unseen_items": int(self._unseen.sum()),
+            "new_item_offset": self.new_item_offset, "sizes": list(self.sizes), "dim": self.dim,
             "index_modes": list(INDEX_MODES), "built_indexes": [f"{m}@{s or self.dim}" for m, s in self._indexes],
             "funnel_size": self.funnel_size, "funnel_candidates": self.funnel_candidates,
             "max_history": self.max_history, "built_at": self.built_at,
@@ -280,7 +301,10 @@ class ItemRecommender:
         exclude = [np.unique(np.asarray(h, np.int64) - 1) for h in known] if exclude_history else None
         index = self._index(mode, retrieve_size)
         exact = self._index("exact", score_size) if mode != "funnel" else self._index("exact", None)
-        hits = search_filtered(index, exact, queries, k, exclude=exclude, allowed=allowed)
+        if self.new_item_offset and self._unseen.any():
+            hits = self._search_with_offset(index, exact, queries, k, exclude, allowed, score_size)
+        else:
+            hits = search_filtered(index, exact, queries, k, exclude=exclude, allowed=allowed)
         results = []
         for rows, scores, missing in zip(hits.rows, hits.scores, unknown):
             found = rows >= 0
@@ -316,6 +340,30 @@ class ItemRecommender:
             raise RecommendationError(f"the funnel retrieves with a Matryoshka size below the full {self.dim}; "
                                       f"this model serves sizes {list(self.sizes)}")
         return prefix_size, self.dim
+
+    def _search_with_offset(self, index: ItemIndex, exact: ExactIndex, queries: np.ndarray, k: int,
+                            exclude: list[np.ndarray] | None, allowed: np.ndarray | None, size: int) -> Hits:
+        """Top-k with `new_item_offset` on the unseen items: `index` over the other items, an exact scan (at the
+        scores' `size`) over the unseen ones plus the offset, the two merged. Filters apply to both."""
+        unseen = self._unseen[1:]  # [N] table rows
+        new_rows = np.flatnonzero(unseen)
+        parts = []
+        others = ~unseen if allowed is None else allowed & ~unseen
+        if others.any():
+            parts.append(search_filtered(index, exact, queries, k, exclude=exclude, allowed=others))
+        allowed_new = None if allowed is None else allowed[new_rows]
+        if allowed_new is None or allowed_new.any():
+            position = np.full(self.num_items, -1, dtype=np.int64)
+            position[new_rows] = np.arange(len(new_rows))
+            new_exclude = None if exclude is None else [position[e][position[e] >= 0] for e in exclude]
+            key = ("unseen", None if size == self.dim else size)
+            if key not in self._indexes:
+                self._indexes[key] = ExactIndex(self.item_vectors(size)[new_rows])
+            scan = self._indexes[key]
+            found = search_filtered(scan, scan, queries, k, exclude=new_exclude, allowed=allowed_new)
+            rows = np.where(found.rows >= 0, new_rows[np.maximum(found.rows, 0)], -1)
+            parts.append(Hits(found.scores + np.float32(self.new_item_offset), rows))
+        return merge_hits(parts, k)
 
     def _user_vectors(self, histories: list[list[int]], size: int) -> np.ndarray:
         """histories (training indices, newest last) -> [U, size] normalised user vectors, as `score_users`."""
@@ -364,4 +412,5 @@ def _grow_id_table(model: Recommender, num_items: int) -> None:
 def loaded_recommender(loaded: LoadedCheckpoint, content: torch.Tensor, item_ids: Sequence[str],
                        **options) -> ItemRecommender:
     """A recommender from a checkpoint already loaded and encoded (tests and benchmarks reuse one catalogue pass)."""
-    return ItemRecommender(loaded.model, content, item_ids, job=loaded.job, new_items=loaded.new_items, **options)
+    return ItemRecommender(loaded.model, content, item_ids, job=loaded.job, new_items=loaded.new_items,
+                           unseen=loaded.unseen, **options)

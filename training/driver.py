@@ -36,7 +36,7 @@ from training.loop import train_loop_per_worker
 from training.trunk_cache import trunk_cache_plan
 from training.trainer import (SELECTION_SCORE, StepCallback, check_catalogue_mode, check_encode_fraction, check_targets,
                               exact_catalogue)
-from training.offline_eval import content_spec_of
+from training.offline_eval import content_spec_of, trained_items_of
 from training.tracking import Tracker
 
 MEMORY_NAMESPACE = "mmrec"
@@ -178,6 +178,10 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
     np.save(work / "popularity.npy", popularity)
     paths["popularity"] = str(work / "popularity.npy")
     seen = seen_items(splits.train, num_items)
+    if job.train.init_checkpoint:  # what the checkpoint trained on stays trained (a retrain's replay is a sample)
+        inherited = trained_items_of(job.train.init_checkpoint, num_items)
+        if inherited is not None:
+            seen |= inherited
     np.save(work / "seen.npy", seen)
     paths["seen"] = str(work / "seen.npy")
     if job.model.unseen_from_content and not seen[1:].all():

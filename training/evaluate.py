@@ -7,6 +7,10 @@ Matryoshka models are scored at every supported size from one catalogue pass: fu
 truncated and renormalised (`model.recommender.at_size`), and each metric gets a `@s<size>` twin
 (`ndcg@10@s64`) beside the unsuffixed full-size one. `size_table` / `write_size_report` turn those keys into
 the size x metric table (JSON + CSV) and the NDCG-vs-size plot that the driver logs to MLflow.
+
+`model.new_item_offset` is added to the cosine score of every item in no training example wherever items are
+ranked (`item_offsets`: the per-item row every ranking here takes as `item_offset`), so evaluation scores what
+serving (`serving.recommender`) returns.
 """
 from __future__ import annotations
 
@@ -51,23 +55,46 @@ def encode_catalog(model: Recommender, batches: Iterable[dict[str, torch.Tensor]
     return table
 
 
-@torch.inference_mode()
-def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor,
-                size: int | None = None) -> torch.Tensor:
-    """content [N+1, D], history [U, L] -> scores [U, N+1] (column 0 = -inf), with vectors at `size` if given"""
-    ids = torch.arange(content.shape[0], device=content.device)
-    items = model.item_vectors(content, ids, size)  # [N+1, size or D]
-    user = model.user_vectors(history, content[history], size)  # [U, size or D]
-    scores = user @ items.T
+def item_offsets(unseen: np.ndarray | torch.Tensor | None, offset: float,
+                 device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """unseen [N+1] bool (True: the item is in no training example) and `model.new_item_offset` -> the score offset
+    of every item [N+1] (the offset on unseen items, 0 elsewhere and on row 0, the padding), or None where nothing
+    would be added (offset 0, no unseen item, or unseen not known)."""
+    if unseen is None or offset == 0:
+        return None
+    flags = torch.as_tensor(np.asarray(unseen, dtype=bool)).clone()
+    flags[0] = False
+    if not flags.any():
+        return None
+    return (flags.to(torch.float32) * float(offset)).to(device)
+
+
+def _offset_scores(scores: torch.Tensor, item_offset: torch.Tensor | None) -> torch.Tensor:
+    """scores [U, N+1] (cosines) + the per-item offsets [N+1], then column 0 (padding) = -inf"""
+    if item_offset is not None:
+        scores = scores + item_offset.to(scores.device, scores.dtype)[None, :]
     scores[:, 0] = float("-inf")
     return scores
 
 
+@torch.inference_mode()
+def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor,
+                size: int | None = None, item_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """content [N+1, D], history [U, L] -> scores [U, N+1] (column 0 = -inf), with vectors at `size` if given;
+    item_offset [N+1]: added to every user's scores (`item_offsets`)"""
+    ids = torch.arange(content.shape[0], device=content.device)
+    items = model.item_vectors(content, ids, size)  # [N+1, size or D]
+    user = model.user_vectors(history, content[history], size)  # [U, size or D]
+    return _offset_scores(user @ items.T, item_offset)
+
+
 def _ranks_by_size(model: Recommender, content: torch.Tensor, examples: Examples, *, mask_history: bool,
                    batch_size: int, sizes: Sequence[int | None],
-                   exclude_items: torch.Tensor | None = None) -> Iterator[tuple[int | None, torch.Tensor]]:
+                   exclude_items: torch.Tensor | None = None,
+                   item_offset: torch.Tensor | None = None) -> Iterator[tuple[int | None, torch.Tensor]]:
     """(size, 0-based target ranks of one batch) for every batch of `examples` and every size (None = full).
-    exclude_items [N+1] bool: items no target is ranked against (as the history under `mask_history`)."""
+    exclude_items [N+1] bool: items no target is ranked against (as the history under `mask_history`);
+    item_offset [N+1]: added to every score at every size (`item_offsets`)."""
     device = content.device
     items = model.item_vectors(content, torch.arange(content.shape[0], device=device))  # [N+1, D]
     items_at = {size: items if size is None else at_size(items, size) for size in sizes}
@@ -80,32 +107,35 @@ def _ranks_by_size(model: Recommender, content: torch.Tensor, examples: Examples
             never = exclude_items.to(device)[None, :].expand(len(targets), -1)
             exclude = never if exclude is None else exclude | never
         for size, sized_items in items_at.items():
-            scores = (user if size is None else at_size(user, size)) @ sized_items.T  # [U, N+1]
-            scores[:, 0] = float("-inf")
+            scores = _offset_scores((user if size is None else at_size(user, size)) @ sized_items.T, item_offset)
             yield size, target_ranks(scores, targets, exclude)
 
 
 @torch.inference_mode()
 def example_ranks(model: Recommender, content: torch.Tensor, examples: Examples, *, mask_history: bool,
-                  batch_size: int = 256, exclude_items: torch.Tensor | None = None) -> np.ndarray:
+                  batch_size: int = 256, exclude_items: torch.Tensor | None = None,
+                  item_offset: torch.Tensor | None = None) -> np.ndarray:
     """Each example's 0-based target rank over the catalogue, in `examples`' order (what `evaluate_ranking`
     averages; for per-user statistics such as bench/paired.py's). exclude_items [N+1] bool: items left out of
-    every ranking (a target is never left out of its own)."""
+    every ranking (a target is never left out of its own); item_offset [N+1]: as `evaluate_ranking`."""
     was_training = model.training
     model.eval()
     ranks = [r for _, r in _ranks_by_size(model, content, examples, mask_history=mask_history,
-                                          batch_size=batch_size, sizes=(None,), exclude_items=exclude_items)]
+                                          batch_size=batch_size, sizes=(None,), exclude_items=exclude_items,
+                                          item_offset=item_offset)]
     model.train(was_training)
     return torch.cat(ranks).cpu().numpy() if ranks else np.zeros(0, dtype=np.int64)
 
 
 @torch.inference_mode()
 def evaluate_ranking(model: Recommender, content: torch.Tensor, examples: Examples, *, ks: tuple[int, ...],
-                     mask_history: bool, batch_size: int = 256, sizes: Sequence[int] = ()) -> dict[str, float]:
+                     mask_history: bool, batch_size: int = 256, sizes: Sequence[int] = (),
+                     item_offset: torch.Tensor | None = None) -> dict[str, float]:
     """Recall@k, NDCG@k and MRR of `examples` (one target each) ranked against every catalogue item.
 
     With `sizes`, every metric is also reported at each size s under `<metric>@s<s>` (vectors truncated to s
-    and renormalised); the unsuffixed keys are the full-size ones.
+    and renormalised); the unsuffixed keys are the full-size ones. item_offset [N+1]: added to every item's
+    score (`item_offsets`: `model.new_item_offset` on the items in no training example).
     """
     was_training = model.training
     model.eval()
@@ -113,7 +143,7 @@ def evaluate_ranking(model: Recommender, content: torch.Tensor, examples: Exampl
     sizes = tuple(sizes)
     accumulators = {None: RankingAccumulator(ks=ks), **{s: RankingAccumulator(ks=ks) for s in sizes if s != full_dim}}
     for size, ranks in _ranks_by_size(model, content, examples, mask_history=mask_history,
-                                      batch_size=batch_size, sizes=tuple(accumulators)):
+                                      batch_size=batch_size, sizes=tuple(accumulators), item_offset=item_offset):
         accumulators[size].update(ranks)
     model.train(was_training)
     metrics = accumulators[None].compute()

@@ -3,9 +3,11 @@
 This module owns `export_item_vectors`: checkpoint -> fresh catalogue pass (decoded in process, no Ray, through
 `training.offline_eval`, so export and offline evaluation see the same item table) ->
 one parquet file per size, `item_vectors_s<size>.parquet` with columns
-    item_index int64 (1..N, the training index), item_id string (the raw id), vector fixed_size_list<float32>[size]
+    item_index int64 (1..N, the training index), item_id string (the raw id), vector fixed_size_list<float32>[size],
+    score_offset float32 (model.new_item_offset on the items in no training example, else 0)
 Vectors are L2-normalised at their size (scores are cosine similarities), so a nearest-neighbour index over
-the file serves the size-s model exactly. `export.json` beside them records what was written.
+the file serves the size-s model exactly; with a nonzero offset, a score is the cosine plus the item's
+score_offset (`serving.recommender` searches the offset items beside the index and merges). `export.json` beside them records what was written.
 An export directory is recognised by its export.json and holds nothing but what an export writes (`is_export_dir`);
 `jobs.export` builds it in a staging folder and replaces only a previous export, never anything else.
 """
@@ -37,13 +39,15 @@ def is_export_dir(path: Path) -> bool:
 
 
 def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: Sequence[int] | None = None,
-                        *, prepared_dir: str | Path | None = None) -> list[Path]:
+                        *, prepared_dir: str | Path | None = None, new_item_offset: float | None = None) -> list[Path]:
     """Write `item_vectors_s<size>.parquet` into `out_dir` for each size; -> the files written.
 
     sizes: None = every size the checkpoint supports (its `matryoshka_sizes`, or just model.dim); otherwise a
         subset of them (ValueError naming the supported sizes for any other).
     prepared_dir: the prepared dataset holding items.parquet; default: the checkpoint config's data.prepared_dir
         (relative to the current directory).
+    new_item_offset: the score_offset of the items in no training example (default: the checkpoint's
+        model.new_item_offset).
     """
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     # Files are written over by name: only into a new or empty directory, a previous export, or a staging folder.
@@ -70,6 +74,9 @@ def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: 
     item_ids = pa.array(items.loc[ids.numpy(), "item_id"].astype(str).tolist(), pa.string())
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    if new_item_offset is None:
+        new_item_offset = loaded.job.model.new_item_offset
+    offsets = loaded.unseen[1:].astype(np.float32) * np.float32(new_item_offset)  # [N]
     with torch.inference_mode():
         for size in sizes:
             vectors = model.item_vectors(content[1:], ids, size).numpy().astype(np.float32)  # [N, size]
@@ -77,13 +84,15 @@ def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: 
                 "item_index": pa.array(ids.numpy(), pa.int64()),
                 "item_id": item_ids,
                 "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), size),
+                "score_offset": pa.array(offsets, pa.float32()),
             })
             path = out_dir / f"item_vectors_s{size}.parquet"
             pq.write_table(table, path)
             written.append(path)
     (out_dir / EXPORT_MANIFEST).write_text(json.dumps({
         "checkpoint": str(checkpoint_dir.resolve()), "sizes": list(sizes), "supported_sizes": list(supported),
-        "num_items": num_items, "new_items": loaded.new_items, "normalised": True, "files": [p.name for p in written],
+        "num_items": num_items, "new_items": loaded.new_items, "unseen_items": int(loaded.unseen.sum()),
+        "new_item_offset": new_item_offset, "normalised": True, "files": [p.name for p in written],
         "watermark": state.get("watermark"),
     }, indent=2))
     return written

@@ -54,12 +54,13 @@ def pick_examples(num_examples: int, count: int) -> list[int]:
 
 def build_gallery(model: Recommender, content: torch.Tensor, examples: Examples, rows: list[int], *, k: int = 10,
                   history_shown: int = 5, mask_history: bool = True,
-                  user_ids: dict[int, str] | None = None) -> list[GalleryRow]:
-    """content [N+1, D] (row 0 padding), examples' `rows` -> one `GalleryRow` each, top-k by `score_users`."""
+                  user_ids: dict[int, str] | None = None, item_offset: torch.Tensor | None = None) -> list[GalleryRow]:
+    """content [N+1, D] (row 0 padding), examples' `rows` -> one `GalleryRow` each, top-k by `score_users`
+    (item_offset [N+1]: the new items' score offset, `training.evaluate.item_offsets`)."""
     if not rows:
         return []
     history = torch.as_tensor(examples.history[rows])  # [U, L], left-padded with 0
-    scores = score_users(model, content, history)  # [U, N+1], column 0 = -inf
+    scores = score_users(model, content, history, item_offset=item_offset)  # [U, N+1], column 0 = -inf
     exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None  # [U, N+1]
     targets = torch.as_tensor(examples.target[rows])
     ranks = target_ranks(scores, targets, exclude) + 1  # [U], 1-based, exactly as the evaluation ranks
@@ -178,7 +179,8 @@ def write_gallery(checkpoint_dir: Path, prepared_dir: Path, examples: Examples, 
     content = DecodedCatalogue(Path(prepared_dir) / ITEMS_FILE, num_items, batch_size).encode(loaded)
     mask = loaded.job.train.eval_mask_history
     rows = build_gallery(loaded.model, content, examples, pick_examples(len(examples), users), k=k,
-                         history_shown=history_shown, mask_history=mask, user_ids=load_user_ids(prepared_dir))
+                         history_shown=history_shown, mask_history=mask, user_ids=load_user_ids(prepared_dir),
+                         item_offset=loaded.item_offset())
     shown = {i for row in rows for i in (*row.history, *row.top, row.target)}
     items = load_catalogue_items(prepared_dir, shown)
     hits = sum(row.target in row.top for row in rows)

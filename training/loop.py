@@ -159,6 +159,8 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
             "mlflow_run_id": loop_config["mlflow_run_id"], "early_stopping": early.state(),
             "matryoshka_sizes": list(job.model.supported_sizes),  # the sizes this checkpoint serves
             "averaged_weights": ended.trained is not None,
+            # the items in no training example: scored by content alone, model.new_item_offset added everywhere
+            "unseen_items": None if trainer.unseen is None else (np.flatnonzero(trainer.unseen[1:]) + 1).tolist(),
         }, trained=ended.trained)
         bank.save(Path(tmp) / BANK_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

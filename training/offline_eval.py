@@ -5,7 +5,8 @@ content vectors from the item encoder and a zero id vector: scored by content al
 example held), decoding the catalogue once and encoding it with
 any number of models, and full-ranking metrics of a checkpoint on given examples. The retrain's promotion gate
 and `jobs.evaluate` both score through `evaluate_checkpoint`, so champion and challenger are measured by the
-same code on the same item table.
+same code on the same item table. Both add the checkpoint's `model.new_item_offset` to the scores of the items it
+never trained on (`LoadedCheckpoint.unseen`), as training's evaluation and serving do.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from model.build import build_recommender
 from model.recommender import Recommender
 from pipeline.sequences import Examples
 from pipeline.content import ContentSpec, decode_catalog
-from training.evaluate import encode_catalog, evaluate_ranking
+from training.evaluate import encode_catalog, evaluate_ranking, item_offsets
 from training.checkpoint import MODEL_FILE, load_model_weights, read_state
 
 
@@ -32,6 +33,12 @@ class LoadedCheckpoint:
     job: JobConfig  # the config it was trained with
     state: dict  # its state.json
     new_items: int  # catalogue rows the checkpoint never saw
+    unseen: np.ndarray  # [N+1] bool: items in none of its training examples, those rows included (row 0 False)
+
+    def item_offset(self, offset: float | None = None) -> torch.Tensor | None:
+        """The per-item score offsets [N+1] of `offset` (default: its config's model.new_item_offset) on the
+        unseen items, or None where nothing is added (`training.evaluate.item_offsets`)."""
+        return item_offsets(self.unseen, self.job.model.new_item_offset if offset is None else offset)
 
 
 def _known_keys_only(cls: type, data: dict, prefix: str = "") -> tuple[dict, list[str]]:
@@ -80,7 +87,42 @@ def load_checkpoint(checkpoint_dir: Path, num_items: int | None = None) -> Loade
         # Serving a model to items it never trained on: content only (a random id vector would be noise).
         with torch.no_grad():
             model.item_encoder.id_embedding.weight[trained_items + 1 :].zero_()
-    return LoadedCheckpoint(model.eval(), job, state, num_items - trained_items)
+    return LoadedCheckpoint(model.eval(), job, state, num_items - trained_items,
+                            unseen_rows(state, trained_items, num_items))
+
+
+def trained_items_of(checkpoint_dir: str | Path, num_items: int) -> np.ndarray | None:
+    """[num_items+1] bool: the items in a checkpoint's training examples, or None where it does not record them
+    (saved before `unseen_items`). A run warm-started from it (`train.init_checkpoint`, the retrain's challenger)
+    counts these as seen too: their trained id rows are not zeroed for being absent from its own examples."""
+    state = read_state(checkpoint_dir)
+    if state.get("unseen_items") is None:
+        return None
+    trained = ~unseen_rows(state, int(state["num_items"]), max(num_items, int(state["num_items"])))
+    trained[0] = False
+    return trained[: num_items + 1]
+
+
+def unseen_rows(state: dict, trained_items: int, num_items: int) -> np.ndarray:
+    """[num_items+1] bool: the items in none of a checkpoint's training examples (its state.json's `unseen_items`)
+    and the items past the catalogue it trained on (new since). A checkpoint saved before `unseen_items` was
+    recorded knows only the latter: said once in the log when its model.new_item_offset is not 0."""
+    import logging
+
+    unseen = np.zeros(num_items + 1, dtype=bool)
+    unseen[trained_items + 1:] = True
+    listed = state.get("unseen_items")
+    if listed is None:
+        if state.get("config", {}).get("model", {}).get("new_item_offset", 0):
+            logging.getLogger(__name__).warning(
+                "this checkpoint does not record which items were in no training example: model.new_item_offset "
+                "applies only to the %d items added since it was trained", num_items - trained_items)
+        return unseen
+    listed = np.asarray(listed, dtype=np.int64)
+    if len(listed) and (listed.min() < 1 or listed.max() > trained_items):
+        raise ValueError(f"state.json's unseen_items are not item indices in 1..{trained_items}")
+    unseen[listed] = True
+    return unseen
 
 
 def content_spec_of(job: JobConfig) -> ContentSpec:
@@ -113,13 +155,14 @@ class DecodedCatalogue:
 
 def evaluate_checkpoint(loaded: LoadedCheckpoint, catalogue: DecodedCatalogue, examples: Examples, *,
                         ks: Sequence[int], mask_history: bool, batch_size: int = 256,
-                        sizes: Sequence[int] = ()) -> dict[str, float]:
-    """Full-ranking Recall@k / NDCG@k / MRR of `examples` over the whole catalogue (names as in training)."""
+                        sizes: Sequence[int] = (), new_item_offset: float | None = None) -> dict[str, float]:
+    """Full-ranking Recall@k / NDCG@k / MRR of `examples` over the whole catalogue (names as in training), with
+    `new_item_offset` (default: the checkpoint's model.new_item_offset) on the unseen items' scores."""
     if len(examples) == 0:
         raise ValueError("no examples to evaluate on")
     content = catalogue.encode(loaded)
     return evaluate_ranking(loaded.model, content, examples, ks=tuple(ks), mask_history=mask_history,
-                            batch_size=batch_size, sizes=sizes)
+                            batch_size=batch_size, sizes=sizes, item_offset=loaded.item_offset(new_item_offset))
 
 
 def checkpoint_job_config(checkpoint_dir: Path, overrides: Sequence[str] = ()) -> JobConfig:

@@ -30,7 +30,7 @@ from model.build import build_recommender, encoder_parameters
 from model.losses import build_objective
 from model.recommender import Recommender
 from pipeline.sequences import Examples
-from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking
+from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking, item_offsets
 from training.job_config import JobConfig
 from training.averaging import WeightAverage
 from training.overrides import ConfigError
@@ -254,6 +254,10 @@ class Trainer:
         # at every catalogue pass, so they are scored by content alone (`Recommender.zero_unseen_ids`)
         self.seen = torch.as_tensor(seen, device=device) if seen is not None and job.model.unseen_from_content \
             else None
+        # the items in no training example (saved in the checkpoint: `unseen_items`) and the score offset every
+        # ranking gives them (model.new_item_offset; None when 0)
+        self.unseen = None if seen is None else ~np.asarray(seen, dtype=bool)
+        self.item_offset = item_offsets(self.unseen, job.model.new_item_offset, device)
         self.optimizer, self.objective, self.negatives, self.history = optimizer, objective, negatives, history
         self.bank, self.job, self.num_items, self.device = bank, job, num_items, device
         self.callbacks = list(callbacks)
@@ -495,7 +499,8 @@ class Trainer:
             return
         job = self.job
         trained_scores = evaluate_ranking(self.model, content, validation, ks=job.train.eval_ks,
-                                          mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size)
+                                          mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
+                                          item_offset=self.item_offset)
         with self.average.applied(self.model) as trained:
             content = self._catalogue_content(catalogue)  # ID-only: zeros, no batches read
             scores = {**self._val_metrics(content, validation),
@@ -513,14 +518,14 @@ class Trainer:
     def evaluate(self, content: torch.Tensor, examples: Examples, *, all_sizes: bool = True) -> dict[str, float]:
         """Full-ranking metrics (and AUC / GAUC for CTR) of `examples` against the content table, under both
         protocols: the headline one (`train.eval_mask_history`) unprefixed, the other as `masked_*` / `unmasked_*`
-        (full size only)."""
+        (full size only). Rankings add `model.new_item_offset` to the unseen items' scores (AUC / GAUC do not)."""
         job = self.job
         headline = job.train.eval_mask_history
         metrics = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks, mask_history=headline,
                                    batch_size=job.train.eval_batch_size,
-                                   sizes=job.model.matryoshka_sizes if all_sizes else ())
+                                   sizes=job.model.matryoshka_sizes if all_sizes else (), item_offset=self.item_offset)
         other = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks, mask_history=not headline,
-                                 batch_size=job.train.eval_batch_size)
+                                 batch_size=job.train.eval_batch_size, item_offset=self.item_offset)
         metrics.update({f"{'unmasked' if headline else 'masked'}_{k}": v for k, v in other.items()})
         if job.model.task == "ctr" and all_sizes:
             metrics.update(evaluate_ctr(self.model, content, examples, positive_rating=job.data.positive_rating,

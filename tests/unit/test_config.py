@@ -49,8 +49,10 @@ def test_flatten_for_mlflow_params():
 # 76th: model.side_network (end to end at the frozen model's cost, IISAN-style; BENCHMARKS.md session 24); 77th,
 # without a preset: model.id_dropout (as trained, with ids, end to end > frozen > ID-only on warm items, at new
 # items' cost: a choice the user makes; BENCHMARKS.md session 27; session 28: that gain is new items placed lower,
-# not a better warm ranking at a fixed cold recall)
-MAX_SETTABLE_KEYS = 77
+# not a better warm ranking at a fixed cold recall); 78th, without a preset: model.new_item_offset (the level of the
+# items in no training example, which no loss sets and every model trades against warm accuracy: the user's choice
+# of exposure for new items, the same in evaluation, export and serving; session 33)
+MAX_SETTABLE_KEYS = 78
 # (+1 train.average_epochs, the weight averaging of bench.quality and the movielens preset)
 # (+1 memory.trunk_cache, on in every preset with a frozen trunk; +1 train.targets, SASRec's every-position loss)
 # (+1 model.unseen_from_content, on by default; bench.quality measures it off)
