@@ -37,9 +37,9 @@ Two measurements per run, both with the history unmasked (the headline protocol)
   compare on warm items at the same cold recall (where each run's trade-off curve passes through it), not only
   at the levels they happen to be trained to ("not reached" where no offset gets there). Each offset is also given
   in cosine units, `model.new_item_offset`: the product's setting that adds it wherever items are ranked. Fitted
-  here on the test set it is a measurement; for a model in use, pick it on validation (`jobs.evaluate --split
-  validation --set model.new_item_offset=X`). Offsets here are on the raw scores: a run's own
-  model.new_item_offset is not applied.
+  on the test set it is a measurement; each level is also fitted the product's way, on the validation examples
+  whose target is unseen, and read on test (`fitted on validation`: how well a validation-chosen offset holds).
+  Offsets here are on the raw scores: a run's own model.new_item_offset is not applied.
 
 - `--from-quality FILE` (repeatable; with several files each method is labelled `method [file stem]`): the run
   directories of a `bench.quality` result (its `run_dir`s, popularity left out), and a summary over seeds per
@@ -292,20 +292,31 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     cold_users, cold_targets = subsets["test_cold"]
     unit = unseen.to(logits.dtype) * temperature  # one logit of offset on every unseen item, in cosine units
 
-    def cold_recall(offset: float) -> float:
-        return metrics_of(ranks(cold_users, cold_targets, (offset * unit).to(cold_users.dtype)))["recall@10"]
+    def recall_of(users: torch.Tensor, targets: torch.Tensor) -> Callable[[float], float]:
+        return lambda offset: metrics_of(ranks(users, targets, (offset * unit).to(users.dtype)))["recall@10"]
 
+    # the product's way to pick an offset: on the validation examples whose target is unseen, then read on test
+    validation = read_examples(run_dir / "data" / "validation.parquet")
+    val_rows = np.flatnonzero(unseen_items[np.asarray(validation.target)])
+    fitters = {"test": recall_of(cold_users, cold_targets)}
+    if len(val_rows):
+        val_users = torch.cat([users_of(validation, val_rows[start:start + 1024])
+                               for start in range(0, len(val_rows), 1024)])
+        fitters["validation"] = recall_of(val_users, torch.as_tensor(np.asarray(validation.target)[val_rows]))
     matched = []
     for level in match_cold:
-        try:
-            offset = offset_for_recall(cold_recall, level)
-        except ValueError:  # no level of the unseen items gets there (an ID-only model's new items, say)
-            matched.append({"cold_recall@10_wanted": level, "reached": False})
-            continue
-        row = {"cold_recall@10_wanted": level, "reached": True, "logit_offset": round(offset, 4),
-               "new_item_offset": round(offset * temperature, 5),  # the same in cosine units: model.new_item_offset
-               "unseen_mass": round(unseen_mass(logits, unseen, offset), 4)}
-        matched.append(measured(row, offset * unit))
+        for fitted_on in ("test", "validation"):
+            wanted = {"cold_recall@10_wanted": level, "fitted_on": fitted_on}
+            try:
+                offset = offset_for_recall(fitters[fitted_on], level)
+            except (KeyError, ValueError):  # no level of the unseen items gets there (an ID-only model's), or
+                matched.append({**wanted, "reached": False})  # no validation example has an unseen target
+                continue
+            row = {**wanted, "reached": True, "logit_offset": round(offset, 4),
+                   "new_item_offset": round(offset * temperature, 5),  # in cosine units: model.new_item_offset
+                   "unseen_mass": round(unseen_mass(logits, unseen, offset), 4),
+                   "fitted_cold_recall@10": round(fitters[fitted_on](offset), 4)}
+            matched.append(measured(row, offset * unit))
     among = ranks(cold_users, cold_targets, torch.zeros(len(items)), among=unseen)
     test_examples = len(subsets["test_warm"][1]) + len(cold_targets)
     # how far the scores follow popularity: each item's mean score over (up to) 2,000 warm test examples, against
@@ -327,7 +338,8 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
             "warm_mean_score_vs_log_count_correlation": round(popularity_correlation, 4),
             "popularity_of_new_items": carry,
             "cold_among_unseen_random_recall@10": round(min(10, int(unseen.sum())) / int(unseen.sum()), 4),
-            "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out, "matched_cold": matched}
+            "random_recall@10": round(10 / (len(content) - 1), 4), "offsets": rows_out, "matched_cold": matched,
+            "validation_cold_examples": int(len(val_rows))}
 
 
 def runs_from_quality(path: Path) -> list[tuple[Path, str]]:
@@ -356,7 +368,8 @@ SUMMARY_METRICS = ("test_warm/ndcg@10", "test_warm/recall@10", "test_cold/recall
 def method_summary(results: list[dict], methods: list[str]) -> dict[str, dict]:
     """Per method (the runs of `results` in the order of `methods`, one label per result): the seeds' mean and std
     (ddof 0, as bench.quality) of SUMMARY_METRICS as trained (`as_trained`) and at each matched cold level
-    (`at_cold`, keyed by the level; a level some run did not reach is left out, its count in `not_reached`), and
+    (`at_cold`, keyed by the level, "<level> from validation" where the offset was fitted on validation; a level
+    some run did not reach is left out, its count in `not_reached`), and
     of the cold targets' Recall@10 among the unseen items."""
     def spread(values: list[float]) -> dict[str, float]:
         array = np.array(values, dtype=float)
@@ -370,9 +383,9 @@ def method_summary(results: list[dict], methods: list[str]) -> dict[str, dict]:
                  "as_trained": {name: spread([row[name] for row in trained]) for name in SUMMARY_METRICS},
                  "cold_among_unseen_recall@10": spread([r["cold_among_unseen"]["recall@10"] for r in mine]),
                  "at_cold": {}, "not_reached": {}}
-        levels = dict.fromkeys(row["cold_recall@10_wanted"] for r in mine for row in r["matched_cold"])
+        levels = dict.fromkeys(_level_key(row) for r in mine for row in r["matched_cold"])
         for level in levels:
-            rows = [row for r in mine for row in r["matched_cold"] if row["cold_recall@10_wanted"] == level]
+            rows = [row for r in mine for row in r["matched_cold"] if _level_key(row) == level]
             reached = [row for row in rows if row["reached"]]
             if len(reached) < len(rows):
                 entry["not_reached"][str(level)] = len(rows) - len(reached)
@@ -380,6 +393,12 @@ def method_summary(results: list[dict], methods: list[str]) -> dict[str, dict]:
             entry["at_cold"][str(level)] = {name: spread([row[name] for row in reached]) for name in SUMMARY_METRICS}
         summary[method] = entry
     return summary
+
+
+def _level_key(row: dict) -> str:
+    """A matched row's level as the summary keys it: "0.03" (its offset fitted on test), "0.03 from validation"."""
+    fitted = row.get("fitted_on", "test")
+    return str(row["cold_recall@10_wanted"]) + ("" if fitted == "test" else f" from {fitted}")
 
 
 def format_summary(summary: dict[str, dict]) -> str:
@@ -473,13 +492,13 @@ def main() -> int:
                   f"{row['test_warm/recall@10']:.4f} | {row['test_warm/ndcg@10']:.4f} | {row['test_warm/recall@50']:.4f} | "
                   f"{row['test/recall@10']:.4f} | {row['test/ndcg@10']:.4f} |")
         if result["matched_cold"]:
-            print("\n| cold R@10 wanted | logit offset | model.new_item_offset | unseen mass | cold R@10 | warm R@10 "
-                  "| warm NDCG@10 | all NDCG@10 |\n|---:|---:|---:|---:|---:|---:|---:|---:|")
+            print("\n| cold R@10 wanted | fitted on | logit offset | model.new_item_offset | unseen mass | cold R@10 "
+                  "| warm R@10 | warm NDCG@10 | all NDCG@10 |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|")
             for row in result["matched_cold"]:
                 if not row["reached"]:
-                    print(f"| {row['cold_recall@10_wanted']:g} | not reached at any offset | | | | | | |")
+                    print(f"| {row['cold_recall@10_wanted']:g} | {row['fitted_on']} | not reached | | | | | | |")
                     continue
-                print(f"| {row['cold_recall@10_wanted']:g} | {row['logit_offset']:.3f} | "
+                print(f"| {row['cold_recall@10_wanted']:g} | {row['fitted_on']} | {row['logit_offset']:.3f} | "
                       f"{row['new_item_offset']:.4f} | {row['unseen_mass']:.4f} | "
                       f"{row['test_cold/recall@10']:.4f} | {row['test_warm/recall@10']:.4f} | "
                       f"{row['test_warm/ndcg@10']:.4f} | {row['test/ndcg@10']:.4f} |")

@@ -171,6 +171,14 @@ def test_the_summary_over_seeds_is_per_method_as_trained_and_at_each_reached_col
     table = format_summary(summary)
     assert "| e2e | 2 | cold R@10 0.03 | not reached by 1 run(s) |" in table
     assert "| frozen | 2 | cold R@10 0.006 | 0.0750 ± 0.0010 |" in table
+    # an offset fitted on validation is its own level, beside the one fitted on test
+    for result, got in zip(results, (0.080, 0.070, 0.078, 0.072)):
+        result["matched_cold"].append({**result["matched_cold"][0], "fitted_on": "validation", "reached": True,
+                                       "test_warm/ndcg@10": got})
+    again = method_summary(results, ["e2e", "frozen", "e2e", "frozen"])
+    assert again["e2e"]["at_cold"]["0.006 from validation"]["test_warm/ndcg@10"] == {"mean": 0.079, "std": 0.001, "n": 2}
+    assert again["e2e"]["at_cold"]["0.006"] == e2e["at_cold"]["0.006"]
+    assert "| frozen | 2 | cold R@10 0.006 from validation | 0.0710 ± 0.0010 |" in format_summary(again)
 
 
 def test_runs_from_a_quality_result_are_its_trained_run_directories_and_a_bad_file_is_one_error_line(tmp_path):
