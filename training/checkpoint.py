@@ -5,7 +5,8 @@ A checkpoint directory holds
                    ones under `train.average_epochs` (`training.averaging`)
     trained_weights.pt  with averaging only: the raw trainable parameters a resumed run continues from
     optimizer.pt   the optimizer's state dict (tensors and numbers only)
-    state.json     epoch, global step, config, watermark, metrics, served sizes
+    state.json     epoch, global step, config, watermark, metrics, served sizes, the items in no training example
+                   (`unseen_items`: scored by content alone, `model.new_item_offset` added; `training.offline_eval`)
     bank/          the memory-bank snapshot (numpy .npz without pickles + meta.json)
 Every torch file is loaded with `weights_only=True`: a `model.pt` from elsewhere (a registry, `--checkpoint DIR`)
 cannot run code when it is opened, on any torch the project allows. A file that is not a plain tensor archive is
