@@ -79,7 +79,8 @@ class ItemRecommender:
 
     def __init__(self, model: Recommender, content: torch.Tensor, item_ids: Sequence[str], *, job: JobConfig,
                  index: str | Sequence[str] = "exact", source: dict | None = None, new_items: int = 0,
-                 unseen: np.ndarray | None = None, new_item_offset: float | None = None, funnel_size: int | None = None, funnel_candidates: int = 200, funnel_coarse: str = "exact",
+                 unseen: np.ndarray | None = None, new_item_offset: float | None = None,
+                 funnel_size: int | None = None, funnel_candidates: int = 200, funnel_coarse: str = "exact",
                  hnsw_m: int = 32, hnsw_ef_construction: int = 80, hnsw_ef_search: int = 128) -> None:
         if content.shape[0] != len(item_ids) + 1:
             raise ValueError(f"content has {content.shape[0]} rows, expected {len(item_ids) + 1} (N items + padding)")

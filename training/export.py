@@ -7,7 +7,8 @@ one parquet file per size, `item_vectors_s<size>.parquet` with columns
     score_offset float32 (model.new_item_offset on the items in no training example, else 0)
 Vectors are L2-normalised at their size (scores are cosine similarities), so a nearest-neighbour index over
 the file serves the size-s model exactly; with a nonzero offset, a score is the cosine plus the item's
-score_offset (`serving.recommender` searches the offset items beside the index and merges). `export.json` beside them records what was written.
+score_offset (`serving.recommender` searches the offset items beside the index and merges). `export.json`
+beside them records what was written.
 An export directory is recognised by its export.json and holds nothing but what an export writes (`is_export_dir`);
 `jobs.export` builds it in a staging folder and replaces only a previous export, never anything else.
 """

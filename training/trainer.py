@@ -499,8 +499,8 @@ class Trainer:
             return
         job = self.job
         trained_scores = evaluate_ranking(self.model, content, validation, ks=job.train.eval_ks,
-                                          mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
-                                          item_offset=self.item_offset)
+                                          mask_history=job.train.eval_mask_history,
+                                          batch_size=job.train.eval_batch_size, item_offset=self.item_offset)
         with self.average.applied(self.model) as trained:
             content = self._catalogue_content(catalogue)  # ID-only: zeros, no batches read
             scores = {**self._val_metrics(content, validation),

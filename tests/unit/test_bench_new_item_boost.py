@@ -176,7 +176,8 @@ def test_the_summary_over_seeds_is_per_method_as_trained_and_at_each_reached_col
         result["matched_cold"].append({**result["matched_cold"][0], "fitted_on": "validation", "reached": True,
                                        "test_warm/ndcg@10": got})
     again = method_summary(results, ["e2e", "frozen", "e2e", "frozen"])
-    assert again["e2e"]["at_cold"]["0.006 from validation"]["test_warm/ndcg@10"] == {"mean": 0.079, "std": 0.001, "n": 2}
+    from_validation = again["e2e"]["at_cold"]["0.006 from validation"]
+    assert from_validation["test_warm/ndcg@10"] == {"mean": 0.079, "std": 0.001, "n": 2}
     assert again["e2e"]["at_cold"]["0.006"] == e2e["at_cold"]["0.006"]
     assert "| frozen | 2 | cold R@10 0.006 from validation | 0.0710 ± 0.0010 |" in format_summary(again)
 
