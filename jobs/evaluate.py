@@ -56,7 +56,7 @@ def main() -> int:
                                  max_image_pixels=job.data.max_image_pixels)
     metrics = evaluate_checkpoint(loaded, catalogue, examples, ks=job.train.eval_ks,
                                   mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
-                                  sizes=job.model.matryoshka_sizes, new_item_offset=offset)
+                                  sizes=job.model.matryoshka_sizes, new_item_offset=offset, by_target=True)
     seconds = time.perf_counter() - started
 
     name = f"evaluate-{version.name}-v{version.version}" if version else "evaluate-checkpoint"
@@ -73,8 +73,14 @@ def main() -> int:
     print(f"\n{args.split} metrics (full ranking over {manifest['num_items']} items, {len(examples)} examples, "
           f"{seconds:.1f}s):")
     for key, value in metrics.items():
-        if "@s" not in key:
+        if "@s" not in key and not key.startswith(("new_target", "seen_target")):
             print(f"  {key:<12} {value:.4f}")
+    new_count = int(metrics["new_target_examples"])
+    if new_count:  # what new_item_offset trades: the examples whose target is a new item against the others
+        print(f"\n  by target ({new_count} of {len(examples)} are items in no training example):")
+        for key in [k for k in metrics if k.startswith("seen_target_")]:
+            metric = key[len("seen_target_"):]
+            print(f"  {metric:<12} new {metrics['new_target_' + metric]:.4f}   seen {metrics[key]:.4f}")
     print(f"\nMLflow run: {tracker.run_id} ({tracker.tracking_uri})")
     return 0
 

@@ -155,14 +155,27 @@ class DecodedCatalogue:
 
 def evaluate_checkpoint(loaded: LoadedCheckpoint, catalogue: DecodedCatalogue, examples: Examples, *,
                         ks: Sequence[int], mask_history: bool, batch_size: int = 256,
-                        sizes: Sequence[int] = (), new_item_offset: float | None = None) -> dict[str, float]:
+                        sizes: Sequence[int] = (), new_item_offset: float | None = None,
+                        by_target: bool = False) -> dict[str, float]:
     """Full-ranking Recall@k / NDCG@k / MRR of `examples` over the whole catalogue (names as in training), with
-    `new_item_offset` (default: the checkpoint's model.new_item_offset) on the unseen items' scores."""
+    `new_item_offset` (default: the checkpoint's model.new_item_offset) on the unseen items' scores. by_target:
+    also the examples whose target is an unseen item (`new_target_*`, with their count `new_target_examples`) and
+    the others (`seen_target_*`), at full size: what choosing new_item_offset trades."""
     if len(examples) == 0:
         raise ValueError("no examples to evaluate on")
     content = catalogue.encode(loaded)
-    return evaluate_ranking(loaded.model, content, examples, ks=tuple(ks), mask_history=mask_history,
-                            batch_size=batch_size, sizes=sizes, item_offset=loaded.item_offset(new_item_offset))
+    offset = loaded.item_offset(new_item_offset)
+    metrics = evaluate_ranking(loaded.model, content, examples, ks=tuple(ks), mask_history=mask_history,
+                               batch_size=batch_size, sizes=sizes, item_offset=offset)
+    if by_target:
+        new = loaded.unseen[np.asarray(examples.target)]
+        metrics["new_target_examples"] = float(new.sum())
+        for name, rows in (("new_target", new), ("seen_target", ~new)):
+            if rows.any():
+                part = evaluate_ranking(loaded.model, content, examples.subset(rows), ks=tuple(ks),
+                                        mask_history=mask_history, batch_size=batch_size, item_offset=offset)
+                metrics.update({f"{name}_{k}": v for k, v in part.items()})
+    return metrics
 
 
 def checkpoint_job_config(checkpoint_dir: Path, overrides: Sequence[str] = ()) -> JobConfig:

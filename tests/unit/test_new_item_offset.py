@@ -200,3 +200,38 @@ def test_the_serve_option_overrides_the_models_offset():
     for bad in ("abc", "3", "nan"):
         with pytest.raises(ConfigError, match="--new-item-offset"):
             ServeOptions(new_item_offset=bad)
+
+
+def test_evaluate_reports_new_and_seen_targets_apart_and_takes_the_offset_from_set(offset_checkpoint, prepared_dir,
+                                                                                   tmp_path, monkeypatch, capsys):
+    import sys
+
+    import jobs.evaluate
+    from pipeline.sources import ITEMS_FILE
+    from training.offline_eval import evaluate_checkpoint
+
+    loaded, content, test = _evaluated(offset_checkpoint, prepared_dir)
+    catalogue = DecodedCatalogue(prepared_dir / ITEMS_FILE, 1682)
+    metrics = evaluate_checkpoint(loaded, catalogue, test, ks=(10,), mask_history=True, by_target=True)
+    new = np.isin(test.target, UNSEEN)
+    assert metrics["new_target_examples"] == new.sum() > 0
+    part = evaluate_ranking(loaded.model, content, test.subset(new), ks=(10,), mask_history=True,
+                            item_offset=loaded.item_offset())
+    assert metrics["new_target_recall@10"] == pytest.approx(part["recall@10"])
+    shares = new.mean(), 1 - new.mean()  # the two groups' recall, weighted by their shares, is the whole
+    assert shares[0] * metrics["new_target_recall@10"] + shares[1] * metrics["seen_target_recall@10"] == \
+        pytest.approx(metrics["recall@10"])
+
+    def evaluated(offset: float) -> dict[str, float]:
+        monkeypatch.setattr(sys, "argv", [
+            "jobs.evaluate", "--checkpoint", str(offset_checkpoint), "--split", "validation",
+            "--set", f"data.prepared_dir={prepared_dir}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+            "--set", f"model.new_item_offset={offset}"])
+        assert jobs.evaluate.main() == 0
+        out = capsys.readouterr().out
+        assert "by target" in out and f"model.new_item_offset {offset:+g}" in out
+        line = next(row for row in out.splitlines() if row.strip().startswith("recall@10") and "new" in row)
+        return {"new": float(line.split()[2]), "seen": float(line.split()[4])}
+
+    low, high = evaluated(-0.5), evaluated(0.5)
+    assert high["new"] > low["new"] and high["seen"] < low["seen"]
