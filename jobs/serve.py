@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from jobs.cli import run_main
+from model.config import valid_new_item_offset
 from serving.online import (ModelSlot, ModelSource, RecommendRequest, RequestError, Served, UserHistories,
                             answer_batch, catalogue_dir, load_warm_recommender, parse_recommend_request)
 
@@ -91,7 +92,7 @@ class ServeOptions:
             offset = self.recommender_options().get("new_item_offset", 0.0)
         except ValueError:
             raise ConfigError(f"--new-item-offset must be a number, got {self.new_item_offset!r}") from None
-        if not -2.0 <= offset <= 2.0:
+        if not valid_new_item_offset(offset):
             raise ConfigError(f"--new-item-offset must be in [-2, 2], got {self.new_item_offset}")
 
     def recommender_options(self) -> dict[str, Any]:

@@ -12,6 +12,12 @@ LOSSES = ("auto", "sampled_softmax", "full_softmax")
 TASKS = ("retrieval", "ctr")
 
 
+def valid_new_item_offset(value: float) -> bool:
+    """`model.new_item_offset` (and the serving override) lies in [-2, 2]: cosines are in [-1, 1], so beyond 2 the
+    new items' order against the others is fixed anyway (NaN is not valid)."""
+    return -2.0 <= value <= 2.0
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     dim: int = field(default=64, metadata={"help": "width of item and user vectors and of the sequence model"})
@@ -100,7 +106,7 @@ class ModelConfig:
             raise ValueError("model.id_dropout must be in [0, 1)")
         if self.temperature <= 0:
             raise ValueError("model.temperature must be > 0")
-        if not -2.0 <= self.new_item_offset <= 2.0:  # cosines are in [-1, 1]: beyond 2 the order is fixed anyway
+        if not valid_new_item_offset(self.new_item_offset):
             raise ValueError(f"model.new_item_offset={self.new_item_offset} must be in [-2, 2] (a cosine offset)")
         self._check_matryoshka()
 

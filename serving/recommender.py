@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
+from model.config import valid_new_item_offset
 from model.recommender import Recommender
 from matryoshka.layers import truncate
 from pipeline.sources import ITEMS_FILE, load_manifest
@@ -104,7 +105,7 @@ class ItemRecommender:
         self._unseen = np.asarray(unseen, dtype=bool).copy()
         self._unseen[0] = False
         self.new_item_offset = float(job.model.new_item_offset if new_item_offset is None else new_item_offset)
-        if not -2.0 <= self.new_item_offset <= 2.0:
+        if not valid_new_item_offset(self.new_item_offset):
             raise ValueError(f"new_item_offset={new_item_offset} must be in [-2, 2] (a cosine offset)")
         self.built_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._set_catalogue(content, list(item_ids))
