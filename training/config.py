@@ -6,6 +6,7 @@ from typing import ClassVar
 
 USE_GPU = ("auto", "true", "false")
 TARGETS = ("last", "all")
+SCHEDULES = ("cosine", "plateau")
 # Folders of train.storage_path that the product itself owns beside the run directories.
 RESERVED_STORAGE_NAMES = ("registered", "locks")
 
@@ -21,14 +22,19 @@ def check_plain_name(value: str, key: str, reserved: tuple[str, ...] = ()) -> No
 class TrainConfig:
     epochs: int = field(
         default=2,
-        metadata={"help": "the most passes over the training examples, and the learning-rate schedule's horizon "
-                          "(the cosine decays over this many epochs): with early stopping a larger cap is not only "
-                          "longer, it trains at a higher rate where the run peaks"})
+        metadata={"help": "the most passes over the training examples; with train.schedule=cosine also the "
+                          "learning-rate schedule's horizon (a larger cap trains at a higher rate where the run "
+                          "peaks), with plateau only a limit"})
     patience: int = field(
         default=0,
         metadata={"help": "stop after this many epochs without a better validation NDCG@10, averaged over the "
                           "last 3 epochs (0 = run every epoch); halfway there (patience >= 4) the learning rates "
                           "drop 10x. The best window's last epoch is the checkpoint kept and registered"})
+    schedule: str = field(
+        default="cosine",
+        metadata={"help": "learning rate after the warm-up: cosine (decays to 10% over train.epochs) or plateau "
+                          "(holds; drops 10x each time validation stalls for half of train.patience, which must be "
+                          ">= 4: where early stopping ends the run, not the epoch cap)"})
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
@@ -74,7 +80,8 @@ class TrainConfig:
     # The best checkpoint and early stopping go by validation averaged over the last this-many epochs (`val_selection`;
     # training.trainer.EarlyStopping says why), the kept checkpoint being the last epoch of the best window.
     selection_window: ClassVar[int] = 3
-    # The learning rate rises linearly over the first 5% of a run's planned steps, at most 200 steps, then decays.
+    # The learning rate rises linearly over the first 5% of a run's planned steps, at most 200 steps (plateau: 200
+    # steps, at most half the planned ones, so the cap does not move it), then decays (`schedule`).
     # Without the cap a run planned long for early stopping warmed up for epochs: ID-only, 40 planned epochs of
     # 380 steps, warmed up over 760 steps and ended epoch 1 at validation NDCG@10 0.0159 (train loss 7.80).
     warmup_fraction: ClassVar[float] = 0.05
@@ -95,6 +102,8 @@ class TrainConfig:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
         if self.targets not in TARGETS:
             raise ValueError(f"train.targets={self.targets!r}; valid: {', '.join(TARGETS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
         if self.use_gpu not in USE_GPU:
             raise ValueError(f"train.use_gpu={self.use_gpu!r}; valid: {', '.join(USE_GPU)}")
         if self.cpus_per_worker <= 0:

@@ -154,6 +154,9 @@ def validate(config: JobConfig) -> JobConfig:
     if config.model.side_network and trained:
         raise ConfigError(f"model.side_network={config.model.side_network} trains beside frozen encoders, but "
                           f"{', '.join(trained)}: set model.side_network=0 to train their top layers instead")
+    if config.train.schedule == "plateau" and config.train.patience < 4:  # checked here: overrides apply one by one
+        raise ConfigError(f"train.schedule=plateau lowers the rate halfway through train.patience, which is "
+                          f"{config.train.patience}: set train.patience >= 4 (or train.schedule=cosine)")
     if config.train.targets == "all" and config.model.task != "retrieval":
         raise ConfigError("train.targets=all needs model.task=retrieval (a CTR example is one labelled pair)")
     return dataclasses.replace(config)

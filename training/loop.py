@@ -92,7 +92,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log(f"[train] memory bank filled with {num_items} items")
         _barrier()
 
-    trainer.total_steps = job.train.epochs * steps_per_epoch  # warm-up + cosine decay over the planned run
+    trainer.total_steps = job.train.epochs * steps_per_epoch  # warm-up + train.schedule over the planned run
     if job.train.average_epochs > 0:
         trainer.start_averaging(average_decay(job.train.average_epochs, steps_per_epoch), restored.trained_weights)
     elif restored.trained_weights is not None:  # resumed without averaging: on from the trained weights

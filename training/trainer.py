@@ -266,7 +266,7 @@ class Trainer:
         self.encoder_params = encoder_parameters(model)[0]
         self.trunk_cache: TrunkCache | None = None  # set: item content comes from it, only encoder tops run
         self.global_step = 0
-        self.total_steps = 0  # > 0: warm-up + cosine decay of every group's learning rate over this many steps
+        self.total_steps = 0  # > 0: warm-up + decay (train.schedule) of every group's learning rate over these steps
         self.lr_multiplier = 1.0  # on top of the schedule: EarlyStopping's drops on a plateau
         self.average: WeightAverage | None = None  # set: the evaluated and kept weights are its average
         for group in optimizer.param_groups:
@@ -411,9 +411,9 @@ class Trainer:
             norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.job.train.grad_clip))
             info["grad_norm"], info["grad_clipped"] = norm, norm > self.job.train.grad_clip
         if self.total_steps or self.lr_multiplier != 1.0:
-            scale = lr_scale(self.global_step, self.total_steps, self.job.train.warmup_fraction,
-                             self.job.train.final_lr_fraction, self.job.train.warmup_max_steps) \
-                if self.total_steps else 1.0
+            train = self.job.train
+            scale = lr_scale(self.global_step, self.total_steps, train.warmup_fraction, train.final_lr_fraction,
+                             train.warmup_max_steps, decay=train.schedule == "cosine") if self.total_steps else 1.0
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * scale * self.lr_multiplier
         self.optimizer.step()
@@ -565,9 +565,9 @@ class EarlyStopping:
     lr_drops: int = 0
     recent: list[float] = field(default_factory=list)  # the last `window` raw validation scores
 
-    # Halfway through the patience without a better score the learning rates drop by this factor (patience >= 4):
-    # the cosine is planned over `train.epochs`, the most allowed, and a run that early stopping ends after a
-    # fraction of them would otherwise never anneal (BENCHMARKS.md: runs stopped at 16-40 of 100 epochs at
+    # Halfway through the patience without a better score the learning rates drop by this factor (patience >= 4;
+    # with train.schedule=plateau the only decay): the cosine is planned over `train.epochs`, the most allowed, and
+    # a run that early stopping ends after a fraction of them would otherwise never anneal (BENCHMARKS.md: runs stopped at 16-40 of 100 epochs at
     # >= 90% of the peak rate, their best epoch a single high validation score).
     lr_drop_factor: ClassVar[float] = 0.1
 
@@ -601,13 +601,20 @@ class EarlyStopping:
 
 
 def lr_scale(step: int, total: int, warmup_fraction: float, final_fraction: float,
-             warmup_max_steps: int | None = None) -> float:
-    """Learning-rate multiplier at `step` of `total`: linear warm-up over the first `warmup_fraction` of the
-    steps (at most `warmup_max_steps`), then a cosine from 1 down to `final_fraction` at the last step (and after
-    it)."""
-    warmup = max(1, min(int(warmup_fraction * total), warmup_max_steps or total))
+             warmup_max_steps: int | None = None, *, decay: bool = True) -> float:
+    """Learning-rate multiplier at `step` of `total` planned steps: linear warm-up over the first `warmup_fraction`
+    of the steps (at most `warmup_max_steps`), then a cosine from 1 down to `final_fraction` at the last step (and
+    after it). Without `decay` (train.schedule=plateau: EarlyStopping's drops are the decay) the warm-up is
+    `warmup_max_steps`, at most half of `total`, and the rate then holds at 1: no step's rate depends on `total`
+    once the run is planned longer than twice the warm-up."""
+    if decay:
+        warmup = max(1, min(int(warmup_fraction * total), warmup_max_steps or total))
+    else:
+        warmup = max(1, min(warmup_max_steps or total, total // 2))
     if step < warmup:
         return (step + 1) / warmup
+    if not decay:
+        return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 

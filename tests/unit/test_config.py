@@ -27,11 +27,20 @@ def test_overrides_are_typed():
         ("model.sequence_model=gru", "valid: sasrec, lru"),
         ("train=3", "is a section"),
         ("train.lr", "must look like section.key=value"),
+        ("train.schedule=step", "valid: cosine, plateau"),
     ],
 )
 def test_bad_overrides_are_refused_with_the_reason(override, message):
     with pytest.raises(ConfigError, match=message):
         build_config("tiny", [override])
+
+
+def test_a_plateau_schedule_needs_a_patience_it_can_drop_halfway_through_in_either_override_order():
+    with pytest.raises(ConfigError, match="train.patience >= 4"):
+        build_config("tiny", ["train.schedule=plateau"])  # tiny: patience 0, so the rate would never drop
+    for order in (["train.schedule=plateau", "train.patience=4"], ["train.patience=4", "train.schedule=plateau"]):
+        config = build_config("tiny", order)
+        assert (config.train.schedule, config.train.patience) == ("plateau", 4)
 
 
 def test_unknown_preset():
@@ -51,8 +60,9 @@ def test_flatten_for_mlflow_params():
 # items' cost: a choice the user makes; BENCHMARKS.md session 27; session 28: that gain is new items placed lower,
 # not a better warm ranking at a fixed cold recall); 78th, without a preset: model.new_item_offset (the level of the
 # items in no training example, which no loss sets and every model trades against warm accuracy: the user's choice
-# of exposure for new items, the same in evaluation, export and serving; session 33)
-MAX_SETTABLE_KEYS = 78
+# of exposure for new items, the same in evaluation, export and serving; session 33); 79th: train.schedule (plateau:
+# the rate holds until validation stalls, so the epoch cap no longer moves where a run peaks; session 34)
+MAX_SETTABLE_KEYS = 79
 # (+1 train.average_epochs, the weight averaging of bench.quality and the movielens preset)
 # (+1 memory.trunk_cache, on in every preset with a frozen trunk; +1 train.targets, SASRec's every-position loss)
 # (+1 model.unseen_from_content, on by default; bench.quality measures it off)

@@ -253,6 +253,31 @@ def test_learning_rate_warms_up_then_decays_along_a_cosine():
     assert lr_scale(99, 15_200, 0.05, 0.1, 200) == pytest.approx(0.5)
 
 
+def test_the_plateau_schedule_warms_up_then_holds_whatever_the_planned_length():
+    plateau = [[lr_scale(step, total, 0.05, 0.1, 200, decay=False) for step in range(1000)] for total in (1000, 3800)]
+    assert plateau[0] == plateau[1]  # the epoch cap does not move any step's rate
+    assert plateau[0][99] == pytest.approx(0.5) and plateau[0][199] == 1.0 and set(plateau[0][199:]) == {1.0}
+    # the cosine's rate at a step does depend on the cap: the difference train.schedule=plateau removes
+    assert lr_scale(900, 1000, 0.05, 0.1, 200) < 0.2 < lr_scale(900, 3800, 0.05, 0.1, 200)
+    # a run planned shorter than two warm-ups still reaches the full rate halfway
+    assert lr_scale(49, 100, 0.05, 0.1, 200, decay=False) == 1.0 and lr_scale(24, 100, 0.05, 0.1, 200, decay=False) == 0.5
+
+
+def test_a_trainer_on_the_plateau_schedule_holds_the_rate_and_applies_the_drops(setting):
+    import dataclasses
+    batch = setting[3]
+    trainer = _trainer(setting)
+    trainer.job = dataclasses.replace(trainer.job, train=dataclasses.replace(trainer.job.train, schedule="plateau"))
+    trainer.total_steps, trainer.global_step = 40, 30  # past the warm-up (20 steps: half of 40)
+    trainer.train_epoch(iter([batch]), max_steps=1)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"])
+    trainer.lr_multiplier = 0.1  # one drop on a plateau
+    trainer.train_epoch(iter([batch]), max_steps=1)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * 0.1)
+
+
 def test_a_trainer_with_a_planned_length_sets_every_groups_learning_rate(setting):
     batch = setting[3]
     trainer = _trainer(setting)
