@@ -147,14 +147,14 @@ class Recommender(nn.Module):
         if scored is not None:
             ids = torch.cat([target_ids, history_ids.reshape(-1)])
             unique_ids = torch.unique(ids[ids > 0])  # sorted
-            content_vectors = scored[unique_ids]
+            content_vectors = gather_rows(scored, unique_ids)
         else:
             unique_ids, content_vectors = self._encode_distinct(target_ids, content, history_ids, encode_mask,
                                                                 history_item_content)
         if unique_ids.numel():
             pos = torch.searchsorted(unique_ids, target_ids).clamp(max=unique_ids.shape[0] - 1)
             encoded = unique_ids[pos] == target_ids
-            fresh_targets = content_vectors[pos]
+            fresh_targets = gather_rows(content_vectors, pos)
         else:
             encoded = torch.zeros_like(target_ids, dtype=torch.bool)
             fresh_targets = torch.zeros(target_ids.shape[0], self.item_encoder.dim, device=target_ids.device)
@@ -163,7 +163,7 @@ class Recommender(nn.Module):
         else:
             target_content = fresh_targets
         positive = self.item_vectors(target_content, target_ids)
-        history_content = content_table[history_ids] if content_table is not None \
+        history_content = gather_rows(content_table, history_ids) if content_table is not None \
             else replace_with_fresh(history_ids, history_content, unique_ids, content_vectors)
         if not all_positions:
             user = self.user_vectors(history_ids, history_content)
@@ -174,7 +174,7 @@ class Recommender(nn.Module):
         # position i (< L-1) predicts history item i+1; it is real whenever item i is (histories are left-padded)
         inner = real[:, :-1]
         if candidate_table is not None and content_table is not None:
-            vectors = self._history_vectors(history_ids, candidate_table[history_ids])[1]
+            vectors = self._history_vectors(history_ids, gather_rows(candidate_table, history_ids))[1]
         return StepOutput(
             user=torch.cat([states[:, :-1][inner], states[:, -1]]),
             positive=torch.cat([vectors[:, 1:][inner], positive]),
@@ -201,6 +201,14 @@ class Recommender(nn.Module):
         return unique_ids, self.item_encoder.encode_fields({k: v[first_row] for k, v in fields.items()})
 
 
+def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table [N, D], index [...] (ids may repeat) -> table's rows [..., D]. `index_select`, not `table[index]`: on CPU
+    (torch 2.13, 2 threads) the indexing's backward adds repeated rows' gradients in an order that changes from call
+    to call, so two runs of one seed drifted apart in the fifth digit of the loss; index_select's backward is
+    deterministic and ~16x faster there (BENCHMARKS.md, session 34)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
+
+
 def unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids [B] -> (unique ids [U] sorted, first row of each [U], inverse [B] so unique[inverse] == ids)"""
     unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
@@ -221,4 +229,4 @@ def replace_with_fresh(
         return history_content
     pos = torch.searchsorted(fresh_ids, history_ids).clamp(max=fresh_ids.shape[0] - 1)
     hit = (fresh_ids[pos] == history_ids) & (history_ids > 0)
-    return torch.where(hit[..., None], fresh_content[pos], history_content)
+    return torch.where(hit[..., None], gather_rows(fresh_content, pos), history_content)

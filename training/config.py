@@ -57,8 +57,8 @@ class TrainConfig:
         metadata={"help": "CPUs per Ray Train worker (fractional: 2-core machines must leave Ray Data a CPU)"})
     seed: int = field(
         default=0, metadata={"help": "seed of initialisation, each epoch's data order, sampling and retrain's replay "
-                                     "sample: two one-worker runs of a seed train identically (shown for ID-only; two bank-mode "
-                                     "tiny runs differed in the 5th digit of the loss)"})
+                                     "sample: two one-worker runs of a seed on one machine train identically (to "
+                                     "the last digit; tests/integration/test_train_runs.py)"})
     eval_ks: tuple[int, ...] = field(default=(5, 10, 20, 50), metadata={"help": "cut-offs k of Recall@k and NDCG@k"})
     eval_mask_history: bool = field(
         default=False,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from memory.local import ItemBank, LookupResult
 from model.build import build_recommender, encoder_parameters
 from model.losses import build_objective
-from model.recommender import Recommender
+from model.recommender import Recommender, gather_rows
 from pipeline.sequences import Examples
 from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking, item_offsets
 from training.job_config import JobConfig
@@ -369,7 +369,7 @@ class Trainer:
             labels = (batch["rating"].float() >= job.data.positive_rating).float()
             loss = self.objective(out.user, out.positive, labels, batch["user"].long(), targets)
         else:
-            negative_content = clean_table[torch.as_tensor(negative_ids, device=device)] if table is not None \
+            negative_content = gather_rows(clean_table, torch.as_tensor(negative_ids, device=device)) if table is not None \
                 else self._negative_content(fetched, negative_ids)
             negatives, negative_ids_t = self.negatives.vectors(model, negative_ids, negative_content, device)
             loss = self.objective(out.user, out.positive, out.positive_ids, negatives, negative_ids_t)

@@ -251,3 +251,28 @@ def test_full_softmax_over_a_fresh_table_scores_the_targets_own_row():
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, ids))
     loss.backward()
     assert table.grad[ids].abs().sum() > 0 and table.grad[0].abs().sum() == 0
+
+
+def test_gathering_rows_matches_indexing_and_its_backward_repeats_to_the_last_bit():
+    from model.recommender import gather_rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the CI machine's cores: where table[index]'s backward varied from call to call
+    try:
+        generator = torch.Generator().manual_seed(0)
+        index = torch.randint(0, 300, (64, 51), generator=generator)  # a step's history ids: many repeats
+        upstream = torch.randn(64, 51, 32, generator=generator)
+
+        def gradient(gather) -> torch.Tensor:
+            table = torch.randn(300, 32, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            gather(table, index).backward(upstream)
+            return table.grad
+
+        first = gradient(gather_rows)
+        assert all(torch.equal(gradient(gather_rows), first) for _ in range(10))
+        table = torch.randn(300, 32)
+        assert torch.equal(gather_rows(table, index), table[index])
+        torch.testing.assert_close(first, gradient(lambda t, i: t[i]))
+        assert gather_rows(table, index[0, :0]).shape == (0, 32)
+    finally:
+        torch.set_num_threads(threads)
