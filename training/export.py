@@ -77,7 +77,8 @@ def export_item_vectors(checkpoint_dir: str | Path, out_dir: str | Path, sizes: 
     written = []
     if new_item_offset is None:
         new_item_offset = loaded.job.model.new_item_offset
-    offsets = loaded.unseen[1:].astype(np.float32) * np.float32(new_item_offset)  # [N]
+    item_offset = loaded.item_offset(new_item_offset)  # [N+1] or None (nothing added)
+    offsets = np.zeros(num_items, np.float32) if item_offset is None else item_offset[1:].numpy()  # [N]
     with torch.inference_mode():
         for size in sizes:
             vectors = model.item_vectors(content[1:], ids, size).numpy().astype(np.float32)  # [N, size]
