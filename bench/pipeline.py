@@ -89,6 +89,7 @@ def training_wait(args: argparse.Namespace) -> dict[str, float]:
 
     job = build_config("movielens", [
         f"data.prepared_dir={args.prepared_dir}", "train.epochs=1", f"train.max_steps_per_epoch={args.train_steps}",
+        "train.schedule=cosine",  # one short epoch: the schedule does not matter, plateau's patience check would
         f"train.storage_path={args.storage_path}", "tracking.experiment=mmrec-bench-pipeline",
         f"train.run_name=pipeline-movielens-{time.strftime('%Y%m%d-%H%M%S')}",
     ])

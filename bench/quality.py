@@ -153,6 +153,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         f"train.epochs={args.epochs}",
         f"train.max_steps_per_epoch={args.steps}",
         f"train.patience={args.patience}",
+        "train.schedule=cosine",  # every result here was measured with it (the preset's is plateau since session 34)
         f"train.batch_size={args.batch_size}",
         "train.eval_ks=10,50",
         f"train.storage_path={args.storage_path}",
