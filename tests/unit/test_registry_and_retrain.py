@@ -186,6 +186,18 @@ def test_retrain_section_is_in_the_job_config():
         build_config("tiny", ["retrain.no_such_key=1"])
 
 
+def test_a_challenger_trains_its_fixed_budget_on_the_cosine_from_the_champion():
+    from training.job_config import build_config
+    from training.retrain.run import challenger_config
+
+    job = build_config("movielens", ["retrain.steps=30"])  # the preset's plateau: its rate would never anneal
+    champion = build_config("movielens", ["model.dim=64"])
+    challenger = challenger_config(job, champion, Path("/ckpt"), "retrain-1")
+    assert job.train.schedule == "plateau" and challenger.train.schedule == "cosine"
+    assert (challenger.train.epochs, challenger.train.max_steps_per_epoch) == (1, 30)
+    assert challenger.model.dim == 64 and challenger.train.init_checkpoint == "/ckpt"
+
+
 # --------------------------------------------------------------------------- warm start into a grown catalogue
 
 
