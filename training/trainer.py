@@ -369,8 +369,8 @@ class Trainer:
             labels = (batch["rating"].float() >= job.data.positive_rating).float()
             loss = self.objective(out.user, out.positive, labels, batch["user"].long(), targets)
         else:
-            negative_content = gather_rows(clean_table, torch.as_tensor(negative_ids, device=device)) if table is not None \
-                else self._negative_content(fetched, negative_ids)
+            negative_content = gather_rows(clean_table, torch.as_tensor(negative_ids, device=device)) \
+                if table is not None else self._negative_content(fetched, negative_ids)
             negatives, negative_ids_t = self.negatives.vectors(model, negative_ids, negative_content, device)
             loss = self.objective(out.user, out.positive, out.positive_ids, negatives, negative_ids_t)
         unique_ids = out.unique_ids.cpu().numpy()
@@ -567,8 +567,8 @@ class EarlyStopping:
 
     # Halfway through the patience without a better score the learning rates drop by this factor (patience >= 4;
     # with train.schedule=plateau the only decay): the cosine is planned over `train.epochs`, the most allowed, and
-    # a run that early stopping ends after a fraction of them would otherwise never anneal (BENCHMARKS.md: runs stopped at 16-40 of 100 epochs at
-    # >= 90% of the peak rate, their best epoch a single high validation score).
+    # a run that early stopping ends after a fraction of them would otherwise never anneal (BENCHMARKS.md: runs
+    # stopped at 16-40 of 100 epochs at >= 90% of the peak rate, their best epoch a single high validation score).
     lr_drop_factor: ClassVar[float] = 0.1
 
     def update(self, score: float, epoch: int) -> bool:

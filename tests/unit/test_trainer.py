@@ -260,7 +260,8 @@ def test_the_plateau_schedule_warms_up_then_holds_whatever_the_planned_length():
     # the cosine's rate at a step does depend on the cap: the difference train.schedule=plateau removes
     assert lr_scale(900, 1000, 0.05, 0.1, 200) < 0.2 < lr_scale(900, 3800, 0.05, 0.1, 200)
     # a run planned shorter than two warm-ups still reaches the full rate halfway
-    assert lr_scale(49, 100, 0.05, 0.1, 200, decay=False) == 1.0 and lr_scale(24, 100, 0.05, 0.1, 200, decay=False) == 0.5
+    assert lr_scale(49, 100, 0.05, 0.1, 200, decay=False) == 1.0
+    assert lr_scale(24, 100, 0.05, 0.1, 200, decay=False) == 0.5
 
 
 def test_a_trainer_on_the_plateau_schedule_holds_the_rate_and_applies_the_drops(setting):
