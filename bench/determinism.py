@@ -8,7 +8,7 @@ Two parts, both at 2 torch threads (the CI machine's cores; one Ray Train worker
   `table[index]` (the product's gather until session 34) and as `gather_rows` (`index_select`): how many of the
   repeats give a gradient other than the first's, and milliseconds per forward + backward.
 - **runs**: the `tiny` preset's trainer in two fresh processes, each `--steps` steps on the same decoded
-  ml100k_mm batches after the same seeding; per step the loss and a digest of every parameter, once with each
+  ml100k_mm batches (`bench.memory_bank.sampled_batches`, seed 0) after the same seeding; per step the loss and a digest of every parameter, once with each
   gather (the old one patched in for the comparison). Two settings (`SETTINGS`): the preset's own (both encoders
   trained, history from the memory bank: the setting whose runs drifted) and the `movielens` preset's shape of
   step on the tiny encoders (side networks on the trunk cache, ids, every position, one table of every item).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import platform
 import subprocess
@@ -82,6 +83,7 @@ def train_steps(prepared: Path, steps: int, gather: str, setting: str) -> list[t
     from training.job_config import build_config
     from training.offline_eval import DecodedCatalogue, content_spec_of
     import training.trainer as trainer_module
+    from bench.memory_bank import sampled_batches
     from training.trainer import build_trainer
 
     if gather == "indexing":  # the gather before session 34, for the comparison (both modules read their global)
@@ -94,13 +96,7 @@ def train_steps(prepared: Path, steps: int, gather: str, setting: str) -> list[t
     spec = content_spec_of(job)
     decoder = ItemContentDecoder(str(prepared / ITEMS_FILE), "target", spec.image_size, spec.tokenizer_path,
                                  spec.max_length, with_history_content=True)
-    size = job.train.batch_size
-    batches = []
-    for start in range(0, size * steps, size):
-        rows = np.arange(start, start + size)
-        raw = decoder({"target": splits.train.target[rows], "history": splits.train.history[rows],
-                       "rating": splits.train.rating[rows], "user": splits.train.user[rows]})
-        batches.append({key: torch.as_tensor(value) for key, value in raw.items()})
+    batches = list(itertools.islice(sampled_batches(decoder, splits.train, job.train.batch_size, seed=0), steps))
     torch.manual_seed(0)
     np.random.seed(0)
     bank = LocalMemoryBankClient(capacity=num_items + 1, dim=job.model.dim)

@@ -205,7 +205,7 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """table [N, D], index [...] (ids may repeat) -> table's rows [..., D]. `index_select`, not `table[index]`: on CPU
     (torch 2.13, 2 threads) the indexing's backward adds repeated rows' gradients in an order that changes from call
     to call, so two runs of one seed drifted apart in the fifth digit of the loss; index_select's backward is
-    deterministic and ~16x faster there (BENCHMARKS.md, session 34)."""
+    deterministic and 12-19x faster there (BENCHMARKS.md, session 34)."""
     return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
 
 
