@@ -2,6 +2,8 @@
 
     python -m bench.trunk_cache                      # both setups, 6 uncached and 40 cached steps each, ~10 min
     python -m bench.trunk_cache --setups all_positions --uncached-steps 3 --cached-steps 20   # quicker
+    python -m bench.trunk_cache --precisions fp32,bf16 --regimes end_to_end,frozen \
+        --out bench/results/trunk_cache_bf16.json     # the same rows with the backbones in fp32 and in bf16
 
 The product's own trainer (`training.trainer`) runs in this process on real ml100k_mm batches with an in-process
 bank, as `bench/memory_bank.py` does. The model is the `movielens` preset's (EfficientNet-Lite0 at 64 px + MiniLM
@@ -25,6 +27,8 @@ Each runs uncached (batches are decoded beforehand, but every step runs the whol
 (`memory.trunk_cache`: the trunk's output looked up per item, only the tops run). Step time excludes data
 loading. An epoch is estimated as (training examples or windows / batch) x step time + one catalogue pass; the
 cache's one-off build (one catalogue pass through the trunks) is reported beside it.
+`--precisions fp32,bf16` measures every row at each `model.encoder_precision` (the backbones under bfloat16
+autocast), in one run, and adds each row's bf16 / fp32 samples/s.
 Goals (#19): cached end-to-end samples/s >= 5x uncached; an end-to-end epoch <= 1.5x a frozen two-stage epoch.
 Prints a table and writes bench/results/trunk_cache.json.
 """
@@ -99,10 +103,10 @@ def measure(job, cached: bool, train, prepared: Path, num_items: int, steps: int
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'setup':<13} {'regime':<18} {'cache':<5} {'samples/s':>10} {'step s':>7} {'catalogue s':>11} "
-             f"{'epoch min':>9} {'build s':>7} {'MiB':>6}"]
+    lines = [f"{'setup':<13} {'regime':<18} {'prec':<4} {'cache':<5} {'samples/s':>10} {'step s':>7} "
+             f"{'catalogue s':>11} {'epoch min':>9} {'build s':>7} {'MiB':>6}"]
     for r in rows:
-        lines.append(f"{r['setup']:<13} {r['regime']:<18} {'on' if r['cached'] else 'off':<5} "
+        lines.append(f"{r['setup']:<13} {r['regime']:<18} {r['precision']:<4} {'on' if r['cached'] else 'off':<5} "
                      f"{r['samples_per_s']:>10.1f} {r['step_s']:>7.3f} {r['catalogue_pass_s']:>11.1f} "
                      f"{r['epoch_s'] / 60:>9.1f} "
                      f"{r.get('cache_build_s', float('nan')):>7.1f} {r.get('cache_mb', float('nan')):>6.1f}")
@@ -115,45 +119,60 @@ def main() -> None:
     parser.add_argument("--uncached-steps", type=int, default=6)
     parser.add_argument("--cached-steps", type=int, default=40)
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
+    parser.add_argument("--regimes", default=",".join(REGIMES), help=f"comma list of {', '.join(REGIMES)}")
+    parser.add_argument("--precisions", default="fp32",
+                        help="comma list of model.encoder_precision values to measure every row at (fp32, bf16)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "trunk_cache.json"))
     args = parser.parse_args()
-    setups = [name for name in args.setups.split(",") if name]
-    if unknown := set(setups) - set(SETUPS):
-        parser.error(f"unknown setups {sorted(unknown)}; valid: {', '.join(SETUPS)}")
+    setups, regimes, precisions = ([name for name in value.split(",") if name]
+                                   for value in (args.setups, args.regimes, args.precisions))
+    for names, valid, what in ((setups, SETUPS, "setups"), (regimes, REGIMES, "regimes"),
+                               (precisions, ("fp32", "bf16"), "precisions")):
+        if unknown := set(names) - set(valid):
+            parser.error(f"unknown {what} {sorted(unknown)}; valid: {', '.join(valid)}")
     torch.set_num_threads(2)
     prepared = bench_prepared(args.data)
     num_items = load_manifest(prepared)["num_items"]
     train = leave_one_out(read_interactions(prepared), 50).train
     popularity = np.bincount(train.target, minlength=num_items + 1).astype(float)
     rows, summary = [], {"training_examples": len(train), "training_windows": len(window_examples(train))}
-    for setup in setups:
-        for regime, overrides in REGIMES.items():
-            job = build_config("movielens", [*SETUPS[setup], *overrides])
+    for setup, precision in ((s, p) for s in setups for p in precisions):
+        for regime in regimes:
+            job = build_config("movielens", [*SETUPS[setup], *REGIMES[regime], f"model.encoder_precision={precision}"])
             if regime in SAMPLING_NEEDS_BANK and job.memory.mode != "bank":
                 continue
             examples = window_examples(train) if job.train.targets == "all" else train
             for cached in (False, True):
-                row = {"setup": setup, "regime": regime,
+                row = {"setup": setup, "regime": regime, "precision": precision,
                        **measure(job, cached, examples, prepared, num_items,
                                  args.cached_steps if cached else args.uncached_steps, popularity)}
+                if precision != "fp32":
+                    fp32 = next((r for r in rows if (r["setup"], r["regime"], r["cached"], r["precision"])
+                                 == (setup, regime, cached, "fp32")), None)
+                    if fp32 is not None:
+                        row["vs_fp32_samples_per_s"] = row["samples_per_s"] / fp32["samples_per_s"]
                 rows.append(row)
-                print(f"{setup} {regime} cache={'on' if cached else 'off'}: {row['samples_per_s']:.1f} samples/s, "
-                      f"epoch {row['epoch_s'] / 60:.1f} min", flush=True)
-        by = {(r["regime"], r["cached"]): r for r in rows if r["setup"] == setup}
-        summary[setup] = {
+                print(f"{setup} {regime} {precision} cache={'on' if cached else 'off'}: "
+                      f"{row['samples_per_s']:.1f} samples/s, epoch {row['epoch_s'] / 60:.1f} min", flush=True)
+        by = {(r["regime"], r["cached"]): r for r in rows if r["setup"] == setup and r["precision"] == precision}
+        key = setup if precision == "fp32" else f"{setup}_{precision}"
+        if not {("end_to_end", True), ("end_to_end", False), ("frozen", True), ("frozen", False)} <= set(by):
+            continue  # the ratios need both regimes, cached and not
+        summary[key] = {
             "cached_vs_uncached_end_to_end_samples_per_s": by["end_to_end", True]["samples_per_s"]
             / by["end_to_end", False]["samples_per_s"],
             "end_to_end_vs_frozen_epoch_cached": by["end_to_end", True]["epoch_s"] / by["frozen", True]["epoch_s"],
             "end_to_end_vs_frozen_epoch_uncached": by["end_to_end", False]["epoch_s"] / by["frozen", False]["epoch_s"],
         }
-        summary[setup]["side_network_cached_vs_uncached_samples_per_s"] = \
-            by["side_network", True]["samples_per_s"] / by["side_network", False]["samples_per_s"]
-        summary[setup]["side_network_vs_frozen_epoch_cached"] = \
-            by["side_network", True]["epoch_s"] / by["frozen", True]["epoch_s"]
+        if ("side_network", True) in by:
+            summary[key]["side_network_cached_vs_uncached_samples_per_s"] = \
+                by["side_network", True]["samples_per_s"] / by["side_network", False]["samples_per_s"]
+            summary[key]["side_network_vs_frozen_epoch_cached"] = \
+                by["side_network", True]["epoch_s"] / by["frozen", True]["epoch_s"]
         if ("end_to_end_sampled", True) in by:
-            summary[setup]["sampled_end_to_end_vs_frozen_epoch_cached"] = \
+            summary[key]["sampled_end_to_end_vs_frozen_epoch_cached"] = \
                 by["end_to_end_sampled", True]["epoch_s"] / by["frozen", True]["epoch_s"]
-            summary[setup]["sampled_cached_vs_end_to_end_uncached_samples_per_s"] = \
+            summary[key]["sampled_cached_vs_end_to_end_uncached_samples_per_s"] = \
                 by["end_to_end_sampled", True]["samples_per_s"] / by["end_to_end", False]["samples_per_s"]
     print(format_table(rows))
     print(json.dumps(summary, indent=2))

@@ -19,6 +19,18 @@ from encoders.side import SideNetwork
 from matryoshka.layers import MatryoshkaLinear
 
 
+def slow_bf16(device: torch.device) -> str:
+    """Why bfloat16 autocast would run slower than fp32 on `device` ("" when it has bf16 units, or cannot tell)."""
+    try:
+        if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "this CPU has no bf16 units (AVX512-BF16 or AMX)"
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return "this GPU does not support bf16"
+    except (AttributeError, RuntimeError):  # a torch build without the probe
+        return ""
+    return ""
+
+
 class ItemEncoder(nn.Module):
     def __init__(
         self,
@@ -33,6 +45,7 @@ class ItemEncoder(nn.Module):
         matryoshka_sizes: tuple[int, ...] = (),
         side_width: int = 0,
         id_dropout: float = 0.0,
+        bf16_backbones: bool = False,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -58,6 +71,9 @@ class ItemEncoder(nn.Module):
         self.image_side = self._side_network("image", image_encoder, side_width)
         self.text_side = self._side_network("text", text_encoder, side_width)
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
+        # model.encoder_precision=bf16: the backbones (frozen trunks and trained tops) run under bfloat16 autocast
+        # and hand fp32 on; side networks, fusion and id vectors are fp32 either way
+        self.bf16_backbones = bf16_backbones
         drop_threshold(id_dropout)
         self.id_dropout = id_dropout  # training only: P(an occurrence of an item gets no id vector)
         if self.id_embedding is not None:
@@ -74,17 +90,25 @@ class ItemEncoder(nn.Module):
                              f"{encoder.unfreeze_top} (set it to 0)")
         return SideNetwork(encoder.layer_widths(), width)
 
-    @staticmethod
-    def _trunk(encoder: nn.Module, side: SideNetwork | None, *inputs: torch.Tensor) -> torch.Tensor:
-        """One encoder's trunk field: its frozen part's output, or every layer's pooled output with a side network."""
-        return torch.cat(encoder.layer_features(*inputs), dim=-1) if side is not None else encoder.trunk(*inputs)
+    def _backbone_precision(self, like: torch.Tensor) -> torch.autocast:
+        """bfloat16 autocast on `like`'s device where model.encoder_precision=bf16 (else a context that does
+        nothing)."""
+        return torch.autocast(like.device.type, dtype=torch.bfloat16, enabled=self.bf16_backbones)
 
-    @staticmethod
-    def _top(encoder: nn.Module, side: SideNetwork | None, trunk: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, encoder: nn.Module, side: SideNetwork | None, *inputs: torch.Tensor) -> torch.Tensor:
+        """One encoder's trunk field: its frozen part's output, or every layer's pooled output with a side network
+        (fp32; the token ids themselves where nothing of the encoder is frozen)."""
+        with self._backbone_precision(inputs[0]):
+            trunk = torch.cat(encoder.layer_features(*inputs), dim=-1) if side is not None else encoder.trunk(*inputs)
+        return trunk.float() if trunk.is_floating_point() else trunk
+
+    def _top(self, encoder: nn.Module, side: SideNetwork | None, trunk: torch.Tensor,
+             *inputs: torch.Tensor) -> torch.Tensor:
         """One encoder's trunk field -> its features: the trained top, or the frozen output plus the side network's
         correction."""
         if side is None:
-            return encoder.top(trunk, *inputs)
+            with self._backbone_precision(trunk):
+                return encoder.top(trunk, *inputs).float()
         return trunk[..., -encoder.out_dim:] + side(trunk)
 
     @staticmethod

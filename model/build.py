@@ -39,6 +39,7 @@ def build_recommender(
         matryoshka_sizes=model.matryoshka_sizes,
         side_width=model.side_network,
         id_dropout=model.id_dropout,
+        bf16_backbones=model.encoder_precision == "bf16",
     )
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,

@@ -10,6 +10,7 @@ MODALITIES = ("image", "text")
 SEQUENCE_MODELS = ("sasrec", "lru")
 LOSSES = ("auto", "sampled_softmax", "full_softmax")
 TASKS = ("retrieval", "ctr")
+PRECISIONS = ("fp32", "bf16")
 
 
 def valid_new_item_offset(value: float) -> bool:
@@ -55,6 +56,12 @@ class ModelConfig:
         default=0.0,
         metadata={"help": "in training, the share of item occurrences (history, positive, candidate) whose id "
                           "vector is dropped, so the content alone must score them (DropoutNet-style; 0 = off)"})
+    encoder_precision: str = field(
+        default="fp32",
+        metadata={"help": "fp32, or bf16: the image and text backbones run under bfloat16 autocast (their "
+                          "outputs, side networks, fusion, sequence model and loss stay fp32), in training, "
+                          "evaluation and serving alike; fast where the device has bf16 units (GPUs, CPUs with "
+                          "AVX512-BF16 or AMX), slower than fp32 elsewhere"})
     unseen_from_content: bool = field(
         default=True,
         metadata={"help": "items in no training example are left out of the full softmax (not trained as "
@@ -104,6 +111,8 @@ class ModelConfig:
             raise ValueError("model.dropout must be in [0, 1)")
         if not 0 <= self.id_dropout < 1:
             raise ValueError("model.id_dropout must be in [0, 1)")
+        if self.encoder_precision not in PRECISIONS:
+            raise ValueError(f"model.encoder_precision={self.encoder_precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.temperature <= 0:
             raise ValueError("model.temperature must be > 0")
         if not valid_new_item_offset(self.new_item_offset):

@@ -129,6 +129,7 @@ def gpu() -> JobConfig:
     c.preset = "gpu"
     c.image.image_size, c.image.unfreeze_top = 128, -1
     c.text.unfreeze_top = -1
+    c.model.encoder_precision = "bf16"  # the backbones under bfloat16 autocast, as mixed precision on GPUs is run
     c.train.use_gpu, c.train.cpus_per_worker = "true", 2.0
     c.train.batch_size, c.train.epochs, c.train.max_steps_per_epoch = 256, 10, 0
     c.data.decode_actors, c.data.decode_cpus = 4, 1.0

@@ -21,6 +21,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from encoders.fusion import slow_bf16
 from pipeline.content import read_examples
 from training.averaging import average_decay, load_trained_parameters
 from training.checkpoint import BANK_DIR, restore, save_checkpoint
@@ -59,6 +60,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(job.train.seed)
     np.random.seed(job.train.seed + rank)
     device = ray.train.torch.get_device()
+    if job.model.encoder_precision == "bf16" and rank == 0 and (why := slow_bf16(device)):
+        log(f"[train] warning: model.encoder_precision=bf16, but {why}: the encoders will run slower than in fp32")
     trainer = build_trainer(job, num_items, np.load(paths.popularity), bank, device=device,
                             callbacks=loop_config.get("callbacks", ()), trunk_cache=loop_config.get("trunk_cache", False),
                             seen=np.load(paths.seen) if paths.seen is not None else None)

@@ -46,10 +46,11 @@ def catalogue(prepared_dir):
     return decode
 
 
-def _model(image, text, side_network: int = 0):
+def _model(image, text, side_network: int = 0, precision: str = "fp32"):
     torch.manual_seed(0)
     model = build_recommender(ModelConfig(dim=32, num_layers=1, num_heads=2, use_id_embedding=True,
-                                          side_network=side_network), image, text, num_items=1682, max_history=5)
+                                          side_network=side_network, encoder_precision=precision),
+                              image, text, num_items=1682, max_history=5)
     for side in (model.item_encoder.image_side, model.item_encoder.text_side):
         if side is not None:  # its up-projection starts at zero, which would leave the layers below without gradient
             nn.init.normal_(side.up.weight, std=0.1)
@@ -109,6 +110,36 @@ def test_a_catalogue_pass_from_the_cache_equals_encoding_the_decoded_items(catal
                             for b in cache.batches(16)])[:ITEMS]
     decoded = torch.cat([model.item_encoder.encode_content(*(b[k] for k in RAW_CONTENT_FIELDS)) for b in batches])
     torch.testing.assert_close(from_cache, decoded[:ITEMS], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_backbones_stay_close_to_fp32_hand_on_fp32_and_keep_the_cache_exact(catalogue):
+    """model.encoder_precision=bf16: the pretrained backbones run under bfloat16 autocast. Their output is not
+    the fp32 one (so autocast is on) but close to it, reaches the fusion, the bank and the cache as fp32, the
+    trained top layers get finite gradients, and the cached path equals the uncached one as in fp32."""
+    image, text = CONFIGS["pretrained-top-layer"]
+    batches = catalogue(image.image_size, text.max_length)
+    fields = {k: torch.cat([b[k] for b in batches]) for k in RAW_CONTENT_FIELDS}
+    fp32, bf16 = _model(image, text).eval(), _model(image, text, precision="bf16").eval()
+    with torch.no_grad():
+        exact, low = fp32.item_encoder.encode_fields(fields), bf16.item_encoder.encode_fields(fields)
+        trunk = bf16.item_encoder.content_trunk(*(fields[k] for k in RAW_CONTENT_FIELDS))
+    assert low.dtype == torch.float32 and all(v.dtype != torch.bfloat16 for v in trunk.values())
+    assert not torch.equal(low, exact)
+    assert F.cosine_similarity(low, exact, dim=-1).min() > 0.99
+    cache = TrunkCache.build(bf16.item_encoder, batches, num_items=ITEMS, device=torch.device("cpu"))
+    ids = torch.arange(1, ITEMS + 1)
+    bf16.train()
+    torch.manual_seed(1)
+    uncached = bf16.item_encoder.encode_fields(fields)
+    torch.manual_seed(1)
+    cached = bf16.item_encoder.encode_fields(cache.lookup(ids))
+    torch.testing.assert_close(cached, uncached, rtol=1e-5, atol=1e-6)
+    cached.square().sum().backward()
+    top = [p for n, p in bf16.named_parameters()
+           if p.requires_grad and (".image_encoder." in n or ".text_encoder." in n)]
+    assert top and all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+                       for p in top)
+    assert any(p.grad.abs().sum() > 0 for p in top)
 
 
 def test_bytes_per_item_of_the_movielens_encoders(catalogue):
