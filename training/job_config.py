@@ -124,7 +124,8 @@ def movielens_mrl() -> JobConfig:
 
 
 def gpu() -> JobConfig:
-    """The movielens data with every encoder layer trained, larger images, for one GPU."""
+    """The movielens data with every encoder layer trained, larger images, the backbones in bf16 autocast (mixed
+    precision), for one GPU."""
     c = movielens_e2e()
     c.preset = "gpu"
     c.image.image_size, c.image.unfreeze_top = 128, -1
