@@ -2,8 +2,7 @@
 
     python -m bench.trunk_cache                      # both setups, 6 uncached and 40 cached steps each, ~10 min
     python -m bench.trunk_cache --setups all_positions --uncached-steps 3 --cached-steps 20   # quicker
-    python -m bench.trunk_cache --precisions fp32,bf16 --regimes end_to_end,frozen \
-        --out bench/results/trunk_cache_bf16.json     # the same rows with the backbones in fp32 and in bf16
+    python -m bench.trunk_cache --precisions fp32,bf16 --out bench/results/trunk_cache_bf16.json   # each row in both
 
 The product's own trainer (`training.trainer`) runs in this process on real ml100k_mm batches with an in-process
 bank, as `bench/memory_bank.py` does. The model is the `movielens` preset's (EfficientNet-Lite0 at 64 px + MiniLM
@@ -45,6 +44,7 @@ import torch
 
 from bench.memory_bank import bench_prepared, sampled_batches
 from memory.local import LocalMemoryBankClient
+from model.config import PRECISIONS
 from pipeline.content import ItemContentDecoder
 from pipeline.sequences import leave_one_out, window_examples
 from pipeline.sources import ITEMS_FILE, load_manifest, read_interactions
@@ -121,13 +121,14 @@ def main() -> None:
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma list of {', '.join(SETUPS)}")
     parser.add_argument("--regimes", default=",".join(REGIMES), help=f"comma list of {', '.join(REGIMES)}")
     parser.add_argument("--precisions", default="fp32",
-                        help="comma list of model.encoder_precision values to measure every row at (fp32, bf16)")
+                        help="comma list of model.encoder_precision values to measure every row at "
+                             f"({', '.join(PRECISIONS)})")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "trunk_cache.json"))
     args = parser.parse_args()
     setups, regimes, precisions = ([name for name in value.split(",") if name]
                                    for value in (args.setups, args.regimes, args.precisions))
     for names, valid, what in ((setups, SETUPS, "setups"), (regimes, REGIMES, "regimes"),
-                               (precisions, ("fp32", "bf16"), "precisions")):
+                               (precisions, PRECISIONS, "precisions")):
         if unknown := set(names) - set(valid):
             parser.error(f"unknown {what} {sorted(unknown)}; valid: {', '.join(valid)}")
     torch.set_num_threads(2)
