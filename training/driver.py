@@ -164,8 +164,11 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
     }
     if isinstance(splits, ColdStartSplits):  # the loop also reports test_warm_* and test_cold_* metrics
         for name, subset in (("test_warm", splits.test_warm), ("test_cold", splits.test_cold)):
-            if len(subset):
-                paths[name] = str(write_examples(subset, work / f"{name}.parquet"))
+            if len(subset):  # for reading a run afterwards (bench.paired, bench.new_item_boost)
+                write_examples(subset, work / f"{name}.parquet")
+        # the loop scores both from its pass over the test set: which of its rows have a cold target
+        np.save(work / "test_cold_rows.npy", np.isin(splits.test.target, splits.cold_items))
+        paths["test_cold_rows"] = str(work / "test_cold_rows.npy")
         log(f"[train] cold start: {len(splits.cold_items)} items held out of training; "
             f"test users with a warm target {len(splits.test_warm)}, with a cold target {len(splits.test_cold)}")
     stream = splits.train

@@ -18,7 +18,7 @@ import csv
 import json
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -88,27 +88,37 @@ def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor
     return _offset_scores(user @ items.T, item_offset)
 
 
-def _ranks_by_size(model: Recommender, content: torch.Tensor, examples: Examples, *, mask_history: bool,
-                   batch_size: int, sizes: Sequence[int | None],
-                   exclude_items: torch.Tensor | None = None,
-                   item_offset: torch.Tensor | None = None) -> Iterator[tuple[int | None, torch.Tensor]]:
-    """(size, 0-based target ranks of one batch) for every batch of `examples` and every size (None = full).
-    exclude_items [N+1] bool: items no target is ranked against (as the history under `mask_history`);
-    item_offset [N+1]: added to every score at every size (`item_offsets`)."""
+def _batch_ranks(model: Recommender, content: torch.Tensor, examples: Examples, *,
+                 readings: Sequence[tuple[int | None, bool]], batch_size: int,
+                 exclude_items: torch.Tensor | None = None,
+                 item_offset: torch.Tensor | None = None) -> Iterator[tuple[slice, dict[tuple[int | None, bool], torch.Tensor]]]:
+    """(the batch's rows of `examples`, {(size, mask_history): 0-based target ranks}) for every batch, one entry per
+    reading (size None = full). The sequence model runs once a batch and the scores once a size, whatever the
+    number of readings: a second protocol costs a mask, not a pass. exclude_items [N+1] bool: items no target is
+    ranked against (as the history under mask_history); item_offset [N+1]: added to every score at every size."""
     device = content.device
     items = model.item_vectors(content, torch.arange(content.shape[0], device=device))  # [N+1, D]
+    sizes = dict.fromkeys(size for size, _ in readings)
     items_at = {size: items if size is None else at_size(items, size) for size in sizes}
+    never = None if exclude_items is None else exclude_items.to(device)[None, :]
     for start in range(0, len(examples), batch_size):
-        history = torch.as_tensor(examples.history[start : start + batch_size], device=device)
-        targets = torch.as_tensor(examples.target[start : start + batch_size], device=device)
+        rows = slice(start, min(start + batch_size, len(examples)))
+        history = torch.as_tensor(examples.history[rows], device=device)
+        targets = torch.as_tensor(examples.target[rows], device=device)
         user = model.user_vectors(history, content[history])  # [U, D], the sequence model runs once
-        exclude = history_mask(history, content.shape[0], pad_id=0) if mask_history else None  # [U, N+1] like scores
-        if exclude_items is not None:
-            never = exclude_items.to(device)[None, :].expand(len(targets), -1)
-            exclude = never if exclude is None else exclude | never
+        excludes = {}  # mask_history -> [U, N+1] like scores, or None
+        for masked in dict.fromkeys(masked for _, masked in readings):
+            exclude = history_mask(history, content.shape[0], pad_id=0) if masked else None
+            if never is not None:
+                exclude = never.expand(len(targets), -1) if exclude is None else exclude | never
+            excludes[masked] = exclude
+        ranks = {}
         for size, sized_items in items_at.items():
             scores = _offset_scores((user if size is None else at_size(user, size)) @ sized_items.T, item_offset)
-            yield size, target_ranks(scores, targets, exclude)
+            for reading in readings:
+                if reading[0] == size:
+                    ranks[reading] = target_ranks(scores, targets, excludes[reading[1]])
+        yield rows, ranks
 
 
 @torch.inference_mode()
@@ -120,9 +130,9 @@ def example_ranks(model: Recommender, content: torch.Tensor, examples: Examples,
     every ranking (a target is never left out of its own); item_offset [N+1]: as `evaluate_ranking`."""
     was_training = model.training
     model.eval()
-    ranks = [r for _, r in _ranks_by_size(model, content, examples, mask_history=mask_history,
-                                          batch_size=batch_size, sizes=(None,), exclude_items=exclude_items,
-                                          item_offset=item_offset)]
+    ranks = [r[(None, mask_history)] for _, r in _batch_ranks(
+        model, content, examples, readings=((None, mask_history),), batch_size=batch_size,
+        exclude_items=exclude_items, item_offset=item_offset)]
     model.train(was_training)
     return torch.cat(ranks).cpu().numpy() if ranks else np.zeros(0, dtype=np.int64)
 
@@ -137,20 +147,57 @@ def evaluate_ranking(model: Recommender, content: torch.Tensor, examples: Exampl
     and renormalised); the unsuffixed keys are the full-size ones. item_offset [N+1]: added to every item's
     score (`item_offsets`: `model.new_item_offset` on the items in no training example).
     """
+    return evaluate_protocols(model, content, examples, ks=ks, headline_mask=mask_history, batch_size=batch_size,
+                              sizes=sizes, item_offset=item_offset, both=False)[""]
+
+
+@torch.inference_mode()
+def evaluate_protocols(model: Recommender, content: torch.Tensor, examples: Examples, *, ks: tuple[int, ...],
+                       headline_mask: bool, batch_size: int = 256, sizes: Sequence[int] = (),
+                       item_offset: torch.Tensor | None = None, subsets: Mapping[str, np.ndarray] | None = None,
+                       both: bool = True) -> dict[str, dict[str, float]]:
+    """`evaluate_ranking` of `examples` and of row subsets of them, under both protocols, from one pass of the
+    sequence model: {"": metrics of every example, name: metrics of the rows where subsets[name] ([len(examples)]
+    bool) is True}. Each holds the headline protocol's metrics (`headline_mask`: the history masked or not)
+    unprefixed and, with `both`, the other protocol's as `masked_*` / `unmasked_*`; the whole set's also at every
+    size in `sizes` (`<metric>@s<s>`). A subset with no rows is left out."""
     was_training = model.training
     model.eval()
     full_dim = content.shape[1]
-    sizes = tuple(sizes)
-    accumulators = {None: RankingAccumulator(ks=ks), **{s: RankingAccumulator(ks=ks) for s in sizes if s != full_dim}}
-    for size, ranks in _ranks_by_size(model, content, examples, mask_history=mask_history,
-                                      batch_size=batch_size, sizes=tuple(accumulators), item_offset=item_offset):
-        accumulators[size].update(ranks)
+    ks = tuple(ks)
+    protocols = (headline_mask, not headline_mask) if both else (headline_mask,)
+    extra = tuple(s for s in dict.fromkeys(sizes) if s != full_dim)
+    readings = (*((None, masked) for masked in protocols), *((s, headline_mask) for s in extra))
+    subsets = {name: torch.as_tensor(np.asarray(rows, dtype=bool)) for name, rows in (subsets or {}).items()}
+    for name, rows in subsets.items():
+        if rows.shape != (len(examples),):
+            raise ValueError(f"subset {name!r} has {tuple(rows.shape)} rows, the examples {len(examples)}")
+    accumulators = {(name, reading): RankingAccumulator(ks=ks)
+                    for name in ("", *subsets) for reading in readings if name == "" or reading[0] is None}
+    for rows, ranks in _batch_ranks(model, content, examples, readings=readings, batch_size=batch_size,
+                                    item_offset=item_offset):
+        for reading, batch in ranks.items():
+            accumulators["", reading].update(batch)
+            if reading[0] is None:
+                for name, member in subsets.items():
+                    chosen = member[rows].to(batch.device)
+                    if chosen.any():
+                        accumulators[name, reading].update(batch[chosen])
     model.train(was_training)
-    metrics = accumulators[None].compute()
-    for size in sizes:
-        at = metrics if size == full_dim else accumulators[size].compute()
-        metrics.update({f"{name}@s{size}": value for name, value in list(at.items()) if "@s" not in name})
-    return metrics
+    out: dict[str, dict[str, float]] = {}
+    for name in ("", *subsets):
+        if name and accumulators[name, (None, headline_mask)].count == 0:
+            continue  # (no examples at all raises, as RankingAccumulator.compute does)
+        metrics = accumulators[name, (None, headline_mask)].compute()
+        if name == "":
+            for size in sizes:
+                at = metrics if size == full_dim else accumulators["", (size, headline_mask)].compute()
+                metrics.update({f"{key}@s{size}": value for key, value in list(at.items()) if "@s" not in key})
+        if both:
+            other = accumulators[name, (None, not headline_mask)].compute()
+            metrics.update({f"{'unmasked' if headline_mask else 'masked'}_{key}": v for key, v in other.items()})
+        out[name] = metrics
+    return out
 
 
 _SIZED_KEY = re.compile(r"^(?P<name>.+)@s(?P<size>\d+)$")

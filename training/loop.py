@@ -36,9 +36,8 @@ class WorkerPaths:
     test: Path
     popularity: Path
     seen: Path | None = None  # [N+1] bool: the items in a training example (model.unseen_from_content)
-    # cold-start runs (data.cold_item_fraction > 0): the test examples split by warm / cold target
-    test_warm: Path | None = None
-    test_cold: Path | None = None
+    # cold-start runs (data.cold_item_fraction > 0): [len(test)] bool, the test rows whose target is cold
+    test_cold_rows: Path | None = None
 
 
 def _barrier() -> None:
@@ -144,13 +143,16 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
     """Rank 0: validation (and, when it is the best so far, the test sets), the checkpoint, MLflow. With weight
     averaging all of it sees the averaged weights, and the checkpoint also keeps the trained ones."""
     job, bank = trainer.job, trainer.bank
+    started = time.perf_counter()
     with trainer.end_epoch(catalogue, validation) as ended, tempfile.TemporaryDirectory() as tmp:
         metrics.update(ended.scores)
+        started = _lap(metrics, "validation", started)  # the catalogue pass(es) and validation
         if early.update(metrics[f"val_{job.train.selection_metric}"], epoch):
             # the test sets are scored for every new best, so the best checkpoint carries its own test metrics
-            metrics.update(trainer.evaluate_sets(ended.content, {
-                name: read_examples(getattr(paths, name)) for name in ("test", "test_warm", "test_cold")
-                if getattr(paths, name) is not None}))
+            cold = None if paths.test_cold_rows is None else np.load(paths.test_cold_rows)
+            metrics.update(trainer.evaluate_test(ended.content, read_examples(paths.test),
+                                                 {} if cold is None else {"warm": ~cold, "cold": cold}))
+        started = _lap(metrics, "test", started)  # ~0 when the epoch is no new best
         metrics.update({SELECTION_SCORE: early.selection_score, "best_epoch": early.best_epoch + 1,
                         f"{SELECTION_SCORE}_best": early.best_score,
                         "bank_fill_ratio": bank.stats()["fill_ratio"]})
@@ -166,10 +168,22 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
             "unseen_items": None if trainer.unseen is None else (np.flatnonzero(trainer.unseen[1:]) + 1).tolist(),
         }, trained=ended.trained)
         bank.save(Path(tmp) / BANK_DIR)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        started = _lap(metrics, "checkpoint", started)  # written to a temporary folder
+        ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        _lap(metrics, "report", started)  # Ray Train persists the checkpoint (in MLflow, not in the report)
+    log(f"[train] epoch {epoch + 1} ended: validation {metrics['validation_seconds']:.1f}s, test "
+        f"{metrics['test_seconds']:.1f}s, checkpoint {metrics['checkpoint_seconds']:.1f}s, "
+        f"report {metrics['report_seconds']:.1f}s")
     # Logged only once the epoch's checkpoint is persisted: a crash before that re-runs the epoch on resume,
     # and logging first would have recorded it twice in MLflow.
     tracker.log_metrics(metrics, step=epoch + 1)
+
+
+def _lap(metrics: dict, phase: str, since: float) -> float:
+    """metrics[`<phase>_seconds`] = the seconds since `since`; -> now (the next phase's start)."""
+    now = time.perf_counter()
+    metrics[f"{phase}_seconds"] = now - since
+    return now
 
 
 def _rank_zero_value(value: int, device: torch.device) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import ClassVar
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from model.build import build_recommender, encoder_parameters
 from model.losses import build_objective
 from model.recommender import Recommender, gather_rows
 from pipeline.sequences import Examples
-from training.evaluate import encode_catalog, evaluate_ctr, evaluate_ranking, item_offsets
+from training.evaluate import encode_catalog, evaluate_ctr, evaluate_protocols, evaluate_ranking, item_offsets
 from training.job_config import JobConfig
 from training.averaging import WeightAverage
 from training.overrides import ConfigError
@@ -510,26 +510,29 @@ class Trainer:
     def _val_metrics(self, content: torch.Tensor, validation: Examples) -> dict[str, float]:
         return {f"val_{k}": v for k, v in self.evaluate(content, validation).items()}
 
-    def evaluate_sets(self, content: torch.Tensor, sets: dict[str, Examples]) -> dict[str, float]:
-        """`<name>_*` metrics of each example set (`test` at every Matryoshka size, subsets at full size)."""
-        return {f"{name}_{k}": v for name, examples in sets.items()
-                for k, v in self.evaluate(content, examples, all_sizes=name == "test").items()}
+    def evaluate_test(self, content: torch.Tensor, test: Examples,
+                      subsets: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+        """`test_*` metrics (at every Matryoshka size) and, for each subset ([len(test)] bool rows, e.g. the warm
+        and cold targets), `test_<name>_*` at full size, all from one pass of the sequence model."""
+        return {f"test_{k}": v for k, v in self.evaluate(content, test, subsets=subsets).items()}
 
-    def evaluate(self, content: torch.Tensor, examples: Examples, *, all_sizes: bool = True) -> dict[str, float]:
+    def evaluate(self, content: torch.Tensor, examples: Examples, *, all_sizes: bool = True,
+                 subsets: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
         """Full-ranking metrics (and AUC / GAUC for CTR) of `examples` against the content table, under both
         protocols: the headline one (`train.eval_mask_history`) unprefixed, the other as `masked_*` / `unmasked_*`
-        (full size only). Rankings add `model.new_item_offset` to the unseen items' scores (AUC / GAUC do not)."""
+        (full size only), and the same of each row subset as `<name>_*` (`evaluate_protocols`). Rankings add
+        `model.new_item_offset` to the unseen items' scores (AUC / GAUC do not)."""
         job = self.job
-        headline = job.train.eval_mask_history
-        metrics = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks, mask_history=headline,
-                                   batch_size=job.train.eval_batch_size,
-                                   sizes=job.model.matryoshka_sizes if all_sizes else (), item_offset=self.item_offset)
-        other = evaluate_ranking(self.model, content, examples, ks=job.train.eval_ks, mask_history=not headline,
-                                 batch_size=job.train.eval_batch_size, item_offset=self.item_offset)
-        metrics.update({f"{'unmasked' if headline else 'masked'}_{k}": v for k, v in other.items()})
+        scored = evaluate_protocols(self.model, content, examples, ks=job.train.eval_ks,
+                                    headline_mask=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
+                                    sizes=job.model.matryoshka_sizes if all_sizes else (),
+                                    item_offset=self.item_offset, subsets=subsets)
+        metrics = scored.pop("")
         if job.model.task == "ctr" and all_sizes:
             metrics.update(evaluate_ctr(self.model, content, examples, positive_rating=job.data.positive_rating,
                                         batch_size=job.train.eval_batch_size))
+        for name, part in scored.items():
+            metrics.update({f"{name}_{k}": v for k, v in part.items()})
         return metrics
 
 

@@ -92,8 +92,9 @@ def faulty(ray_cluster, workspace):
     # the LEMUR recipe's Ray Data batch-inference pass fills the bank before the two workers start; the top layers
     # of each encoder train on the frozen-trunk cache (the training stream carries ids only), rebuilt on restart
     # weight averaging on: the restarted attempt continues the trained weights, the checkpoints hold the average
+    # and 10% of the items held out of training: the test set is also scored by warm and cold target
     job = _job(workspace, "faulty", "memory.fill_with_ray_data=true", "train.max_failures=1", "train.average_epochs=1",
-               *TOP_LAYERS_TRAIN)
+               "data.cold_item_fraction=0.1", *TOP_LAYERS_TRAIN)
     fault = KillRankZeroAt(step=FAIL_AT, marker=str(Path(job.train.storage_path) / job.train.run_name / "fault_injected"))
     started = time.perf_counter()
     outcome = run_training(job, log=_quiet, callbacks=[fault])
@@ -137,6 +138,27 @@ def test_two_worker_run_is_tracked_and_its_bank_filled_by_ray_data(faulty):
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.metrics["trunk_cache_enabled"] == 1.0 and run.data.metrics["trunk_cache_mb"] > 0
     assert "test_ndcg_at_10" in run.data.metrics and "val_ndcg_at_10" in run.data.metrics
+
+
+def test_warm_and_cold_targets_are_scored_in_the_test_pass_as_parts_of_the_whole(faulty):
+    """Both protocols of the test set and of its warm / cold parts come from one pass of the sequence model
+    (training.evaluate.evaluate_protocols): each metric of the whole is its parts' metrics weighted by size."""
+    from pipeline.content import read_examples
+
+    metrics, data = faulty.metrics, Path(faulty.run_dir) / "data"
+    cold = np.load(data / "test_cold_rows.npy")
+    test = read_examples(data / "test.parquet")
+    assert cold.shape == (len(test),) and 0 < cold.sum() < len(test)
+    assert len(read_examples(data / "test_cold.parquet")) == cold.sum()  # still written, for bench.paired
+    share = cold.mean()
+    for key in ("recall@10", "ndcg@10", "mrr", "masked_recall@10", "masked_ndcg@10", "masked_mrr"):
+        whole = (1 - share) * metrics[f"test_warm_{key}"] + share * metrics[f"test_cold_{key}"]
+        assert metrics[f"test_{key}"] == pytest.approx(whole, abs=1e-9), key
+    assert metrics["test_masked_mrr"] >= metrics["test_mrr"]  # masking the history only lifts targets
+    # the end of each epoch, timed by phase in MLflow (and in one progress line)
+    for phase in ("validation", "test", "checkpoint", "report"):
+        assert [step for step, _ in _history(faulty, f"{phase}_seconds")] == [1, 2], phase
+    assert min(value for _, value in _history(faulty, "validation_seconds")) > 0
 
 
 def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(faulty):

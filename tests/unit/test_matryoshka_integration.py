@@ -24,8 +24,9 @@ from model.losses import FullSoftmaxLoss, SampledSoftmaxLoss
 from model.losses import NestedSizesLoss
 from model.recommender import Recommender, at_size
 from pipeline.sequences import Examples
-from training.evaluate import evaluate_ranking, example_ranks, score_users, size_table, write_size_report
-from training.metrics import RankingAccumulator, target_ranks
+from training.evaluate import (evaluate_protocols, evaluate_ranking, example_ranks, score_users, size_table,
+                               write_size_report)
+from training.metrics import RankingAccumulator, history_mask, ranking_metrics, target_ranks
 
 SIZES = (8, 16, 32)
 NUM_ITEMS = 40
@@ -264,8 +265,6 @@ def test_evaluation_reports_every_metric_at_every_size():
     for name in names:  # the full size is the unsuffixed metric
         assert metrics[f"{name}@s32"] == metrics[name]
     # reference: score at each size through the model's own size-s API (sequence model re-run per size)
-    from training.metrics import history_mask
-
     for size in SIZES:
         acc = RankingAccumulator(ks=ks)
         for start in range(0, len(examples), 16):
@@ -293,6 +292,38 @@ def test_example_ranks_are_what_evaluate_ranking_averages():
     masked = example_ranks(model, content, examples, mask_history=True)
     assert (masked <= ranks).all() and (masked < ranks).any()  # masking the history only lifts targets
     assert model.training  # left as it was found
+
+
+def test_both_protocols_and_row_subsets_come_from_one_pass_of_the_sequence_model():
+    model = build_model()
+    content = torch.randn(NUM_ITEMS + 1, 32, generator=torch.Generator().manual_seed(8))
+    content[0] = 0
+    examples = random_examples(50)
+    cold = np.zeros(50, dtype=bool)
+    cold[::4] = True
+    passes = []
+    model.user_vectors = (lambda run: lambda *a, **k: passes.append(1) or run(*a, **k))(model.user_vectors)
+    scored = evaluate_protocols(model, content, examples, ks=(10,), headline_mask=False, batch_size=16, sizes=SIZES,
+                                subsets={"warm": ~cold, "cold": cold, "none": np.zeros(50, dtype=bool)})
+    assert len(passes) == 4  # ceil(50 / 16) batches, each through the sequence model once
+    assert set(scored) == {"", "warm", "cold"}  # a subset with no rows is left out
+    scores = score_users(model, content, torch.as_tensor(examples.history))
+    targets = torch.as_tensor(examples.target)
+    mask = history_mask(torch.as_tensor(examples.history), NUM_ITEMS + 1, pad_id=0)
+    for name, rows in (("", np.ones(50, dtype=bool)), ("warm", ~cold), ("cold", cold)):
+        rows = torch.as_tensor(rows)
+        unmasked = ranking_metrics(target_ranks(scores[rows], targets[rows]), ks=(10,))
+        masked = ranking_metrics(target_ranks(scores[rows], targets[rows], mask[rows]), ks=(10,))
+        for key in ("recall@10", "ndcg@10", "mrr"):  # headline unmasked, the other protocol prefixed
+            assert scored[name][key] == pytest.approx(unmasked[key], abs=1e-9)
+            assert scored[name][f"masked_{key}"] == pytest.approx(masked[key], abs=1e-9)
+        assert masked["mrr"] > unmasked["mrr"]  # the protocols differ on this data
+    assert {k for k in scored[""] if "@s" in k} == {f"{k}@s{s}" for k in ("recall@10", "ndcg@10", "mrr") for s in SIZES}
+    assert not any("@s" in k for k in scored["cold"])  # sizes on the whole set only
+    assert scored[""]["mrr@s8"] == pytest.approx(evaluate_ranking(
+        model, content, examples, ks=(10,), mask_history=False, sizes=SIZES)["mrr@s8"], abs=1e-9)
+    with pytest.raises(ValueError, match="subset 'bad' has"):
+        evaluate_protocols(model, content, examples, ks=(10,), headline_mask=True, subsets={"bad": cold[:10]})
 
 
 def test_example_ranks_leave_out_the_excluded_items_but_never_the_target():

@@ -155,7 +155,7 @@ def test_end_epoch_refreshes_the_bank_and_scores_validation_and_tests(setting):
     trainer = _trainer(setting)
     trainer.global_step = 9
     with trainer.end_epoch(lambda: catalogue.batches(content_spec_of(trainer.job)), splits.validation) as ended:
-        metrics = {**ended.scores, **trainer.evaluate_sets(ended.content, {"test": splits.test})}
+        metrics = {**ended.scores, **trainer.evaluate_test(ended.content, splits.test)}
     assert {"val_ndcg@10", "val_recall@10", "test_ndcg@10", "test_mrr"} <= metrics.keys()
     # both protocols in every evaluation: the headline (history not masked by default) and the masked twin
     assert {"val_masked_ndcg@10", "test_masked_ndcg@10", "test_masked_mrr"} <= metrics.keys()
