@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from memory.local import ItemBank, LookupResult
@@ -164,6 +165,7 @@ class EpochStats:
     data_wait: float = 0.0
     coverage_sum: float = 0.0
     bank_seconds: float = 0.0
+    bank_write_seconds: float = 0.0  # the write-back (asynchronous with one worker, ordered with several)
     age_sum: float = 0.0
     staleness_sum: float = 0.0
     staleness_steps: int = 0
@@ -184,6 +186,7 @@ class EpochStats:
         self.samples += samples
         self.coverage_sum += info.get("coverage", 0.0)
         self.bank_seconds += info["bank_seconds"]
+        self.bank_write_seconds += info.get("bank_write_seconds", 0.0)
         self.age_sum += info.get("mean_age", 0.0)
         self.encoded_items += info["encoded_items"]
         if "staleness_cosine" in info:
@@ -228,6 +231,7 @@ class EpochStats:
         return {
             "bank_coverage": self.coverage_sum / steps,
             "bank_lookup_ms_per_step": 1000 * self.bank_seconds / steps,
+            "bank_write_ms_per_step": 1000 * self.bank_write_seconds / steps,
             "bank_mean_age_steps": self.age_sum / steps,
             "encoded_items_per_step": self.encoded_items / steps,
             "bank_cosine_cached_fresh": (self.staleness_sum / self.staleness_steps if self.staleness_steps
@@ -419,9 +423,25 @@ class Trainer:
         self.optimizer.step()
         if self.average is not None:
             self.average.update(self.model)
-        self.bank.update(info["unique_ids"], info["unique_content"], step=self.global_step)
+        started = time.perf_counter()
+        self._write_back(info["unique_ids"], info["unique_content"])
+        info["bank_write_seconds"] = time.perf_counter() - started
         self.global_step += 1
         return loss, info
+
+    def _write_back(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """The step's fresh item vectors into the bank. One worker writes asynchronously (its own next lookup
+        already sees the write: Ray keeps one caller's order). Several workers write in rank order, each waiting for
+        its write, with a barrier after each, so every write of a step lands before any worker's next lookup and an
+        item that several workers encoded keeps the highest rank's vector: a seed trains the same bits again (two
+        two-worker runs differed from the first epoch when the writes raced, tests/integration/test_train_runs.py)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            self.bank.update(ids, vectors, step=self.global_step)
+            return
+        for writer in range(dist.get_world_size()):
+            if writer == dist.get_rank():
+                self.bank.update(ids, vectors, step=self.global_step, wait=True)
+            dist.barrier()
 
     # ---- one epoch
 
