@@ -12,7 +12,8 @@ Two parts, both at 2 torch threads (the CI machine's cores; one Ray Train worker
   gather (the old one patched in for the comparison). Two settings (`SETTINGS`): the preset's own (both encoders
   trained, history from the memory bank: the setting whose runs drifted) and the `movielens` preset's shape of
   step on the tiny encoders (side networks on the trunk cache, ids, every position, one table of every item).
-  Equal digests at every step = the two processes trained the same bits.
+  Equal digests at every step = the two processes trained the same bits. A third setting (session 36) trains the
+  first with the backbones under bfloat16 autocast (`model.encoder_precision=bf16`), with `gather_rows` only.
 
 Prints a table and writes bench/results/determinism.json.
 """
@@ -38,7 +39,13 @@ SETTINGS = {
     "tiny_bank": ["memory.mode=bank"],
     "side_networks_one_table": ["memory.mode=recompute", "image.unfreeze_top=0", "text.unfreeze_top=0",
                                 "model.side_network=16", "model.use_id_embedding=true", "train.targets=all"],
+    # the first setting with the backbones under bfloat16 autocast (`model.encoder_precision=bf16`, session 35)
+    "tiny_bank_bf16": ["memory.mode=bank", "model.encoder_precision=bf16"],
 }
+# what the runs part trains twice: both gathers in the first two settings (session 34's comparison), and the
+# product's gather under bf16 (session 36)
+RUNS = [*((setting, gather) for setting in ("tiny_bank", "side_networks_one_table") for gather in GATHERS),
+        ("tiny_bank_bf16", "gather_rows")]
 
 
 def _indexing(table, index):
@@ -116,7 +123,7 @@ def train_steps(prepared: Path, steps: int, gather: str, setting: str) -> list[t
 
 def runs_part(prepared: Path, steps: int) -> list[dict]:
     rows = []
-    for setting, gather in ((setting, gather) for setting in SETTINGS for gather in GATHERS):
+    for setting, gather in RUNS:
         runs = []
         for _ in range(2):
             command = [sys.executable, "-m", "bench.determinism", "--child", gather, "--setting", setting,
