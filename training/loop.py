@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from encoders.fusion import slow_bf16
 from pipeline.content import read_examples
+from pipeline.sequences import Examples
 from training.averaging import average_decay, load_trained_parameters
 from training.checkpoint import BANK_DIR, restore, save_checkpoint
 from training.job_config import JobConfig
@@ -73,6 +74,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     validation = read_examples(paths.validation)
+    # rank 0 scores the test set at every new best: its examples and, in cold-start runs, its warm / cold rows
+    test = read_examples(paths.test) if rank == 0 else None
+    cold = None if paths.test_cold_rows is None else np.load(paths.test_cold_rows)
+    test_parts = {} if cold is None else {"warm": ~cold, "cold": cold}
     train_shard, catalog_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("catalog")
     steps_per_epoch = math.ceil(loop_config["num_train_examples"] / world / job.train.batch_size)
     if job.train.max_steps_per_epoch:
@@ -113,7 +118,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "bank_restored_exact": float(restored.bank_exact),
                    "bank_filled_by_ray_data": float(restored.filled_by_ray_data)}
         if rank == 0:
-            end_of_epoch(trainer, early, metrics, catalogue, validation, paths, loop_config, epoch, tracker)
+            end_of_epoch(trainer, early, metrics, catalogue, validation, (test, test_parts), loop_config, epoch,
+                         tracker)
         else:
             ray.train.report(metrics)
         # rank 0 alone evaluates: its plateau drops of the learning rate apply on every rank
@@ -138,10 +144,11 @@ def progress_printer(job: JobConfig, epoch: int, steps_per_epoch: int):
     return progress
 
 
-def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogue, validation, paths: WorkerPaths,
-                 loop_config: dict, epoch: int, tracker: Tracker) -> None:
-    """Rank 0: validation (and, when it is the best so far, the test sets), the checkpoint, MLflow. With weight
-    averaging all of it sees the averaged weights, and the checkpoint also keeps the trained ones."""
+def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogue, validation: Examples,
+                 test: tuple[Examples, dict[str, np.ndarray]], loop_config: dict, epoch: int, tracker: Tracker) -> None:
+    """Rank 0: validation (and, when it is the best so far, the test set: its examples and its parts as row masks),
+    the checkpoint, MLflow. With weight averaging all of it sees the averaged weights, and the checkpoint also
+    keeps the trained ones."""
     job, bank = trainer.job, trainer.bank
     started = time.perf_counter()
     with trainer.end_epoch(catalogue, validation) as ended, tempfile.TemporaryDirectory() as tmp:
@@ -149,9 +156,7 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
         started = _lap(metrics, "validation", started)  # the catalogue pass(es) and validation
         if early.update(metrics[f"val_{job.train.selection_metric}"], epoch):
             # the test sets are scored for every new best, so the best checkpoint carries its own test metrics
-            cold = None if paths.test_cold_rows is None else np.load(paths.test_cold_rows)
-            metrics.update(trainer.evaluate_test(ended.content, read_examples(paths.test),
-                                                 {} if cold is None else {"warm": ~cold, "cold": cold}))
+            metrics.update(trainer.evaluate_test(ended.content, *test))
         started = _lap(metrics, "test", started)  # ~0 when the epoch is no new best
         metrics.update({SELECTION_SCORE: early.selection_score, "best_epoch": early.best_epoch + 1,
                         f"{SELECTION_SCORE}_best": early.best_score,
