@@ -75,9 +75,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     validation = read_examples(paths.validation)
     # rank 0 scores the test set at every new best: its examples and, in cold-start runs, its warm / cold rows
-    test = read_examples(paths.test) if rank == 0 else None
-    cold = None if paths.test_cold_rows is None else np.load(paths.test_cold_rows)
-    test_parts = {} if cold is None else {"warm": ~cold, "cold": cold}
+    test = None
+    if rank == 0:
+        cold = None if paths.test_cold_rows is None else np.load(paths.test_cold_rows)
+        test = read_examples(paths.test), {} if cold is None else {"warm": ~cold, "cold": cold}
     train_shard, catalog_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("catalog")
     steps_per_epoch = math.ceil(loop_config["num_train_examples"] / world / job.train.batch_size)
     if job.train.max_steps_per_epoch:
@@ -118,8 +119,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "bank_restored_exact": float(restored.bank_exact),
                    "bank_filled_by_ray_data": float(restored.filled_by_ray_data)}
         if rank == 0:
-            end_of_epoch(trainer, early, metrics, catalogue, validation, (test, test_parts), loop_config, epoch,
-                         tracker)
+            end_of_epoch(trainer, early, metrics, catalogue, validation, test, loop_config, epoch, tracker)
         else:
             ray.train.report(metrics)
         # rank 0 alone evaluates: its plateau drops of the learning rate apply on every rank
