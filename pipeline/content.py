@@ -41,14 +41,16 @@ def write_examples(examples: Examples, path: Path) -> Path:
 
 
 def read_examples(path: Path) -> Examples:
+    """One parquet file of `write_examples` -> Examples whose arrays own their memory (writable: arrow's
+    zero-copy views are read-only, and torch warns on every tensor made from one)."""
     table = pq.read_table(path)
     history = table.column("history").combine_chunks()
     length = history.type.list_size
     return Examples(
-        user=table.column("user").to_numpy(),
+        user=table.column("user").to_numpy().astype(np.int64),
         history=history.flatten().to_numpy().reshape(-1, length).astype(np.int64),
-        target=table.column("target").to_numpy(),
-        timestamp=table.column("timestamp").to_numpy(),
+        target=table.column("target").to_numpy().astype(np.int64),
+        timestamp=table.column("timestamp").to_numpy().astype(np.int64),
         rating=table.column("rating").to_numpy(zero_copy_only=False).astype(np.float32),
     )
 

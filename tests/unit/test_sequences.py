@@ -110,3 +110,21 @@ def test_windows_predict_every_training_target_exactly_once_on_real_data(prepare
         assert len(windows) < len(train) / 20
         expected = sorted(zip(train.user.tolist(), train.target.tolist()))
         assert sorted(zip(users.tolist(), predicted.tolist())) == expected
+
+
+def test_examples_read_back_equal_and_writable_so_torch_makes_tensors_without_a_warning(tmp_path):
+    import warnings
+
+    import torch
+
+    from pipeline.content import read_examples, write_examples
+
+    examples = leave_one_out(frame([(u, i, t) for u in range(3) for t, i in enumerate((4, 2, 7, 5))]),
+                             max_history=3).test
+    back = read_examples(write_examples(examples, tmp_path / "test.parquet"))
+    for name in ("user", "history", "target", "timestamp", "rating"):
+        array = getattr(back, name)
+        assert np.array_equal(array, getattr(examples, name), equal_nan=True) and array.flags.writeable, name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # arrow's zero-copy views are read-only: torch.as_tensor would warn
+        assert torch.as_tensor(back.target).tolist() == examples.target.tolist()
