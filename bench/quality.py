@@ -153,7 +153,9 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         f"train.epochs={args.epochs}",
         f"train.max_steps_per_epoch={args.steps}",
         f"train.patience={args.patience}",
-        "train.schedule=cosine",  # every result here was measured with it (the preset's is plateau since session 34)
+        # the default protocol of every result through session 35 (the preset's schedule is plateau since session
+        # 34); sessions 36-37 ran plateau with --set train.schedule=plateau, which comes after and overrides this
+        "train.schedule=cosine",
         f"train.batch_size={args.batch_size}",
         "train.eval_ks=10,50",
         f"train.storage_path={args.storage_path}",
