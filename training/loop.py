@@ -75,7 +75,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     validation = read_examples(paths.validation)
     # rank 0 scores the test set at every new best: its examples and, in cold-start runs, its warm / cold rows
-    test = None
+    test: tuple[Examples, dict[str, np.ndarray]] | None = None
     if rank == 0:
         cold = None if paths.test_cold_rows is None else np.load(paths.test_cold_rows)
         test = read_examples(paths.test), {} if cold is None else {"warm": ~cold, "cold": cold}

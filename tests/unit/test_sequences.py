@@ -1,7 +1,11 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+from pipeline.content import read_examples, write_examples
 from pipeline.sequences import (cold_start_split, item_popularity, leave_one_out, order_interactions, sample_cold_items,
                                 time_split, window_examples)
 
@@ -113,12 +117,6 @@ def test_windows_predict_every_training_target_exactly_once_on_real_data(prepare
 
 
 def test_examples_read_back_equal_and_writable_so_torch_makes_tensors_without_a_warning(tmp_path):
-    import warnings
-
-    import torch
-
-    from pipeline.content import read_examples, write_examples
-
     examples = leave_one_out(frame([(u, i, t) for u in range(3) for t, i in enumerate((4, 2, 7, 5))]),
                              max_history=3).test
     back = read_examples(write_examples(examples, tmp_path / "test.parquet"))
