@@ -208,10 +208,18 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
                 entry[subset][name] = {"mean": float(values.mean()), "std": float(values.std(ddof=0))}
         if all("sizes" in run for run in mine):
             entry["sizes"] = size_summary([run["sizes"] for run in mine])
+        if all("selection" in run for run in mine):  # train.refit: the selection runs' test metrics beside
+            entry["selection"] = {subset: {name: _mean_std([run["selection"]["metrics"][subset][name] for run in mine])
+                                           for name in METRICS} for subset in SUBSETS}
         walls = np.array([run["wall_seconds"] for run in mine], dtype=float)
         entry["wall_seconds"] = {"mean": float(walls.mean()), "std": float(walls.std(ddof=0))}
         summary[method] = entry
     return summary
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    array = np.array(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=0))}
 
 
 def size_summary(tables: list[list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -234,6 +242,10 @@ def format_table(summary: dict[str, dict]) -> str:
             f"{entry[s][m]['mean']:>13.4f} ± {entry[s][m]['std']:<6.4f}" for s in SUBSETS for m in METRICS
         )
         lines.append(f"{method:<30}{cells}{entry['wall_seconds']['mean']:>12.0f}")
+        if "selection" in entry:  # train.refit: the selection runs, whose best epochs the refits trained
+            chosen = entry["selection"]
+            lines.append(f"{'  (its selection runs)':<30}" + "".join(
+                f"{chosen[s][m]['mean']:>13.4f} ± {chosen[s][m]['std']:<6.4f}" for s in SUBSETS for m in METRICS))
     for method, entry in summary.items():
         for size, metrics in entry.get("sizes", {}).items():
             cells = "".join(f"  test/{m}@s{size} {metrics[m]['mean']:.4f} ± {metrics[m]['std']:.4f}"
@@ -332,6 +344,12 @@ def main() -> int:
                          "mlflow_run_id": outcome.mlflow_run_id, "run_name": outcome.run_name,
                          "run_dir": str(Path(job.train.storage_path).resolve() / outcome.run_name),
                          "data_wait_fraction": outcome.metrics.get("data_wait_fraction")})
+            if outcome.selection is not None:  # train.refit: the run that chose the refit's epochs, tested too
+                chosen = outcome.selection
+                runs[-1]["selection"] = {
+                    "metrics": {subset: pick(chosen.metrics, subset) for subset in SUBSETS},
+                    "epochs": chosen.last_metrics.get("epoch"), "best_epoch": chosen.metrics.get("epoch"),
+                    "mlflow_run_id": chosen.mlflow_run_id, "run_name": chosen.run_name, "run_dir": str(chosen.run_dir)}
             sizes = size_table(outcome.metrics)
             if sizes:  # a Matryoshka model: the test metrics at each of its sizes
                 runs[-1]["sizes"] = sizes

@@ -96,17 +96,18 @@ def _examples(ordered: pd.DataFrame, positions: np.ndarray, user_start: np.ndarr
     )
 
 
-def leave_one_out(interactions: pd.DataFrame, max_history: int) -> Splits:
+def leave_one_out(interactions: pd.DataFrame, max_history: int, train_on_validation: bool = False) -> Splits:
     """Last interaction of each user = test, second to last = validation, earlier ones (after the first) = train.
 
-    Users with fewer than 3 interactions contribute only training examples.
+    Users with fewer than 3 interactions contribute only training examples. `train_on_validation` (a refit after
+    selection, `train.refit`): the validation examples also train (validation is still returned, for reporting).
     """
     ordered = order_interactions(interactions)
     user_start, pos, count = _flat(ordered)
     has_eval = count >= 3
     is_test = has_eval & (pos == count - 1)
     is_val = has_eval & (pos == count - 2)
-    is_train = (pos >= 1) & ~is_test & ~is_val
+    is_train = (pos >= 1) & ~is_test & (train_on_validation | ~is_val)
     return Splits(
         train=_examples(ordered, np.flatnonzero(is_train), user_start, max_history),
         validation=_examples(ordered, np.flatnonzero(is_val), user_start, max_history),
@@ -115,13 +116,15 @@ def leave_one_out(interactions: pd.DataFrame, max_history: int) -> Splits:
 
 
 def time_split(interactions: pd.DataFrame, max_history: int, split_at: int,
-               validation_from: int | None = None) -> Splits:
+               validation_from: int | None = None, train_on_validation: bool = False) -> Splits:
     """Test on every interaction at or after `split_at` (unix s), each with its full preceding history.
 
     Without `validation_from`: train on the targets before `split_at` except each user's last one there, which is
     validation (one example per user). With it (< `split_at`): a validation window, every interaction in
     [validation_from, split_at) is a validation example and only the targets before `validation_from` train, so
     validation is drawn like the test (all users' interactions of a period) and no validation target trains.
+    `train_on_validation` (a refit after selection): every target before `split_at` trains, the validation
+    examples included (validation is still returned, for reporting).
     """
     ordered = order_interactions(interactions)
     user_start, pos, _ = _flat(ordered)
@@ -134,6 +137,8 @@ def time_split(interactions: pd.DataFrame, max_history: int, split_at: int,
     else:
         trains = before & ~_last_of_user(ordered.user_index.to_numpy(np.int64), before)  # the last is validation
     is_val = before & ~trains & (pos >= 1)
+    if train_on_validation:
+        trains = before
     return Splits(
         train=_examples(ordered, np.flatnonzero(trains & (pos >= 1)), user_start, max_history),
         validation=_examples(ordered, np.flatnonzero(is_val), user_start, max_history),
@@ -205,7 +210,8 @@ def sample_cold_items(num_items: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def cold_start_split(interactions: pd.DataFrame, max_history: int, cold_items: np.ndarray,
-                     split_at: int | None = None, validation_from: int | None = None) -> ColdStartSplits:
+                     split_at: int | None = None, validation_from: int | None = None,
+                     train_on_validation: bool = False) -> ColdStartSplits:
     """Leave-one-out (or, with `split_at`, the time split, with `validation_from` its validation window) with
     `cold_items` held out of training entirely.
 
@@ -213,17 +219,20 @@ def cold_start_split(interactions: pd.DataFrame, max_history: int, cold_items: n
     Training uses each user's training region (the rows before their validation target) with every
     interaction on a cold item removed, so no cold item is ever a training target or in a training history;
     every remaining position after the first is a training example, as in the plain split. With no cold
-    items the training examples equal the plain split's.
+    items the training examples equal the plain split's. `train_on_validation` (a refit after selection): the
+    training region also holds the validation rows.
     """
     ordered = order_interactions(interactions)
     if split_at is None:
         full = leave_one_out(ordered, max_history)
         _, pos, count = _flat(ordered)
-        region = ~((count >= 3) & (pos >= count - 2))  # everything but the validation and test rows
+        region = ~((count >= 3) & (pos >= count - (1 if train_on_validation else 2)))  # not test (or validation)
     else:
         full = time_split(ordered, max_history, split_at, validation_from)
         ts = ordered.timestamp.to_numpy(np.int64)
-        if validation_from is not None:
+        if train_on_validation:
+            region = ts < split_at
+        elif validation_from is not None:
             region = ts < validation_from  # the window and the test period are evaluated only
         else:  # the last row before split_at of a user is its validation target; rows after it are test
             before = ts < split_at

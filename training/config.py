@@ -35,6 +35,12 @@ class TrainConfig:
         metadata={"help": "learning rate after the warm-up: cosine (decays to 10% over train.epochs) or plateau "
                           "(holds; drops 10x each time validation stalls for half of train.patience, which must be "
                           ">= 4: where early stopping ends the run, not the epoch cap)"})
+    refit: bool = field(
+        default=False,
+        metadata={"help": "after early stopping, train again from scratch on the training and validation examples "
+                          "together for the best epoch's count of epochs (the learning-rate schedule replayed) and "
+                          "keep and register that model: the validation examples, the data nearest the test, then "
+                          "train too (about twice the time; a second run <run_name>-refit and MLflow run)"})
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})

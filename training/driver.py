@@ -5,6 +5,7 @@ RAY_ADDRESS), with no code change.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -30,9 +31,10 @@ from pipeline.splits import build_splits
 from pipeline.stages import catalog_dataset, decoded_catalog_dataset, train_dataset
 from model.build import build_recommender
 from training.bank_fill import fill_actor_count, fill_bank
+from training.checkpoint import read_state
 from training.evaluate import popularity_metrics, write_size_report
 from training.gallery import GALLERY_DIR, GALLERY_USERS, write_gallery
-from training.loop import train_loop_per_worker
+from training.loop import RefitPlan, train_loop_per_worker
 from training.trunk_cache import trunk_cache_plan
 from training.trainer import (SELECTION_SCORE, StepCallback, check_catalogue_mode, check_encode_fraction, check_targets,
                               exact_catalogue)
@@ -76,6 +78,7 @@ class TrainingOutcome:
     baseline: dict
     checkpoint_path: str | None  # the best checkpoint
     last_metrics: dict = field(default_factory=dict)  # the last epoch's report (how the run ended)
+    selection: "TrainingOutcome | None" = None  # with train.refit: the run that picked the refit's epochs
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -141,12 +144,46 @@ def ordered_ingest() -> ray.data.ExecutionOptions:
 
 def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                  callbacks: Sequence[StepCallback] = ()) -> TrainingOutcome:
-    """Train one run. `splits` overrides the examples built from the prepared data (incremental retraining);
-    `callbacks` run in every worker before each step (tests inject faults with `training.faults`)."""
+    """Train one run, and with `train.refit` a second one on its training and validation examples together (the
+    outcome is then the refit's, the selection run's in its `selection`). `splits` overrides the examples built
+    from the prepared data (incremental retraining); `callbacks` run in every worker before each step (tests inject
+    faults with `training.faults`)."""
+    if job.train.refit and splits is not None:
+        raise ConfigError("train.refit retrains on the job's own split (jobs.train); it takes no given examples")
+    run_name = job.train.run_name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    selection = _run(job, run_name, log, splits, callbacks)
+    if not job.train.refit:
+        return selection
+    if selection.checkpoint_path is None:
+        raise RuntimeError(f"train.refit: the selection run {run_name} kept no checkpoint to take its epochs from")
+    plan = refit_plan(selection)
+    log(f"[train] refit: {plan.epochs} epoch(s) (the selection run's best) on the training and validation examples "
+        f"together" + (f", the rates dropped after epoch(s) {', '.join(str(d + 1) for d in plan.drop_epochs)}"
+                       if plan.drop_epochs else ""))
+    prepared = Path(job.data.prepared_dir).resolve()
+    refit_job = dataclasses.replace(job, train=dataclasses.replace(job.train, refit=False,
+                                                                    run_name=f"{run_name}-refit"))
+    outcome = _run(refit_job, refit_job.train.run_name, log, build_splits(job.data, prepared, train_on_validation=True),
+                   callbacks, refit=plan)
+    outcome.selection = selection
+    return outcome
+
+
+def refit_plan(selection: TrainingOutcome) -> RefitPlan:
+    """The selection run's best epoch (1-based: the epochs a refit trains) and the rate drops before it, from its
+    best checkpoint."""
+    state = read_state(selection.checkpoint_path)
+    best = int(state["epoch"]) + 1
+    drops = state.get("early_stopping", {}).get("drop_epochs", [])
+    return RefitPlan(epochs=best, drop_epochs=tuple(int(d) for d in drops if d < best - 1),
+                     selection_run_id=selection.mlflow_run_id)
+
+
+def _run(job: JobConfig, run_name: str, log, splits: Splits | None, callbacks: Sequence[StepCallback],
+         refit: RefitPlan | None = None) -> TrainingOutcome:
     prepared = Path(job.data.prepared_dir).resolve()
     manifest = load_manifest(prepared)
     num_items = manifest["num_items"]
-    run_name = job.train.run_name or f"{job.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(job.train.storage_path).resolve()
     run_dir = storage / run_name
     claim_run_dir(run_dir, prepared_dir=prepared, raw_dir=Path(job.data.raw_dir).resolve())
@@ -155,7 +192,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
 
     splits = splits if splits is not None else build_splits(job.data, prepared)
     log(f"[train] examples: train={len(splits.train)} validation={len(splits.validation)} test={len(splits.test)} "
-        f"items={num_items}")
+        f"items={num_items}" + (" (a refit: the validation examples train too)" if refit else ""))
     if len(splits.train) == 0 or len(splits.test) == 0:
         raise ValueError("no training or test examples: check data.max_users / data.split")
     paths = {
@@ -191,7 +228,10 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
         log(f"[train] {int((~seen[1:]).sum())} items in no training example: scored by their content alone "
             f"(model.unseen_from_content)")
 
-    tracker = Tracker.start(job.tracking, run_name, tags={"preset": job.preset, "config_hash": job.config_hash()})
+    tags = {"preset": job.preset, "config_hash": job.config_hash()}
+    if refit is not None:  # what it retrains (the selection run) and for how long
+        tags.update({"refit_of": refit.selection_run_id, "refit_epochs": str(refit.epochs)})
+    tracker = Tracker.start(job.tracking, run_name, tags=tags)
     tracker.log_params(flatten(job.to_dict()))
     tracker.log_dict(job.to_dict(), "config.json")
     if (prepared / REPORT_FILE).exists():
@@ -279,6 +319,7 @@ def run_training(job: JobConfig, log=print, splits: Splits | None = None,
                 "bank_prefilled": bank_prefilled,
                 "trunk_cache": cache_plan.enabled,
                 "init_model": str(init_model) if bank_prefilled else "",
+                "refit": None if refit is None else dataclasses.asdict(refit),
             },
             scaling_config=ScalingConfig(
                 num_workers=job.train.num_workers,

@@ -41,6 +41,22 @@ class WorkerPaths:
     test_cold_rows: Path | None = None
 
 
+@dataclass(frozen=True)
+class RefitPlan:
+    """A refit (`train.refit`): the selection run's epochs up to its best one, retrained from scratch on the
+    training and validation examples together, with the selection run's learning-rate schedule replayed (the
+    cosine over the same `train.epochs`, plateau's drops after the same epochs). Its last epoch is kept: no
+    validation is left to pick another."""
+
+    epochs: int  # epochs to train: the selection run's best (1-based)
+    drop_epochs: tuple[int, ...] = ()  # 0-based epochs at whose end the selection run's rates dropped
+    selection_run_id: str = ""  # the selection run's MLflow run
+
+    def lr_drops_before(self, epoch: int) -> int:
+        """The rate drops in force while epoch `epoch` (0-based) trains."""
+        return sum(1 for dropped in self.drop_epochs if dropped < epoch)
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -54,6 +70,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     job = JobConfig.from_dict(loop_config["job"])
     paths = WorkerPaths(**{k: Path(v) for k, v in loop_config["paths"].items()})
     num_items, bank = loop_config["num_items"], loop_config["bank"]  # the bank client reconnects by name
+    refit = RefitPlan(**loop_config["refit"]) if loop_config.get("refit") else None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))  # the node's cores / workers
@@ -105,9 +122,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         trainer.start_averaging(average_decay(job.train.average_epochs, steps_per_epoch), restored.trained_weights)
     elif restored.trained_weights is not None:  # resumed without averaging: on from the trained weights
         load_trained_parameters(trainer.model, restored.trained_weights)
-    early = EarlyStopping(job.train.patience, job.train.selection_window, **restored.early_stopping)
+    early = EarlyStopping(0 if refit else job.train.patience, job.train.selection_window, **restored.early_stopping)
     trainer.lr_multiplier = early.lr_multiplier  # every rank reads the same checkpoint
-    for epoch in range(restored.start_epoch, job.train.epochs):
+    for epoch in range(restored.start_epoch, refit.epochs if refit else job.train.epochs):
+        if early.should_stop:  # resumed from the checkpoint that ended the run: nothing is left to train
+            break
+        if refit is not None:  # the selection run's drops, at the same epochs
+            early.lr_drops = refit.lr_drops_before(epoch)
+            trainer.lr_multiplier = early.lr_multiplier
         batches = train_shard.iter_torch_batches(batch_size=job.train.batch_size, device=device, drop_last=False)
         stats = trainer.train_epoch(batches, steps_per_epoch, catalogue=catalogue if rank == 0 else None,
                                     log=progress_printer(job, epoch, steps_per_epoch) if rank == 0 else None)
@@ -119,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                    "bank_restored_exact": float(restored.bank_exact),
                    "bank_filled_by_ray_data": float(restored.filled_by_ray_data)}
         if rank == 0:
-            end_of_epoch(trainer, early, metrics, catalogue, validation, test, loop_config, epoch, tracker)
+            end_of_epoch(trainer, early, metrics, catalogue, validation, test, loop_config, epoch, tracker, refit)
         else:
             ray.train.report(metrics)
         # rank 0 alone evaluates: its plateau drops of the learning rate apply on every rank
@@ -145,22 +167,29 @@ def progress_printer(job: JobConfig, epoch: int, steps_per_epoch: int):
 
 
 def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogue, validation: Examples,
-                 test: tuple[Examples, dict[str, np.ndarray]], loop_config: dict, epoch: int, tracker: Tracker) -> None:
+                 test: tuple[Examples, dict[str, np.ndarray]], loop_config: dict, epoch: int, tracker: Tracker,
+                 refit: RefitPlan | None = None) -> None:
     """Rank 0: validation (and, when it is the best so far, the test set: its examples and its parts as row masks),
     the checkpoint, MLflow. With weight averaging all of it sees the averaged weights, and the checkpoint also
-    keeps the trained ones."""
+    keeps the trained ones. A refit keeps its last epoch: its selection score is the epoch, and only the last is
+    tested (its validation examples are training examples there, so val_* says how well it fits them)."""
     job, bank = trainer.job, trainer.bank
     started = time.perf_counter()
     with trainer.end_epoch(catalogue, validation) as ended, tempfile.TemporaryDirectory() as tmp:
         metrics.update(ended.scores)
         started = _lap(metrics, "validation", started)  # the catalogue pass(es) and validation
-        if early.update(metrics[f"val_{job.train.selection_metric}"], epoch):
-            # the test sets are scored for every new best, so the best checkpoint carries its own test metrics
+        best = early.update(metrics[f"val_{job.train.selection_metric}"], epoch)
+        if refit is not None:
+            best = epoch + 1 == refit.epochs
+        if best:  # the test sets are scored for every new best, so the best checkpoint carries its own test metrics
             metrics.update(trainer.evaluate_test(ended.content, *test))
         started = _lap(metrics, "test", started)  # ~0 when the epoch is no new best
         metrics.update({SELECTION_SCORE: early.selection_score, "best_epoch": early.best_epoch + 1,
                         f"{SELECTION_SCORE}_best": early.best_score,
                         "bank_fill_ratio": bank.stats()["fill_ratio"]})
+        if refit is not None:
+            metrics.update({SELECTION_SCORE: float(epoch + 1), "best_epoch": epoch + 1,
+                            f"{SELECTION_SCORE}_best": float(epoch + 1)})
         log("[train] " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                   for k, v in metrics.items()))
         save_checkpoint(Path(tmp), trainer.model, trainer.optimizer, {
@@ -171,6 +200,8 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
             "averaged_weights": ended.trained is not None,
             # the items in no training example: scored by content alone, model.new_item_offset added everywhere
             "unseen_items": None if trainer.unseen is None else (np.flatnonzero(trainer.unseen[1:]) + 1).tolist(),
+            "refit": None if refit is None else {"epochs": refit.epochs, "drop_epochs": list(refit.drop_epochs),
+                                                 "selection_run_id": refit.selection_run_id},
         }, trained=ended.trained)
         bank.save(Path(tmp) / BANK_DIR)
         started = _lap(metrics, "checkpoint", started)  # written to a temporary folder

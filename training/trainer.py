@@ -587,6 +587,7 @@ class EarlyStopping:
     stale_epochs: int = 0
     lr_drops: int = 0
     recent: list[float] = field(default_factory=list)  # the last `window` raw validation scores
+    drop_epochs: list[int] = field(default_factory=list)  # the epochs (0-based) at whose end the rates dropped
 
     # Halfway through the patience without a better score the learning rates drop by this factor (patience >= 4;
     # with train.schedule=plateau the only decay): the cosine is planned over `train.epochs`, the most allowed, and
@@ -603,6 +604,7 @@ class EarlyStopping:
         self.stale_epochs += 1
         if self.patience >= 4 and self.stale_epochs == self.patience // 2:
             self.lr_drops += 1
+            self.drop_epochs = [*self.drop_epochs, epoch]
         return False
 
     @property
@@ -620,7 +622,7 @@ class EarlyStopping:
 
     def state(self) -> dict:
         return {"best_score": self.best_score, "best_epoch": self.best_epoch, "stale_epochs": self.stale_epochs,
-                "lr_drops": self.lr_drops, "recent": list(self.recent)}
+                "lr_drops": self.lr_drops, "recent": list(self.recent), "drop_epochs": list(self.drop_epochs)}
 
 
 def lr_scale(step: int, total: int, warmup_fraction: float, final_fraction: float,

@@ -346,3 +346,43 @@ def test_two_runs_of_one_seed_train_identically(workspace, ray_cluster):
     first = losses_and_ndcg(7)
     assert len(first) == 4  # two epochs of each
     assert losses_and_ndcg(7) == first
+
+
+def test_a_refit_retrains_the_selection_runs_best_epochs_on_training_and_validation_and_keeps_its_last(
+        workspace, ray_cluster):
+    """`train.refit`: the selection run picks its epochs on validation; the refit, a second Ray Train run and
+    MLflow run, trains that many epochs from scratch on the training and validation examples together, and its
+    last epoch is what the outcome (and jobs.train's registration) carries."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.content import read_examples
+    from training.checkpoint import read_state
+    from training.driver import run_training
+
+    job = _job(workspace, "refit", "train.refit=true", "train.epochs=3", "train.num_workers=1")
+    outcome = run_training(job, log=_quiet)
+    selection = outcome.selection
+    assert selection is not None and selection.run_name == job.train.run_name
+    assert outcome.run_name == f"{job.train.run_name}-refit" and outcome.mlflow_run_id != selection.mlflow_run_id
+    best = int(selection.metrics["best_epoch"])
+    assert 1 <= best <= 3 and selection.last_metrics["epoch"] == 3  # no patience: the selection ran every epoch
+    # the refit trained exactly the selection's best epochs, and its last one is the checkpoint it returns
+    assert outcome.last_metrics["epoch"] == best and outcome.metrics["epoch"] == best
+    state = read_state(outcome.checkpoint_path)
+    assert state["epoch"] == best - 1 and state["refit"]["epochs"] == best
+    assert state["refit"]["selection_run_id"] == selection.mlflow_run_id
+    assert state["config"]["train"]["refit"] is False  # the refit's own config: it is not refitted again
+    for key in ("test_ndcg@10", "test_recall@10"):
+        assert math.isfinite(outcome.metrics[key]) and math.isfinite(selection.metrics[key])
+    # its examples: the selection run's training and validation examples, the same validation and test
+    trained = {name: read_examples(run.run_dir / "data" / "train.parquet") for name, run in
+               (("selection", selection), ("refit", outcome))}
+    validation = read_examples(selection.run_dir / "data" / "validation.parquet")
+    assert len(trained["refit"]) == len(trained["selection"]) + len(validation) > len(trained["selection"])
+    assert set(zip(validation.user, validation.target)) <= set(zip(trained["refit"].user, trained["refit"].target))
+    assert (outcome.run_dir / "data" / "test.parquet").read_bytes() == \
+        (selection.run_dir / "data" / "test.parquet").read_bytes()
+    tags = MlflowClient(tracking_uri=outcome.tracking_uri).get_run(outcome.mlflow_run_id).data.tags
+    assert tags["refit_of"] == selection.mlflow_run_id and tags["refit_epochs"] == str(best)
+    with pytest.raises(ConfigError, match="train.refit"):
+        run_training(job, log=_quiet, splits=object())

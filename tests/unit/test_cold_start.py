@@ -83,6 +83,23 @@ def test_time_split_validation_window_with_cold_items():
     assert len(split.train) == 0  # the training region 1 2 without 1 leaves one row
 
 
+def test_a_refit_trains_on_the_validation_rows_without_their_cold_items():
+    # leave-one-out: user 0 1..6 (val 5, test 6), user 1 7 3 8 9 (val 8, test 9); cold 3 and 9
+    df = frame([(0, i, 10 * i) for i in range(1, 7)] + [(1, 7, 1), (1, 3, 2), (1, 8, 3), (1, 9, 4)])
+    split = cold_start_split(df, max_history=3, cold_items=np.array([3, 9]), train_on_validation=True)
+    assert split.train.target.tolist() == [2, 4, 5, 8]  # 5 and 8 (the validation targets) now train
+    assert split.train.history.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 4], [0, 0, 7]]  # no 3 in any
+    plain = cold_start_split(df, max_history=3, cold_items=np.array([3, 9]))
+    assert split.validation.target.tolist() == plain.validation.target.tolist() == [5, 8]
+    assert split.test_cold.target.tolist() == [9] and split.test_warm.target.tolist() == [6]
+    # the time split's window: 1..6 at t=10..60, window from 25, split at 45, cold 4 -> trains 2 3, tests 5 6
+    timed = frame([(0, i, 10 * i) for i in range(1, 7)])
+    split = cold_start_split(timed, max_history=4, cold_items=np.array([4]), split_at=45, validation_from=25,
+                             train_on_validation=True)
+    assert split.train.target.tolist() == [2, 3] and split.validation.target.tolist() == [3, 4]
+    assert split.test.target.tolist() == [5, 6]
+
+
 def test_validation_window_config_is_checked():
     config = DataConfig(time_split_at="1998-03-01", validation_from="1998-02-15")
     assert config.validation_from == "1998-02-15"

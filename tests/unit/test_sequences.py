@@ -83,6 +83,28 @@ def test_time_split_validation_window_on_real_data_partitions_the_targets(prepar
         assert np.array_equal(getattr(windowed.test, name), getattr(plain.test, name))
 
 
+def test_a_refit_split_trains_on_the_validation_examples_and_keeps_validation_and_test():
+    df = frame([(0, i, t) for i, t in zip([1, 2, 3, 4, 5], [10, 20, 20, 30, 40])] + [(1, 7, 5), (1, 8, 6)])
+    refit, plain = leave_one_out(df, 3, train_on_validation=True), leave_one_out(df, 3)
+    assert refit.train.target.tolist() == [2, 3, 4, 8]  # user 0's validation target 4 now trains, in time order
+    assert refit.train.history.tolist() == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [0, 0, 7]]
+    windowed = frame([(0, i, 10 * i) for i in range(1, 6)] + [(1, 7, 30), (1, 8, 35), (1, 9, 60)])
+    for split, kwargs in ((leave_one_out, {}), (time_split, {"split_at": 45}),
+                          (time_split, {"split_at": 45, "validation_from": 25})):
+        data = df if split is leave_one_out else windowed
+        plain, refit = split(data, 4, **kwargs), split(data, 4, **kwargs, train_on_validation=True)
+        for name in ("user", "history", "target", "timestamp"):
+            assert np.array_equal(getattr(refit.validation, name), getattr(plain.validation, name))
+            assert np.array_equal(getattr(refit.test, name), getattr(plain.test, name))
+        # exactly the training and validation examples, each user's consecutive and in time order
+        assert len(refit.train) == len(plain.train) + len(plain.validation)
+        order = np.lexsort((refit.train.timestamp, refit.train.user))
+        assert np.array_equal(order, np.arange(len(refit.train)))
+    window = time_split(windowed, 4, split_at=45, validation_from=25, train_on_validation=True)
+    assert window.train.target.tolist() == [2, 3, 4, 8]  # every target before T but each user's first
+    assert window.test.target.tolist() == [5, 9]
+
+
 def test_popularity_counts_train_targets():
     df = frame([(0, 1, 1), (0, 2, 2), (0, 2, 3), (0, 3, 4), (0, 1, 5), (0, 1, 6)])
     pop = item_popularity(leave_one_out(df, 3).train, num_items=4)

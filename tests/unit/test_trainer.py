@@ -202,12 +202,25 @@ def test_halfway_through_the_patience_the_learning_rate_drops_and_a_restart_keep
     early.update(0.10, 5)
     resumed = EarlyStopping(4, **early.state())
     assert resumed.lr_drops == 2 and resumed.lr_multiplier == pytest.approx(0.01)
+    assert resumed.drop_epochs == [2, 5]  # the epochs at whose end they dropped: what a refit replays
     assert not resumed.update(0.10, 6) and not resumed.should_stop and resumed.lr_drops == 2
     assert not resumed.update(0.10, 7) and resumed.should_stop
     short = EarlyStopping(patience=3)  # patience under 4: stop only, never drop
     for epoch in range(4):
         short.update(0.1, epoch)
     assert short.lr_drops == 0 and short.should_stop
+
+
+def test_a_refit_replays_the_selection_runs_drops_from_the_epoch_after_each():
+    from training.loop import RefitPlan
+
+    early = EarlyStopping(patience=4)
+    for epoch, score in enumerate([0.10, 0.09, 0.09, 0.11, 0.10, 0.10, 0.12]):
+        early.update(score, epoch)
+    assert early.drop_epochs == [2, 5] and early.best_epoch == 6
+    plan = RefitPlan(epochs=early.best_epoch + 1, drop_epochs=tuple(early.drop_epochs))
+    # epochs 0-2 train at the full rate, 3-5 at a tenth, 6 at a hundredth: as the selection run did
+    assert [plan.lr_drops_before(epoch) for epoch in range(plan.epochs)] == [0, 0, 0, 1, 1, 1, 2]
 
 
 def test_the_selection_score_is_a_mean_of_recent_epochs_so_one_lucky_epoch_neither_wins_nor_stops_the_run():
