@@ -20,9 +20,14 @@ def main() -> int:
     from training.driver import format_results, run_training
 
     outcome = run_training(job)
-    print(f"\nTest metrics of the best checkpoint (epoch {outcome.metrics.get('best_epoch', '?')} of "
-          f"{outcome.last_metrics.get('epoch', '?')}, by validation {job.train.selection_metric} "
+    chosen = outcome.selection or outcome  # with train.refit the refit's epochs were chosen by the selection run
+    print(f"\nTest metrics of the best checkpoint (epoch {chosen.metrics.get('best_epoch', '?')} of "
+          f"{chosen.last_metrics.get('epoch', '?')}, by validation {job.train.selection_metric} "
           f"averaged over the last {job.train.selection_window} epochs or fewer; "
+          + (f"then refitted: that many epochs retrained on the training and validation examples, the refit's "
+             f"last epoch tested; the selection run's own test {job.train.selection_metric} "
+             f"{chosen.metrics.get(f'test_{job.train.selection_metric}', float('nan')):.4f}; "
+             if outcome.selection is not None else "")
           + (f"weights: their moving average over ~{job.train.average_epochs:g} epochs; "
              if job.train.average_epochs > 0 else "")
           + f"{job.data.split}, "

@@ -386,3 +386,8 @@ def test_a_refit_retrains_the_selection_runs_best_epochs_on_training_and_validat
     assert tags["refit_of"] == selection.mlflow_run_id and tags["refit_epochs"] == str(best)
     with pytest.raises(ConfigError, match="train.refit"):
         run_training(job, log=_quiet, splits=object())
+    # the same run name again (as after a crash in the refit): both finished runs resume with nothing left to train
+    again = run_training(job, log=_quiet)
+    assert again.checkpoint_path == outcome.checkpoint_path
+    assert again.selection.checkpoint_path == selection.checkpoint_path
+    assert again.metrics["test_ndcg@10"] == outcome.metrics["test_ndcg@10"]

@@ -190,10 +190,12 @@ def test_a_challenger_trains_its_fixed_budget_on_the_cosine_from_the_champion():
     from training.job_config import build_config
     from training.retrain.run import challenger_config
 
-    job = build_config("movielens", ["retrain.steps=30"])  # the preset's plateau: its rate would never anneal
+    # the preset's plateau: its rate would never anneal; a refit: the challenger selects no epoch to refit
+    job = build_config("movielens", ["retrain.steps=30", "train.refit=true"])
     champion = build_config("movielens", ["model.dim=64"])
     challenger = challenger_config(job, champion, Path("/ckpt"), "retrain-1")
     assert job.train.schedule == "plateau" and challenger.train.schedule == "cosine"
+    assert job.train.refit and not challenger.train.refit
     assert (challenger.train.epochs, challenger.train.max_steps_per_epoch) == (1, 30)
     assert challenger.model.dim == 64 and challenger.train.init_checkpoint == "/ckpt"
 

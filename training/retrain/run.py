@@ -61,8 +61,9 @@ def challenger_config(job: "JobConfig", champion_job: "JobConfig", champion_chec
         image=champion_job.image,
         text=champion_job.text,
         data=replace(job.data, max_history=champion_job.data.max_history),
-        # a fixed budget of steps, no early stopping: the cosine anneals over it (plateau would end at full rate)
-        train=replace(job.train, epochs=1, max_steps_per_epoch=job.retrain.steps, schedule="cosine",
+        # a fixed budget of steps, no early stopping: the cosine anneals over it (plateau would end at full rate);
+        # no epoch is selected, so nothing to refit (train.refit)
+        train=replace(job.train, epochs=1, max_steps_per_epoch=job.retrain.steps, schedule="cosine", refit=False,
                       run_name=run_name, init_checkpoint=str(champion_checkpoint)),
     )
 
