@@ -204,15 +204,13 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
         for subset in SUBSETS:
             entry[subset] = {}
             for name in METRICS:
-                values = np.array([run["metrics"][subset][name] for run in mine], dtype=float)
-                entry[subset][name] = {"mean": float(values.mean()), "std": float(values.std(ddof=0))}
+                entry[subset][name] = _mean_std([run["metrics"][subset][name] for run in mine])
         if all("sizes" in run for run in mine):
             entry["sizes"] = size_summary([run["sizes"] for run in mine])
         if all("selection" in run for run in mine):  # train.refit: the selection runs' test metrics beside
             entry["selection"] = {subset: {name: _mean_std([run["selection"]["metrics"][subset][name] for run in mine])
                                            for name in METRICS} for subset in SUBSETS}
-        walls = np.array([run["wall_seconds"] for run in mine], dtype=float)
-        entry["wall_seconds"] = {"mean": float(walls.mean()), "std": float(walls.std(ddof=0))}
+        entry["wall_seconds"] = _mean_std([run["wall_seconds"] for run in mine])
         summary[method] = entry
     return summary
 

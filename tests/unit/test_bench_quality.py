@@ -8,7 +8,7 @@ import os
 import pytest
 
 from bench.quality import (MATRYOSHKA_SIZES, interrupted_run, method_config, method_overrides, resumed_runs,
-                           run_protocol, size_summary)
+                           run_protocol, size_summary, summarise, format_table)
 
 
 def _args(tmp_path, **changes) -> argparse.Namespace:
@@ -79,6 +79,22 @@ def test_size_summary_averages_each_size_over_the_runs_that_all_have_it():
     assert list(summary) == ["32", "512"]
     assert summary["32"]["ndcg@10"] == pytest.approx({"mean": 0.03, "std": 0.01})
     assert summary["512"]["ndcg@10"]["mean"] == pytest.approx(0.07)
+
+
+def test_refitted_runs_are_summarised_with_their_selection_runs_beside():
+    from bench.quality import METRICS, SUBSETS
+
+    def record(seed: int, refit: float, chosen: float | None) -> dict:
+        metrics = lambda value: {subset: {name: value for name in METRICS} for subset in SUBSETS}  # noqa: E731
+        run = {"method": "id_only", "seed": seed, "wall_seconds": 100.0 + seed, "metrics": metrics(refit)}
+        return run if chosen is None else {**run, "selection": {"metrics": metrics(chosen)}}
+
+    summary = summarise([record(0, 0.06, 0.05), record(1, 0.08, 0.05)])["id_only"]
+    assert summary["test_warm"]["ndcg@10"] == pytest.approx({"mean": 0.07, "std": 0.01})
+    assert summary["selection"]["test_warm"]["ndcg@10"] == pytest.approx({"mean": 0.05, "std": 0.0})
+    assert "(its selection runs)" in format_table({"id_only": summary})
+    # a method with a run that was not refitted has no selection entry (a mean over some seeds would mislead)
+    assert "selection" not in summarise([record(0, 0.06, 0.05), record(1, 0.08, None)])["id_only"]
 
 
 def test_other_sizes_are_methods_by_name_and_other_names_are_refused(tmp_path):
