@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,8 +200,7 @@ def end_of_epoch(trainer: Trainer, early: EarlyStopping, metrics: dict, catalogu
             "averaged_weights": ended.trained is not None,
             # the items in no training example: scored by content alone, model.new_item_offset added everywhere
             "unseen_items": None if trainer.unseen is None else (np.flatnonzero(trainer.unseen[1:]) + 1).tolist(),
-            "refit": None if refit is None else {"epochs": refit.epochs, "drop_epochs": list(refit.drop_epochs),
-                                                 "selection_run_id": refit.selection_run_id},
+            "refit": None if refit is None else asdict(refit),  # the plan, as the driver passed it
         }, trained=ended.trained)
         bank.save(Path(tmp) / BANK_DIR)
         started = _lap(metrics, "checkpoint", started)  # written to a temporary folder
