@@ -85,28 +85,18 @@ def offset_for_mass(logits: torch.Tensor, unseen: torch.Tensor, target: float, *
         raise ValueError("no unseen items")
     if not unseen_mass(logits, unseen, low) <= target <= unseen_mass(logits, unseen, high):
         raise ValueError(f"the target mass {target} is out of reach within offsets [{low}, {high}]")
-    return smallest_reaching(lambda offset: unseen_mass(logits, unseen, offset), target, low, high, iterations)
+    from training.offline_eval import lowest_reaching
+
+    return lowest_reaching(lambda offset: unseen_mass(logits, unseen, offset), target, low, high, iterations)
 
 
 def offset_for_recall(recall_at: Callable[[float], float], target: float, *, low: float = -30.0,
                       high: float = 30.0, iterations: int = 40) -> float:
     """The smallest offset (to bisection precision) at which `recall_at(offset)`, non-decreasing in the offset (the
     cold targets are unseen items: lifting the unseen items only lifts them), reaches `target`."""
-    if recall_at(high) < target:
-        raise ValueError(f"cold Recall@10 {target} is out of reach within offsets [{low}, {high}]")
-    if recall_at(low) >= target:
-        return low
-    return smallest_reaching(recall_at, target, low, high, iterations)
+    from training.offline_eval import lowest_reaching
 
-
-def smallest_reaching(value_at: Callable[[float], float], target: float, low: float, high: float,
-                      iterations: int) -> float:
-    """Bisection on a non-decreasing `value_at` with value_at(low) < target <= value_at(high): the smallest x in
-    [low, high] with value_at(x) >= target, to within (high - low) / 2**iterations above it."""
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        low, high = (low, middle) if value_at(middle) >= target else (middle, high)
-    return high
+    return lowest_reaching(recall_at, target, low, high, iterations)
 
 
 def ridge_fit(features: np.ndarray, target: np.ndarray, ridge: float) -> np.ndarray:

@@ -6,8 +6,11 @@
 The config is the one the checkpoint was trained with (same examples, same protocol); `--set` changes it,
 e.g. `--set data.prepared_dir=/data/prepared` when the data lives elsewhere. Items added to the catalogue
 since training are ranked too (by content). `--set model.new_item_offset=X` scores the items in no training example
-with X added (what serving would then return; pick it on `--split validation`). Runs in this process: no Ray
-cluster is needed.
+with X added (what serving would then return; pick it on `--split validation`). `--fit-new-item-recall R` picks
+it for you: the smallest offset at which the split's examples whose target is such an item reach Recall@10 R
+(fit it on validation, read it on test; a time split's validation window holds such examples, leave-one-out
+hardly any), then scores the split with it and prints `--set model.new_item_offset=X` to train, evaluate or
+serve with. Runs in this process: no Ray cluster is needed.
 """
 from __future__ import annotations
 
@@ -25,11 +28,19 @@ def main() -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--split", default="test", choices=SPLITS, help="which examples to score (default: test)")
+    parser.add_argument("--fit-new-item-recall", type=float, metavar="R",
+                        help="set model.new_item_offset to the smallest offset at which the examples whose target is "
+                             "an item in no training example reach Recall@10 R (in (0, 1]) on this split, and score "
+                             "the split with it")
     args = parser.parse_args()
+    if args.fit_new_item_recall is not None and not 0 < args.fit_new_item_recall <= 1:
+        parser.error(f"--fit-new-item-recall {args.fit_new_item_recall:g} must be in (0, 1]")
 
     from pipeline.sources import ITEMS_FILE, load_manifest
     from pipeline.splits import build_splits
-    from training.offline_eval import DecodedCatalogue, checkpoint_job_config, evaluate_checkpoint, load_checkpoint
+    from training.offline_eval import (DecodedCatalogue, checkpoint_job_config, evaluate_checkpoint,
+                                       fit_new_item_offset, load_checkpoint)
+    from training.overrides import ConfigError
     from training.tracking import Tracker
 
     resolved = resolve_model_arguments(args)
@@ -48,15 +59,26 @@ def main() -> int:
     loaded = load_checkpoint(checkpoint, manifest["num_items"])
     if loaded.new_items:
         print(f"[evaluate] {loaded.new_items} items are newer than the checkpoint: ranked by content only")
+    catalogue = DecodedCatalogue(prepared / ITEMS_FILE, manifest["num_items"], batch_size=job.train.eval_batch_size,
+                                 max_image_pixels=job.data.max_image_pixels)
+    content = catalogue.encode(loaded)
     offset = job.model.new_item_offset
+    if args.fit_new_item_recall is not None:
+        try:
+            offset, fitted_on = fit_new_item_offset(loaded, content, examples, args.fit_new_item_recall,
+                                                    mask_history=job.train.eval_mask_history,
+                                                    batch_size=job.train.eval_batch_size)
+        except ValueError as err:
+            raise ConfigError(f"--fit-new-item-recall: {err}") from None
+        print(f"[evaluate] fitted on the {fitted_on} {args.split} examples whose target is an item in no training "
+              f"example: --set model.new_item_offset={offset:g} gives them Recall@10 {args.fit_new_item_recall:g}")
     if offset:
         print(f"[evaluate] model.new_item_offset {offset:+g} on the scores of the {int(loaded.unseen.sum())} items "
               f"in no training example")
-    catalogue = DecodedCatalogue(prepared / ITEMS_FILE, manifest["num_items"], batch_size=job.train.eval_batch_size,
-                                 max_image_pixels=job.data.max_image_pixels)
     metrics = evaluate_checkpoint(loaded, catalogue, examples, ks=job.train.eval_ks,
                                   mask_history=job.train.eval_mask_history, batch_size=job.train.eval_batch_size,
-                                  sizes=job.model.matryoshka_sizes, new_item_offset=offset, by_target=True)
+                                  sizes=job.model.matryoshka_sizes, new_item_offset=offset, by_target=True,
+                                  content=content)
     seconds = time.perf_counter() - started
 
     name = f"evaluate-{version.name}-v{version.version}" if version else "evaluate-checkpoint"
@@ -66,7 +88,7 @@ def main() -> int:
     tracker = Tracker.start(job.tracking, f"{name}-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     tracker.log_params({"model": args.model or "", "checkpoint": str(checkpoint), "split": args.split,
                         "num_examples": len(examples), "num_items": manifest["num_items"],
-                        "new_item_offset": offset})
+                        "new_item_offset": offset, "fit_new_item_recall": args.fit_new_item_recall or ""})
     tracker.log_metrics({f"{args.split}_{k}": v for k, v in metrics.items()} | {"eval_seconds": seconds})
     tracker.finish("FINISHED")
 

@@ -13,10 +13,14 @@ TASKS = ("retrieval", "ctr")
 PRECISIONS = ("fp32", "bf16")
 
 
+NEW_ITEM_OFFSET_RANGE = (-2.0, 2.0)
+
+
 def valid_new_item_offset(value: float) -> bool:
     """`model.new_item_offset` (and the serving override) lies in [-2, 2]: cosines are in [-1, 1], so beyond 2 the
     new items' order against the others is fixed anyway (NaN is not valid)."""
-    return -2.0 <= value <= 2.0
+    low, high = NEW_ITEM_OFFSET_RANGE
+    return low <= value <= high
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ import torch
 from encoders.config import resolve_text_model_path
 from training.job_config import JobConfig
 from model.build import build_recommender
+from model.config import NEW_ITEM_OFFSET_RANGE
 from model.recommender import Recommender
 from pipeline.sequences import Examples
 from pipeline.content import ContentSpec, decode_catalog
@@ -156,14 +157,16 @@ class DecodedCatalogue:
 def evaluate_checkpoint(loaded: LoadedCheckpoint, catalogue: DecodedCatalogue, examples: Examples, *,
                         ks: Sequence[int], mask_history: bool, batch_size: int = 256,
                         sizes: Sequence[int] = (), new_item_offset: float | None = None,
-                        by_target: bool = False) -> dict[str, float]:
+                        by_target: bool = False, content: torch.Tensor | None = None) -> dict[str, float]:
     """Full-ranking Recall@k / NDCG@k / MRR of `examples` over the whole catalogue (names as in training), with
     `new_item_offset` (default: the checkpoint's model.new_item_offset) on the unseen items' scores. by_target:
     also the examples whose target is an unseen item (`new_target_*`, with their count `new_target_examples`) and
-    the others (`seen_target_*`), at full size: what choosing new_item_offset trades."""
+    the others (`seen_target_*`), at full size: what choosing new_item_offset trades. content: the catalogue as
+    `catalogue.encode(loaded)` made it already (else encoded here)."""
     if len(examples) == 0:
         raise ValueError("no examples to evaluate on")
-    content = catalogue.encode(loaded)
+    if content is None:
+        content = catalogue.encode(loaded)
     offset = loaded.item_offset(new_item_offset)
     metrics = evaluate_ranking(loaded.model, content, examples, ks=tuple(ks), mask_history=mask_history,
                                batch_size=batch_size, sizes=sizes, item_offset=offset)
@@ -176,6 +179,46 @@ def evaluate_checkpoint(loaded: LoadedCheckpoint, catalogue: DecodedCatalogue, e
                                         mask_history=mask_history, batch_size=batch_size, item_offset=offset)
                 metrics.update({f"{name}_{k}": v for k, v in part.items()})
     return metrics
+
+
+def fit_new_item_offset(loaded: LoadedCheckpoint, content: torch.Tensor, examples: Examples, recall: float, *,
+                        mask_history: bool, batch_size: int = 256, iterations: int = 24) -> tuple[float, int]:
+    """The smallest `model.new_item_offset` (within its range, to 4 / 2**iterations) at which Recall@10 of the
+    `examples` whose target is an item in no training example reaches `recall` -> (offset, how many such examples).
+    Lifting every unseen item by one offset keeps their order among themselves and only moves them past the others,
+    so that recall does not fall as the offset rises: bisection finds the level. ValueError (one line) where no
+    example has such a target or the recall is out of reach within the range. Content `[N+1, D]` as
+    `DecodedCatalogue.encode` makes it."""
+    new = loaded.unseen[np.asarray(examples.target)]
+    if not new.any():
+        raise ValueError(f"none of the {len(examples)} examples has a target in no training example: nothing to "
+                         "fit new items' level on (a time split's validation window holds such examples)")
+    targets = examples.subset(new)
+
+    def recall_at(offset: float) -> float:
+        return evaluate_ranking(loaded.model, content, targets, ks=(10,), mask_history=mask_history,
+                                batch_size=batch_size, item_offset=loaded.item_offset(offset))["recall@10"]
+
+    low, high = NEW_ITEM_OFFSET_RANGE
+    try:
+        return lowest_reaching(recall_at, recall, low, high, iterations), int(new.sum())
+    except ValueError as err:
+        raise ValueError(f"new items' Recall@10 of {recall:g} on {int(new.sum())} examples: {err}") from None
+
+
+def lowest_reaching(value_at: Callable[[float], float], target: float, low: float, high: float,
+                    iterations: int) -> float:
+    """The smallest x in [low, high] at which a non-decreasing `value_at` reaches `target`: `low` where it is
+    reached there, else by bisection to within (high - low) / 2**iterations above it. ValueError where even
+    value_at(high) is short of it."""
+    if (top := value_at(high)) < target:
+        raise ValueError(f"{target:g} is out of reach: {top:.4f} at {high:g}, the top of the range")
+    if value_at(low) >= target:
+        return low
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (low, middle) if value_at(middle) >= target else (middle, high)
+    return high
 
 
 def checkpoint_job_config(checkpoint_dir: Path, overrides: Sequence[str] = ()) -> JobConfig:

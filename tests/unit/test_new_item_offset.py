@@ -235,3 +235,62 @@ def test_evaluate_reports_new_and_seen_targets_apart_and_takes_the_offset_from_s
 
     low, high = evaluated(-0.5), evaluated(0.5)
     assert high["new"] > low["new"] and high["seen"] < low["seen"]
+
+
+def test_the_fitted_offset_is_the_lowest_that_gives_new_targets_the_recall_asked_for(offset_checkpoint, prepared_dir):
+    from training.offline_eval import fit_new_item_offset
+
+    loaded, content, test = _evaluated(offset_checkpoint, prepared_dir)
+    new = np.isin(test.target, UNSEEN)
+
+    def new_recall(offset: float) -> float:
+        return evaluate_ranking(loaded.model, content, test.subset(new), ks=(10,), mask_history=True,
+                                item_offset=loaded.item_offset(offset))["recall@10"]
+
+    as_is, top = new_recall(0.0), new_recall(2.0)  # 2: the top of model.new_item_offset's range
+    assert top > as_is
+    for wanted in ((as_is + top) / 2, top):
+        offset, count = fit_new_item_offset(loaded, content, test, wanted, mask_history=True)
+        assert count == new.sum() > 0
+        assert new_recall(offset) >= wanted > new_recall(offset - 1e-4) and offset > 0
+    low, _ = fit_new_item_offset(loaded, content, test, 0.0, mask_history=True)
+    assert low == -2.0  # reached at the bottom of the range already
+    with pytest.raises(ValueError, match=rf"new items' Recall@10 of 0.9 on {new.sum()} examples: 0.9 is out of reach"):
+        fit_new_item_offset(loaded, content, test, 0.9, mask_history=True)
+    with pytest.raises(ValueError, match="none of the 3 examples has a target in no training example"):
+        fit_new_item_offset(loaded, content, test.subset(np.flatnonzero(~new)[:3]), 0.1, mask_history=True)
+
+
+def test_evaluate_fits_the_offset_on_a_split_and_scores_it_with_it(offset_checkpoint, prepared_dir, tmp_path,
+                                                                  monkeypatch, capsys):
+    import sys
+
+    import jobs.evaluate
+    from jobs.cli import run_main
+
+    def run(*extra: str) -> str:
+        monkeypatch.setattr(sys, "argv", [
+            "jobs.evaluate", "--checkpoint", str(offset_checkpoint), "--split", "test",
+            "--set", f"data.prepared_dir={prepared_dir}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path}/m.db",
+            *extra])
+        with pytest.raises(SystemExit) as exited:
+            run_main(jobs.evaluate.main)
+        captured = capsys.readouterr()
+        return f"{exited.value.code}\n{captured.out}{captured.err}"
+
+    loaded, content, test = _evaluated(offset_checkpoint, prepared_dir)
+    new = test.subset(np.isin(test.target, UNSEEN))
+    wanted = evaluate_ranking(loaded.model, content, new, ks=(10,), mask_history=True,
+                              item_offset=loaded.item_offset(0.5))["recall@10"]  # one that an offset reaches
+    out = run("--fit-new-item-recall", f"{wanted}")
+    assert out.startswith("0\n") and wanted > 0
+    fitted = next(line for line in out.splitlines() if "fitted on the" in line)
+    offset = float(fitted.split("--set model.new_item_offset=")[1].split()[0])
+    assert f"model.new_item_offset {offset:+g}" in out
+    new_recall = next(row for row in out.splitlines() if row.strip().startswith("recall@10") and "new" in row)
+    assert float(new_recall.split()[2]) >= round(wanted, 4) and offset <= 0.5  # the split scored with the fit
+    refused = run("--fit-new-item-recall", "0")
+    assert refused.startswith("2\n") and "--fit-new-item-recall 0 must be in (0, 1]" in refused
+    unreachable = run("--fit-new-item-recall", "0.9")
+    assert unreachable.startswith("2\n") and "error: --fit-new-item-recall: new items' Recall@10 of 0.9" in unreachable
+    assert "Traceback" not in unreachable
