@@ -351,7 +351,7 @@ def _run(job: JobConfig, run_name: str, log, splits: Splits | None, callbacks: S
         for path in write_size_report(metrics, run_dir / "matryoshka"):  # size x metric table + plot (Matryoshka)
             tracker.log_artifact(path, "matryoshka")
         checkpoint_path = best_checkpoint.path if best_checkpoint else None
-        if checkpoint_path:
+        if checkpoint_path and not job.train.refit:  # a refit follows: its gallery is the one of the kept model
             log_gallery(tracker, Path(checkpoint_path), prepared, splits.test, run_dir / GALLERY_DIR, log=log)
         tracker.set_tags({"checkpoint_path": str(checkpoint_path), "watermark": str(manifest["watermark"]),
                           "matryoshka_sizes": ",".join(map(str, job.model.supported_sizes))})

@@ -382,8 +382,13 @@ def test_a_refit_retrains_the_selection_runs_best_epochs_on_training_and_validat
     assert set(zip(validation.user, validation.target)) <= set(zip(trained["refit"].user, trained["refit"].target))
     assert (outcome.run_dir / "data" / "test.parquet").read_bytes() == \
         (selection.run_dir / "data" / "test.parquet").read_bytes()
-    tags = MlflowClient(tracking_uri=outcome.tracking_uri).get_run(outcome.mlflow_run_id).data.tags
+    client = MlflowClient(tracking_uri=outcome.tracking_uri)
+    tags = client.get_run(outcome.mlflow_run_id).data.tags
     assert tags["refit_of"] == selection.mlflow_run_id and tags["refit_epochs"] == str(best)
+    # the gallery is drawn once, for the model the job keeps
+    assert {a.path for a in client.list_artifacts(outcome.mlflow_run_id, "gallery")} == \
+        {"gallery/index.html", "gallery/gallery.json"}
+    assert client.list_artifacts(selection.mlflow_run_id, "gallery") == []
     with pytest.raises(ConfigError, match="train.refit"):
         run_training(job, log=_quiet, splits=object())
     # the same run name again (as after a crash in the refit): both finished runs resume with nothing left to train
