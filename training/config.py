@@ -44,11 +44,6 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
-    id_lr_scale: float = field(
-        default=1.0,
-        metadata={"help": "the item id table's learning rate as a multiple of train.lr (below 1: the ids fit the "
-                          "training targets more slowly, so early stopping is not set by their overfitting before "
-                          "the content path has learnt)"})
     average_epochs: float = field(
         default=0.0,
         metadata={"help": "evaluate, keep and register an exponential moving average of the trained weights over "
@@ -108,7 +103,7 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "num_workers"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "encoder_lr", "id_lr_scale"):
+        for key in ("lr", "encoder_lr"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
         if self.targets not in TARGETS:

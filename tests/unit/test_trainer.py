@@ -636,23 +636,3 @@ def test_recompute_makes_one_table_a_step_where_it_makes_every_item_anyway(setti
                                   frozen=True).one_table_a_step
     assert not _trainer(setting, "memory.mode=recompute", *overrides).one_table_a_step
     assert _catalogue_trainer(setting, "catalogue").one_table_a_step
-
-
-def test_the_id_table_learns_at_its_own_rate_only_where_the_scale_is_set(setting):
-    batch = setting[3]
-    moved = {}
-    for scale in ("1.0", "0.1"):
-        trainer = _trainer(setting, "model.use_id_embedding=true", f"train.id_lr_scale={scale}")
-        table = trainer.model.item_encoder.id_embedding.weight
-        groups = trainer.optimizer.param_groups
-        assert len(groups) == (2 if scale == "1.0" else 3)  # no own group at 1: old checkpoints keep their two
-        assert sum(any(param is table for param in group["params"]) for group in groups) == 1
-        if scale == "0.1":
-            assert groups[2]["params"] == [table] and groups[2]["lr"] == pytest.approx(groups[0]["lr"] * 0.1)
-        before = table.detach().clone()
-        trainer.train_epoch(iter([batch]), max_steps=1)
-        moved[scale] = float((table.detach() - before).abs().max())
-    # Adam's first step moves each touched weight by about its learning rate, whatever the gradient's size
-    assert moved["0.1"] == pytest.approx(moved["1.0"] * 0.1, rel=0.05)
-    with pytest.raises(ValueError, match="id_lr_scale"):
-        build_config("tiny", ["train.id_lr_scale=0"])
