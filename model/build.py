@@ -43,8 +43,7 @@ def build_recommender(
     )
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,
-                       matryoshka_sizes=model.matryoshka_sizes,
-                       count_weighted_items=num_items if model.count_weighted_content else 0)
+                       matryoshka_sizes=model.matryoshka_sizes)
 
 
 def encoder_parameters(recommender: Recommender) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

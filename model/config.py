@@ -60,11 +60,6 @@ class ModelConfig:
         default=0.0,
         metadata={"help": "in training, the share of item occurrences (history, positive, candidate) whose id "
                           "vector is dropped, so the content alone must score them (DropoutNet-style; 0 = off)"})
-    count_weighted_content: bool = field(
-        default=False,
-        metadata={"help": "weight each item's content against its id row by c / (c + k), c its training-target "
-                          "count, k the median count of the items with any (items with none: content alone); "
-                          "needs item ids and content"})
     encoder_precision: str = field(
         default="fp32",
         metadata={"help": "fp32, or bf16: the image and text backbones run under bfloat16 autocast (their "

@@ -37,14 +37,12 @@ class StepOutput:
 
 class Recommender(nn.Module):
     def __init__(self, *, item_encoder: ItemEncoder, sequence_model: nn.Module,
-                 matryoshka_sizes: Sequence[int] = (), count_weighted_items: int = 0) -> None:
+                 matryoshka_sizes: Sequence[int] = ()) -> None:
         super().__init__()
         self.item_encoder = item_encoder
         self.sequence_model = sequence_model  # full width; its last state is the user vector
         self.matryoshka_sizes = validate_sizes(matryoshka_sizes, item_encoder.dim, require_full=True) \
             if matryoshka_sizes else ()
-        # model.count_weighted_content: [N+1] weights of each item's content against its id row (set_content_weights)
-        self.register_buffer("content_weight", torch.ones(count_weighted_items + 1) if count_weighted_items else None)
 
     @property
     def supported_sizes(self) -> tuple[int, ...]:
@@ -59,8 +57,6 @@ class Recommender(nn.Module):
         """content [*, >=size] + id embedding of ids [*] -> unnormalised item vectors [*, size or D]"""
         self._check_size(size)
         id_part = self.item_encoder.id_vectors(ids)
-        if self.content_weight is not None:
-            content = content * self.content_weight[ids].unsqueeze(-1).to(content.dtype)
         if size is None:
             return content + id_part
         return truncate(content, size) + truncate(id_part, size)
@@ -68,14 +64,6 @@ class Recommender(nn.Module):
     def item_vectors(self, content: torch.Tensor, ids: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """content [*, >=size] + id embedding of ids [*] -> normalised item vectors [*, size or D]"""
         return F.normalize(self.raw_item_vectors(content, ids, size), dim=-1)
-
-    @torch.no_grad()
-    def set_content_weights(self, counts) -> None:
-        """counts [N+1] training-target counts -> content weights c / (c + k), k the median count of the items with
-        any; 1 for items with none (scored by their content alone) and the padding."""
-        counts = torch.as_tensor(counts, dtype=torch.float32)
-        half = counts[counts > 0].median() if (counts > 0).any() else torch.tensor(1.0)
-        self.content_weight.copy_(torch.where(counts > 0, counts / (counts + half), torch.ones_like(counts)))
 
     @torch.no_grad()
     def zero_unseen_ids(self, seen: torch.Tensor) -> int:

@@ -725,8 +725,6 @@ def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: 
     if model is None:
         model = build_recommender(job.model, job.image, job.text, num_items=num_items,
                                   max_history=job.data.max_history)
-        if job.model.count_weighted_content:
-            model.set_content_weights(popularity)
     model = model.to(device)
     check_catalogue_mode(job, trunk_cache)
     exact = exact_catalogue(job, trunk_cache)
