@@ -68,8 +68,7 @@ def measure_run(run_dir: Path) -> dict:
     content = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE,
                                int(loaded.state["num_items"])).encode(loaded)
     counts = np.load(counts_file)[:len(content)]
-    seen = torch.as_tensor(counts > 0)
-    seen[0] = False
+    seen = torch.as_tensor(counts > 0)  # the padding, row 0, is no training target
     items = model.item_vectors(content, torch.arange(len(content)))
     log_counts = torch.as_tensor(np.log1p(counts), dtype=items.dtype)
     row = {"run": run_dir.name, "checkpoint": Path(checkpoint).name}
