@@ -44,11 +44,6 @@ class TrainConfig:
     batch_size: int = field(default=128, metadata={"help": "training examples per step and worker"})
     lr: float = field(default=1e-3, metadata={"help": "learning rate of everything but the encoder backbones"})
     encoder_lr: float = field(default=1e-4, metadata={"help": "learning rate of the image and text encoder backbones"})
-    id_weight_decay: float = field(
-        default=0.01,
-        metadata={"help": "AdamW's decoupled weight decay on the item id table (the other weights keep 0.01): larger "
-                          "shrinks each id row toward zero, so an item is scored more by its content (the item "
-                          "vector is content + id row)"})
     average_epochs: float = field(
         default=0.0,
         metadata={"help": "evaluate, keep and register an exponential moving average of the trained weights over "
@@ -111,8 +106,6 @@ class TrainConfig:
         for key in ("lr", "encoder_lr"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"train.{key} must be > 0, got {getattr(self, key)}")
-        if self.id_weight_decay < 0:
-            raise ValueError(f"train.id_weight_decay must be >= 0, got {self.id_weight_decay}")
         if self.targets not in TARGETS:
             raise ValueError(f"train.targets={self.targets!r}; valid: {', '.join(TARGETS)}")
         if self.schedule not in SCHEDULES:

@@ -645,16 +645,12 @@ def lr_scale(step: int, total: int, warmup_fraction: float, final_fraction: floa
 
 
 def make_optimizer(model: Recommender, job: JobConfig) -> torch.optim.Optimizer:
-    """AdamW: the content backbones' trainable layers at `train.encoder_lr`, everything else at `train.lr`; the
-    item id table in a group of its own with `train.id_weight_decay` where that differs from the others' decay (so
-    that runs and checkpoints without it keep their two groups)."""
+    """AdamW: the content backbones' trainable layers at `train.encoder_lr`, everything else at `train.lr`."""
     backbone, rest = encoder_parameters(model)
-    groups = [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}]
-    table = model.item_encoder.id_embedding
-    if job.train.id_weight_decay != job.train.weight_decay and table is not None and table.weight.requires_grad:
-        groups[0]["params"] = [param for param in rest if param is not table.weight]
-        groups.append({"params": [table.weight], "lr": job.train.lr, "weight_decay": job.train.id_weight_decay})
-    return torch.optim.AdamW(groups, weight_decay=job.train.weight_decay)
+    return torch.optim.AdamW(
+        [{"params": rest, "lr": job.train.lr}, {"params": backbone, "lr": job.train.encoder_lr}],
+        weight_decay=job.train.weight_decay,
+    )
 
 
 def exact_catalogue(job: JobConfig, trunk_cache: bool) -> bool:

@@ -636,23 +636,3 @@ def test_recompute_makes_one_table_a_step_where_it_makes_every_item_anyway(setti
                                   frozen=True).one_table_a_step
     assert not _trainer(setting, "memory.mode=recompute", *overrides).one_table_a_step
     assert _catalogue_trainer(setting, "catalogue").one_table_a_step
-
-
-def test_the_id_table_decays_at_its_own_rate_only_where_it_is_set(setting):
-    moved = {}
-    for decay in ("0.01", "100"):
-        trainer = _trainer(setting, "model.use_id_embedding=true", f"train.id_weight_decay={decay}")
-        table = trainer.model.item_encoder.id_embedding.weight
-        groups = trainer.optimizer.param_groups
-        assert len(groups) == (2 if decay == "0.01" else 3)  # no own group at the default: old checkpoints keep two
-        assert sum(any(param is table for param in group["params"]) for group in groups) == 1
-        if decay == "100":
-            assert groups[2]["params"] == [table] and groups[2]["weight_decay"] == 100
-            assert groups[0]["weight_decay"] == pytest.approx(0.01)
-        before = table.detach().clone()
-        trainer.train_epoch(iter([setting[3]]), max_steps=1)
-        moved[decay] = table.detach()[1:].norm() / before[1:].norm()
-    # decoupled decay multiplies each row by 1 - lr x decay before Adam's step (which moves a weight by about lr)
-    assert float(moved["100"]) < float(moved["0.01"]) - 0.05
-    with pytest.raises(ValueError, match="id_weight_decay"):
-        build_config("tiny", ["train.id_weight_decay=-1"])
