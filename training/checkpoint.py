@@ -87,10 +87,6 @@ def load_model_weights(model: torch.nn.Module, path: Path) -> int:
     new_rows = 0
     saved = state.get(ID_EMBEDDING_KEY)
     current = model.state_dict().get(ID_EMBEDDING_KEY)
-    if saved is None and current is not None:
-        # a content-only model warm-starting a hybrid: zero id rows, so it starts as the saved model and its ids
-        # learn only what content left (experimental, session 41)
-        state[ID_EMBEDDING_KEY] = saved = torch.zeros_like(current)
     if saved is not None and current is not None and saved.shape[0] < current.shape[0]:
         merged = current.clone()
         merged[: saved.shape[0]] = saved

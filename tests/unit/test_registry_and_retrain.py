@@ -230,27 +230,6 @@ def test_warm_start_copies_old_id_rows_and_keeps_new_ones(tmp_path: Path):
     assert load_model_weights(same, tmp_path / "model.pt") == 0
 
 
-def test_a_content_only_checkpoint_starts_a_hybrid_with_zero_id_rows(tmp_path: Path):
-    from model.build import build_recommender
-    from training.checkpoint import ID_EMBEDDING_KEY, load_model_weights
-    from training.job_config import build_config
-
-    def build(use_ids: str):
-        job = build_config("tiny", [f"model.use_id_embedding={use_ids}"])
-        return build_recommender(job.model, job.image, job.text, num_items=5, max_history=4)
-
-    torch.manual_seed(0)
-    content_only = build("false")
-    torch.save(content_only.state_dict(), tmp_path / "model.pt")
-    hybrid = build("true")
-    assert hybrid.state_dict()[ID_EMBEDDING_KEY].abs().sum() > 0  # a fresh table is random
-
-    assert load_model_weights(hybrid, tmp_path / "model.pt") == 0
-    assert hybrid.state_dict()[ID_EMBEDDING_KEY].abs().sum() == 0  # it starts as the content-only model
-    for key, value in content_only.state_dict().items():
-        torch.testing.assert_close(hybrid.state_dict()[key], value)
-
-
 # --------------------------------------------------------------------------- registry URIs
 
 
