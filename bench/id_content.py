@@ -42,17 +42,13 @@ def ridge_cv_r2(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, folds: int = 
 
 
 def id_content_row(run_dir: Path) -> dict:
-    from bench.paired import kept_checkpoint
-    from pipeline.sources import ITEMS_FILE
-    from training.offline_eval import DecodedCatalogue, load_checkpoint
+    from bench.kept_run import open_kept_run
 
-    checkpoint = kept_checkpoint(run_dir, needs="data/seen.npy")
-    loaded = load_checkpoint(Path(checkpoint))
-    table = loaded.model.item_encoder.id_embedding
-    if table is None or not loaded.model.item_encoder.has_content:
+    run = open_kept_run(run_dir, needs="data/seen.npy")
+    table = run.model.item_encoder.id_embedding
+    if table is None or not run.model.item_encoder.has_content:
         raise SystemExit(f"error: {run_dir} is not a hybrid model (it needs both id embeddings and content)")
-    items = Path(loaded.job.data.prepared_dir) / ITEMS_FILE
-    content = DecodedCatalogue(items, int(loaded.state["num_items"])).encode(loaded).double().numpy()
+    content = run.content().double().numpy()
     ids = table.weight.detach().double().numpy()
     warm = np.load(run_dir / "data" / "seen.npy").astype(bool)
     warm[0] = False
@@ -60,7 +56,7 @@ def id_content_row(run_dir: Path) -> dict:
     cold[0] = False
     content_norm, id_norm = np.linalg.norm(content, axis=1), np.linalg.norm(ids, axis=1)
     cosine = (content[warm] * ids[warm]).sum(axis=1) / (content_norm[warm] * id_norm[warm])
-    return {"run": run_dir.name, "checkpoint": checkpoint, "warm_items": int(warm.sum()),
+    return {"run": run_dir.name, "checkpoint": run.checkpoint, "warm_items": int(warm.sum()),
             "cold_items": int(cold.sum()),
             "id_over_content_norm_warm": float(np.mean(id_norm[warm] / content_norm[warm])),
             "id_over_content_norm_cold": float(np.mean(id_norm[cold] / content_norm[cold])) if cold.any() else None,

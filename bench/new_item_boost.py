@@ -194,24 +194,17 @@ def metrics_of(ranks: np.ndarray) -> dict[str, float]:
 
 def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: int,
                 match_cold: list[float] = (), size: int | None = None) -> dict:
-    from bench.paired import kept_checkpoint
-    from pipeline.content import read_examples
-    from pipeline.sources import ITEMS_FILE
-    from training.offline_eval import DecodedCatalogue, load_checkpoint
+    from bench.kept_run import open_kept_run
 
-    checkpoint = kept_checkpoint(run_dir, needs="data/test_cold.parquet")
-    counts_file = run_dir / "data" / "popularity.npy"
-    if not counts_file.is_file():
-        raise SystemExit(f"error: {counts_file} is missing: the run's training counts tell the unseen items")
-    loaded = load_checkpoint(Path(checkpoint))
+    run = open_kept_run(run_dir, needs="data/test_cold.parquet")
+    checkpoint, loaded = run.checkpoint, run.loaded
     model, temperature = loaded.model.eval(), loaded.job.model.temperature
     if size is not None and size not in model.supported_sizes:
         raise ValueError(f"--size {size}: its model serves sizes {', '.join(map(str, model.supported_sizes))}")
-    catalogue = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE, int(loaded.state["num_items"]))
-    content, features = encode_with_features(catalogue, loaded)
-    counts = np.load(counts_file)
+    content, features = encode_with_features(run.catalogue(), loaded)
+    counts = run.training_counts(len(content), "the run's training counts tell the unseen items")
     unseen = torch.zeros(len(content), dtype=torch.bool)
-    unseen[1:] = torch.as_tensor(counts[1:len(content)] == 0)
+    unseen[1:] = torch.as_tensor(counts[1:] == 0)
     items = model.item_vectors(content, torch.arange(len(content)), size)  # a Matryoshka prefix with --size
 
     def users_of(examples, rows) -> torch.Tensor:
@@ -222,7 +215,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         return torch.cat([ranks_with_offset(users[start:start + 1024], items, targets[start:start + 1024], boost, among)
                           for start in range(0, len(targets), 1024)]).numpy()
 
-    train = read_examples(run_dir / "data" / "train.parquet")
+    train = run.examples("train")
     rows = np.random.default_rng(seed).choice(len(train.target), min(train_sample, len(train.target)), replace=False)
     logits = users_of(train, np.sort(rows)) @ items.T / temperature
     logits[:, 0] = float("-inf")
@@ -251,7 +244,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     # every test example's user vector once (the sequence model is the costly part), reused at every offset
     subsets = {}
     for name in ("test_warm", "test_cold"):
-        examples = read_examples(run_dir / "data" / f"{name}.parquet")
+        examples = run.examples(name)
         users = torch.cat([users_of(examples, slice(start, start + 1024)) for start in range(0, len(examples.target), 1024)])
         subsets[name] = (users, torch.as_tensor(np.array(examples.target)))
     plain: dict[str, np.ndarray] = {}
@@ -286,7 +279,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
         return lambda offset: metrics_of(ranks(users, targets, (offset * unit).to(users.dtype)))["recall@10"]
 
     # the product's way to pick an offset: on the validation examples whose target is unseen, then read on test
-    validation = read_examples(run_dir / "data" / "validation.parquet")
+    validation = run.examples("validation")
     val_rows = np.flatnonzero(unseen_items[np.asarray(validation.target)])
     fitters = {"test": recall_of(cold_users, cold_targets)}
     if len(val_rows):

@@ -119,56 +119,28 @@ def compare_runs(runs: list[dict], chosen: np.ndarray, metric: str, users: np.nd
     return rows
 
 
-def kept_checkpoint(run_dir: Path, needs: str = "") -> str:
-    """A run directory -> the path of the checkpoint it kept as best (highest `val_selection`, as the driver
-    registers it); one `error:` line when it is not a run directory, lacks the file `needs`, or has no checkpoint."""
-    from ray.train import Result
-
-    from training.driver import RUN_MARKER, best_of
-    from training.trainer import SELECTION_SCORE
-
-    if not (run_dir / RUN_MARKER).is_file() or (needs and not (run_dir / needs).is_file()):
-        raise SystemExit(f"error: {run_dir} is not a training run directory" + (f" with {needs}" if needs else ""))
-    if not (run_dir / "checkpoint_manager_snapshot.json").is_file():  # Ray Train's record of the checkpoints
-        raise SystemExit(f"error: {run_dir} has no checkpoint (its run ended before the first one)")
-    checkpoint, _ = best_of(Result.from_path(str(run_dir.resolve())), SELECTION_SCORE)
-    if checkpoint is None:
-        raise SystemExit(f"error: {run_dir} has no checkpoint")
-    return checkpoint.path
-
-
 def run_ranks(run_dir: Path, subset: str, mask_history: bool, among_seen: bool = False,
               unseen_ids: str = "as-trained") -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """A run directory -> (its kept checkpoint's path, the subset's users and targets, their 0-based ranks).
     among_seen: ranked against the items of some training example only (the run's `data/popularity.npy` > 0).
     unseen_ids="zero": the unseen items' id vectors zeroed first (`Recommender.zero_unseen_ids`, what training
     does since session 27: for runs made before it, whose unseen rows hold a ridge prediction from content)."""
-    from pipeline.content import read_examples
-    from pipeline.sources import ITEMS_FILE
+    from bench.kept_run import open_kept_run
     from training.evaluate import example_ranks
-    from training.offline_eval import DecodedCatalogue, load_checkpoint
 
-    checkpoint = kept_checkpoint(run_dir, needs=f"data/{subset}.parquet")
-    loaded = load_checkpoint(Path(checkpoint))
-    items = Path(loaded.job.data.prepared_dir) / ITEMS_FILE
-    content = DecodedCatalogue(items, int(loaded.state["num_items"])).encode(loaded)
-    examples = read_examples(run_dir / "data" / f"{subset}.parquet")
+    run = open_kept_run(run_dir, needs=f"data/{subset}.parquet")
+    content = run.content()
+    examples = run.examples(subset)
     if unseen_ids == "zero":
-        seen_file = run_dir / "data" / "seen.npy"
-        if not seen_file.is_file():
-            raise SystemExit(f"error: {seen_file} is missing: --unseen-ids zero needs the run's seen items")
-        if loaded.model.item_encoder.id_embedding is None:
+        seen = np.load(run.data_file("seen.npy", "--unseen-ids zero needs the run's seen items"))
+        if run.model.item_encoder.id_embedding is None:
             raise SystemExit(f"error: --unseen-ids zero needs a model with item ids; {run_dir} has none")
-        loaded.model.zero_unseen_ids(torch.as_tensor(np.load(seen_file)))
+        run.model.zero_unseen_ids(torch.as_tensor(seen))
     unseen = None
     if among_seen:
-        counts_file = run_dir / "data" / "popularity.npy"
-        if not counts_file.is_file():
-            raise SystemExit(f"error: {counts_file} is missing: --among-seen needs the run's training counts")
-        counts = np.load(counts_file)[:len(content)]
-        unseen = torch.as_tensor(np.r_[counts, np.ones(len(content) - len(counts))] == 0)
-    ranks = example_ranks(loaded.model, content, examples, mask_history=mask_history, exclude_items=unseen)
-    return checkpoint, np.asarray(examples.user), np.asarray(examples.target), ranks
+        unseen = torch.as_tensor(run.training_counts(len(content), "--among-seen needs the run's training counts") == 0)
+    ranks = example_ranks(run.model, content, examples, mask_history=mask_history, exclude_items=unseen)
+    return run.checkpoint, np.asarray(examples.user), np.asarray(examples.target), ranks
 
 
 def main() -> int:

@@ -54,26 +54,18 @@ def chosen_beta(curve: list[float], betas=BETAS) -> float:
 
 
 def measure_run(run_dir: Path) -> dict:
-    from bench.paired import kept_checkpoint
-    from pipeline.content import read_examples
-    from pipeline.sources import ITEMS_FILE
-    from training.offline_eval import DecodedCatalogue, load_checkpoint
+    from bench.kept_run import open_kept_run
 
-    checkpoint = kept_checkpoint(run_dir, needs="data/test_warm.parquet")
-    counts_file = run_dir / "data" / "popularity.npy"
-    if not counts_file.is_file():
-        raise SystemExit(f"error: {counts_file} is missing: the tilt needs the run's training counts")
-    loaded = load_checkpoint(Path(checkpoint))
-    model = loaded.model.eval()
-    content = DecodedCatalogue(Path(loaded.job.data.prepared_dir) / ITEMS_FILE,
-                               int(loaded.state["num_items"])).encode(loaded)
-    counts = np.load(counts_file)[:len(content)]
+    run = open_kept_run(run_dir, needs="data/test_warm.parquet")
+    model = run.model.eval()
+    content = run.content()
+    counts = run.training_counts(len(content), "the tilt needs the run's training counts")
     seen = torch.as_tensor(counts > 0)  # the padding, row 0, is no training target
     items = model.item_vectors(content, torch.arange(len(content)))
     log_counts = torch.as_tensor(np.log1p(counts), dtype=items.dtype)
-    row = {"run": run_dir.name, "checkpoint": Path(checkpoint).name}
+    row = {"run": run_dir.name, "checkpoint": Path(run.checkpoint).name}
     for name in ("validation", "test_warm"):
-        examples = read_examples(run_dir / "data" / f"{name}.parquet")
+        examples = run.examples(name)
         rows = np.flatnonzero(counts[np.asarray(examples.target)] > 0)
         histories = torch.as_tensor(examples.history[rows]).split(1024)
         users = torch.cat([model.user_vectors(history, content[history]) for history in histories])

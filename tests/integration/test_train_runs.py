@@ -161,6 +161,26 @@ def test_warm_and_cold_targets_are_scored_in_the_test_pass_as_parts_of_the_whole
     assert min(value for _, value in _history(faulty, "validation_seconds")) > 0
 
 
+def test_the_benches_read_a_run_as_it_scored_itself(faulty):
+    """bench.kept_run opens the checkpoint the run registered, and bench.paired's re-scoring of it gives the run's
+    own test metrics (the benches compare runs on what training measured, not on a copy of it)."""
+    from bench.kept_run import open_kept_run
+    from bench.paired import per_user, run_ranks
+
+    run_dir = Path(faulty.run_dir)
+    run = open_kept_run(run_dir, needs="data/test_warm.parquet")
+    assert Path(run.checkpoint) == Path(faulty.checkpoint_path)
+    counts = np.load(run_dir / "data" / "popularity.npy")
+    assert run.training_counts(len(counts) + 2, "a test").tolist() == [*counts.tolist(), 0, 0]  # new items: none
+    with pytest.raises(SystemExit, match=r"missing\.npy is missing: a test$"):
+        run.data_file("missing.npy", "a test")
+    for subset in ("test_warm", "test_cold"):
+        checkpoint, _, _, ranks = run_ranks(run_dir, subset, mask_history=False)
+        assert checkpoint == run.checkpoint
+        for metric in ("ndcg@10", "mrr"):
+            assert per_user(ranks, metric).mean() == pytest.approx(faulty.metrics[f"{subset}_{metric}"], abs=1e-6)
+
+
 def test_killed_worker_resumes_from_last_checkpoint_with_its_bank(faulty):
     from training.checkpoint import STATE_FILE
 
