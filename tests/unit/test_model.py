@@ -276,3 +276,44 @@ def test_gathering_rows_matches_indexing_and_its_backward_repeats_to_the_last_bi
         assert gather_rows(table, index[0, :0]).shape == (0, 32)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_item_bias_adds_to_each_items_logit_and_trains_only_candidates():
+    """`model.item_bias`: a per-item scalar in cosine units; logits are (cosine + bias) / T, excluded items' bias
+    gets no gradient."""
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    user = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    ids = torch.tensor([2, 5, 1])
+    bias = torch.tensor([0.0, 0.1, -0.2, 0.3, 0.0, 0.05], requires_grad=True)
+    excluded = torch.tensor([False, False, False, False, True, False])
+    loss = FullSoftmaxLoss(temperature=0.2, fresh_table=True, excluded=excluded, item_bias=bias)(user, None, ids, table)
+    logits = (user @ table.T + bias.detach()) / 0.2
+    logits[:, 0] = float("-inf")
+    logits[:, 4] = float("-inf")
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, ids))
+    loss.backward()
+    assert bias.grad[[1, 2, 3, 5]].abs().min() > 0 and bias.grad[[0, 4]].abs().sum() == 0
+
+
+def test_ranking_adds_the_models_item_bias_and_unseen_items_keep_none():
+    from training.evaluate import score_users
+
+    text = TextEncoderConfig(kind="tiny", max_length=6)
+    model = build_recommender(ModelConfig(dim=16, num_layers=1, num_heads=2, modalities=(), use_id_embedding=True,
+                                          item_bias=True), ImageEncoderConfig(), text, num_items=5, max_history=4)
+    model.eval()
+    content = torch.zeros(6, 16)
+    history = torch.tensor([[0, 1, 2, 3]])
+    plain = score_users(model, content, history)
+    with torch.no_grad():
+        model.score_bias.copy_(torch.tensor([0.0, 0.1, -0.2, 0.3, 0.4, 0.5]))
+    assert torch.allclose(score_users(model, content, history)[:, 1:] - plain[:, 1:],
+                          torch.tensor([[0.1, -0.2, 0.3, 0.4, 0.5]]))
+    with_content = build_recommender(ModelConfig(dim=16, num_layers=1, num_heads=2, modalities=("text",),
+                                                 use_id_embedding=True, item_bias=True),
+                                     ImageEncoderConfig(), text, num_items=5, max_history=4)
+    with torch.no_grad():
+        with_content.score_bias.fill_(0.7)
+    with_content.zero_unseen_ids(torch.tensor([False, True, False, True, True, True]))
+    assert with_content.score_bias.tolist() == pytest.approx([0.7, 0.7, 0.0, 0.7, 0.7, 0.7])
