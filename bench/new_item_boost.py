@@ -206,24 +206,18 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     unseen = torch.zeros(len(content), dtype=torch.bool)
     unseen[1:] = torch.as_tensor(counts[1:] == 0)
     items = model.item_vectors(content, torch.arange(len(content)), size)  # a Matryoshka prefix with --size
-    # model.item_bias: each item's learned score offset (cosine units), in every ranking as in evaluation
-    bias = torch.zeros(len(content))
-    if model.score_bias is not None:
-        trained = model.score_bias.detach()[:len(content)]
-        bias[:len(trained)] = trained
 
     def users_of(examples, rows) -> torch.Tensor:
         history = torch.as_tensor(examples.history[rows])
         return model.user_vectors(history, content[history], size)
 
     def ranks(users: torch.Tensor, targets: torch.Tensor, boost: torch.Tensor, among=None) -> np.ndarray:
-        return torch.cat([ranks_with_offset(users[start:start + 1024], items, targets[start:start + 1024],
-                                            boost + bias.to(boost.dtype), among)
+        return torch.cat([ranks_with_offset(users[start:start + 1024], items, targets[start:start + 1024], boost, among)
                           for start in range(0, len(targets), 1024)]).numpy()
 
     train = run.examples("train")
     rows = np.random.default_rng(seed).choice(len(train.target), min(train_sample, len(train.target)), replace=False)
-    logits = (users_of(train, np.sort(rows)) @ items.T + bias[None, :]) / temperature
+    logits = users_of(train, np.sort(rows)) @ items.T / temperature
     logits[:, 0] = float("-inf")
     share = float(unseen.sum()) / (len(content) - 1)
     unseen_items = unseen.numpy()
@@ -310,7 +304,7 @@ def measure_run(run_dir: Path, factors: list[float], train_sample: int, seed: in
     test_examples = len(subsets["test_warm"][1]) + len(cold_targets)
     # how far the scores follow popularity: each item's mean score over (up to) 2,000 warm test examples, against
     # its log training count (warm items) and its log count as a test target (unseen items)
-    mean_score = (subsets["test_warm"][0][:2000] @ items.T + bias[None, :]).mean(0).numpy()
+    mean_score = (subsets["test_warm"][0][:2000] @ items.T).mean(0).numpy()
     popularity_correlation = correlation(mean_score[warm_items], log_counts[warm_items])
     log_test_counts = np.log1p(np.bincount(np.concatenate([subsets[name][1].numpy() for name in subsets]),
                                            minlength=len(content))[:len(content)].astype(float))

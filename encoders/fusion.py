@@ -46,7 +46,6 @@ class ItemEncoder(nn.Module):
         side_width: int = 0,
         id_dropout: float = 0.0,
         bf16_backbones: bool = False,
-        item_bias: bool = False,
     ) -> None:
         super().__init__()
         self.image_encoder = image_encoder
@@ -72,8 +71,6 @@ class ItemEncoder(nn.Module):
         self.image_side = self._side_network("image", image_encoder, side_width)
         self.text_side = self._side_network("text", text_encoder, side_width)
         self.id_embedding = nn.Embedding(num_items + 1, dim, padding_idx=0) if use_id_embedding else None
-        # `model.item_bias`: one learned scalar per item added to its cosine score (row 0, the padding, unused)
-        self.score_bias = nn.Parameter(torch.zeros(num_items + 1)) if item_bias else None
         # model.encoder_precision=bf16: the backbones (frozen trunks and trained tops) run under bfloat16 autocast
         # and hand fp32 on; side networks, fusion and id vectors are fp32 either way
         self.bf16_backbones = bf16_backbones

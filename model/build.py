@@ -40,7 +40,6 @@ def build_recommender(
         side_width=model.side_network,
         id_dropout=model.id_dropout,
         bf16_backbones=model.encoder_precision == "bf16",
-        item_bias=model.item_bias,
     )
     sequence_model = SEQUENCE_MODELS[model.sequence_model](model, max_history)
     return Recommender(item_encoder=item_encoder, sequence_model=sequence_model,

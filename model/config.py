@@ -70,11 +70,6 @@ class ModelConfig:
         default=True,
         metadata={"help": "items in no training example are left out of the full softmax (not trained as "
                           "negatives) and scored by their content alone (a zero id vector)"})
-    item_bias: bool = field(
-        default=False,
-        metadata={"help": "a learned per-item score bias (in cosine units) added to each item's cosine score in the "
-                          "full softmax and wherever items are ranked; items in no training example keep 0 "
-                          "(model.new_item_offset sets their level); needs the full softmax"})
     new_item_offset: float = field(
         default=0.0,
         metadata={"help": "added to the cosine score of every item in no training example (held out, new since "

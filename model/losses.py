@@ -102,12 +102,10 @@ class FullSoftmaxLoss:
     come from their content alone, `Recommender.zero_unseen_ids`, not from being pushed down as negatives).
     """
 
-    def __init__(self, temperature: float, fresh_table: bool = False, excluded: torch.Tensor | None = None,
-                 item_bias: torch.Tensor | None = None) -> None:
+    def __init__(self, temperature: float, fresh_table: bool = False, excluded: torch.Tensor | None = None) -> None:
         self.temperature = temperature
         self.fresh_table = fresh_table
         self.excluded = excluded
-        self.item_bias = item_bias  # [N+1] the model's per-item score bias (cosine units), trained through this
 
     def __call__(self, user, positive, positive_ids, negatives=None, negative_ids=None):
         if negatives is None:
@@ -115,8 +113,6 @@ class FullSoftmaxLoss:
         logits = user @ negatives.T / self.temperature  # [B, N+1]
         if not self.fresh_table:
             logits = logits.scatter(1, positive_ids[:, None], (user * positive).sum(-1, keepdim=True) / self.temperature)
-        if self.item_bias is not None:
-            logits = logits + self.item_bias[None, :] / self.temperature
         logits[:, 0] = float("-inf")
         if self.excluded is not None:
             logits = logits.masked_fill(self.excluded.to(logits.device), float("-inf"))
@@ -184,7 +180,7 @@ class NestedSizesLoss:
 
 
 def _retrieval_objective(cfg, popularity: np.ndarray, exact_catalogue: bool, all_positions: bool,
-                         seen: np.ndarray | None, item_bias: torch.Tensor | None) -> RetrievalLoss:
+                         seen: np.ndarray | None) -> RetrievalLoss:
     """The full softmax where the config resolves to it (over a table fresh each step if `exact_catalogue`; without
     the unseen items if `model.unseen_from_content` and `seen` is known), else the sampled softmax with logQ
     correction (distinct-item candidates if `all_positions`)."""
@@ -194,9 +190,7 @@ def _retrieval_objective(cfg, popularity: np.ndarray, exact_catalogue: bool, all
         if cfg.unseen_from_content and seen is not None:
             excluded = torch.as_tensor(~np.asarray(seen, dtype=bool))
             excluded[0] = False  # the padding is masked anyway
-        return FullSoftmaxLoss(cfg.temperature, fresh_table=exact_catalogue, excluded=excluded, item_bias=item_bias)
-    if item_bias is not None:
-        raise ValueError("model.item_bias needs the full softmax (model.loss resolves to sampled_softmax here)")
+        return FullSoftmaxLoss(cfg.temperature, fresh_table=exact_catalogue, excluded=excluded)
     log_prob = None
     if cfg.logq_correction:
         smoothed = popularity + 1.0
@@ -206,7 +200,7 @@ def _retrieval_objective(cfg, popularity: np.ndarray, exact_catalogue: bool, all
 
 
 def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False, all_positions: bool = False,
-                    seen: np.ndarray | None = None, item_bias: torch.Tensor | None = None):
+                    seen: np.ndarray | None = None):
     """The model config (`model.task`, `model.loss`, Matryoshka sizes) + training item counts [N+1] -> objective.
     `exact_catalogue`: whether the trainer computes every item's vector exactly each step (`model.loss=auto`).
     `all_positions` (`train.targets=all`): the sampled softmax takes each distinct item once as a candidate.
@@ -218,7 +212,7 @@ def build_objective(cfg, popularity: np.ndarray, exact_catalogue: bool = False, 
     """
     if cfg.task == "ctr":
         return CTRLoss(cfg.temperature, cfg.ctr_contrastive_weight)
-    base = _retrieval_objective(cfg, popularity, exact_catalogue, all_positions, seen, item_bias)
+    base = _retrieval_objective(cfg, popularity, exact_catalogue, all_positions, seen)
     if cfg.matryoshka_sizes:  # fMRLRec: the same loss at every nested size, weighted and summed
         return NestedSizesLoss(base, cfg.matryoshka_sizes, cfg.loss_weights)
     return base

@@ -65,11 +65,6 @@ class Recommender(nn.Module):
         """content [*, >=size] + id embedding of ids [*] -> normalised item vectors [*, size or D]"""
         return F.normalize(self.raw_item_vectors(content, ids, size), dim=-1)
 
-    @property
-    def score_bias(self) -> torch.Tensor | None:
-        """The per-item score bias [N+1] in cosine units (`model.item_bias`), or None."""
-        return self.item_encoder.score_bias
-
     @torch.no_grad()
     def zero_unseen_ids(self, seen: torch.Tensor) -> int:
         """Zero the id vector of each item in no training example (`seen` False; rows past `seen`, items new since
@@ -91,8 +86,6 @@ class Recommender(nn.Module):
         unseen[:known] = ~seen[:known].to(device=unseen.device, dtype=torch.bool)
         unseen[0] = False
         table.weight[unseen] = 0.0
-        if self.score_bias is not None:
-            self.score_bias[unseen[:len(self.score_bias)]] = 0.0
         return int(unseen.sum())
 
     def raw_user_vectors(self, history_ids: torch.Tensor, history_content: torch.Tensor,

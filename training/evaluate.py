@@ -69,12 +69,8 @@ def item_offsets(unseen: np.ndarray | torch.Tensor | None, offset: float,
     return (flags.to(torch.float32) * float(offset)).to(device)
 
 
-def _offset_scores(scores: torch.Tensor, item_offset: torch.Tensor | None,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """scores [U, N+1] (cosines) + the per-item offsets [N+1] + the model's score bias [N+1] (`model.item_bias`),
-    then column 0 (padding) = -inf"""
-    if bias is not None:
-        scores = scores + bias.to(scores.device, scores.dtype)[None, :]
+def _offset_scores(scores: torch.Tensor, item_offset: torch.Tensor | None) -> torch.Tensor:
+    """scores [U, N+1] (cosines) + the per-item offsets [N+1], then column 0 (padding) = -inf"""
     if item_offset is not None:
         scores = scores + item_offset.to(scores.device, scores.dtype)[None, :]
     scores[:, 0] = float("-inf")
@@ -89,7 +85,7 @@ def score_users(model: Recommender, content: torch.Tensor, history: torch.Tensor
     ids = torch.arange(content.shape[0], device=content.device)
     items = model.item_vectors(content, ids, size)  # [N+1, size or D]
     user = model.user_vectors(history, content[history], size)  # [U, size or D]
-    return _offset_scores(user @ items.T, item_offset, model.score_bias)
+    return _offset_scores(user @ items.T, item_offset)
 
 
 def _batch_ranks(model: Recommender, content: torch.Tensor, examples: Examples, *,
@@ -118,8 +114,7 @@ def _batch_ranks(model: Recommender, content: torch.Tensor, examples: Examples, 
             excludes[masked] = exclude
         ranks = {}
         for size, sized_items in items_at.items():
-            scores = _offset_scores((user if size is None else at_size(user, size)) @ sized_items.T, item_offset,
-                                    model.score_bias)
+            scores = _offset_scores((user if size is None else at_size(user, size)) @ sized_items.T, item_offset)
             for reading in readings:
                 if reading[0] == size:
                     ranks[reading] = target_ranks(scores, targets, excludes[reading[1]])

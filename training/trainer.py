@@ -732,7 +732,6 @@ def build_trainer(job: JobConfig, num_items: int, popularity: np.ndarray, bank: 
     check_targets(job, loss, exact)
     check_encode_fraction(job, loss, exact)
     return Trainer(model, make_optimizer(model, job),
-                   build_objective(job.model, popularity, exact, all_positions=job.train.targets == "all", seen=seen,
-                                   item_bias=model.score_bias),
+                   build_objective(job.model, popularity, exact, all_positions=job.train.targets == "all", seen=seen),
                    make_negatives(job, num_items, exact), HISTORY_SOURCES[job.memory.mode](), bank, job, num_items,
                    device=device, callbacks=callbacks, seen=seen)

@@ -64,7 +64,7 @@ def test_flatten_for_mlflow_params():
 # the rate holds until validation stalls, so the epoch cap no longer moves where a run peaks; session 34); 81st,
 # without a preset: train.refit (after selecting on data.validation_from's window, retrain the chosen epochs on it
 # too, so the data nearest the test trains; ID-only got back 55% of what the window cost; session 38)
-MAX_SETTABLE_KEYS = 82
+MAX_SETTABLE_KEYS = 81
 # (+1 train.average_epochs, the weight averaging of bench.quality and the movielens preset)
 # (+1 memory.trunk_cache, on in every preset with a frozen trunk; +1 train.targets, SASRec's every-position loss)
 # (+1 model.unseen_from_content, on by default; bench.quality measures it off)
