@@ -1,6 +1,6 @@
 """Data safety of the reads in `jobs.prepare`: paths confined to the raw dir, bounded image reads, timestamps in any
-unit, malformed CSV rows and empty files. Each test runs on the real 200-item slice of test_bad_input.py with one
-fault injected, through `prepare_dataset` or through the `jobs.prepare` entry point exactly as a user runs it.
+unit, malformed CSV rows and empty files. Each test runs on the real 200-item slice of tests/unit/raw_slice.py with
+one fault injected, through `prepare_dataset` or through the `jobs.prepare` entry point exactly as a user runs it.
 """
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from pipeline.raw_input import (
 from pipeline.sources import (
     IMAGE_OUTSIDE_DATASET, ITEMS_FILE, MANIFEST_FILE, REPORT_FILE, DataError, prepare_dataset, read_interactions,
 )
-from tests.unit.test_bad_input import (  # noqa: F401  (fixtures: pristine_slice, raw)
-    NUM_ITEMS, _image_path, _interactions, _items, _prepare, _prepared_item, pristine_slice, raw,
+from tests.unit.raw_slice import (
+    NUM_ITEMS, prepare_slice, prepared_item, slice_image_path, slice_interactions, slice_items,
 )
 
 
@@ -66,7 +66,7 @@ def _unique_jpeg(path: Path) -> bytes:
 
 
 def _set_image(raw: Path, item_id: int, value: str) -> None:
-    items = _items(raw)
+    items = slice_items(raw)
     items.loc[items.item_id == str(item_id), "image"] = value
     items.to_csv(raw / "items.csv", index=False)
 
@@ -81,7 +81,7 @@ def _point_three_items_outside(raw: Path, outside: Path) -> None:
     """Item 15 by `../`, item 16 by an absolute path, item 17 by a symlink inside images/ that points out."""
     _set_image(raw, 15, os.path.relpath(outside / "secret.jpg", raw))
     _set_image(raw, 16, str(outside / "secret.jpg"))
-    link = _image_path(raw, 17)
+    link = slice_image_path(raw, 17)
     link.unlink()
     link.symlink_to(outside / "secret.jpg")
 
@@ -93,12 +93,12 @@ def test_image_paths_leaving_the_raw_dir_are_refused_counted_and_never_stored(ra
     _point_three_items_outside(raw, outside)
     assert os.path.relpath(outside / "secret.jpg", raw).startswith("..")
 
-    report, out = _prepare(raw, tmp_path)
+    report, out = prepare_slice(raw, tmp_path)
     assert report["images_outside_dataset"] == 3
     assert report["examples"]["image_outside_dataset"] == ["15", "16", "17"]
     assert report["items_with_problem"] == 3 and report["images_file_missing"] == 0
     for item_id in (15, 16, 17):
-        row = _prepared_item(out, item_id)
+        row = prepared_item(out, item_id)
         assert row["image"] is None and row["image_status"] == IMAGE_OUTSIDE_DATASET
         assert row["text_status"] == "ok"  # the item stays, with its text and interactions
     assert secret not in _stored_images(out)
@@ -109,35 +109,36 @@ def test_an_outside_path_is_reported_the_same_whether_or_not_something_exists_th
     outside = tmp_path / "outside"
     outside.mkdir()
     _point_three_items_outside(raw, outside)  # secret.jpg not created: every path points at nothing
-    absent, out = _prepare(raw, tmp_path / "absent")
+    absent, out = prepare_slice(raw, tmp_path / "absent")
     _unique_jpeg(outside / "secret.jpg")
-    present, _ = _prepare(raw, tmp_path / "present")
+    present, _ = prepare_slice(raw, tmp_path / "present")
     assert absent == present  # every count and example: nothing tells whether the file exists
     assert present["images_outside_dataset"] == 3 and present["images_file_missing"] == 0
 
 
 def test_links_and_dot_dot_that_stay_inside_the_raw_dir_are_read(raw, tmp_path):
-    link = _image_path(raw, 18)
+    link = slice_image_path(raw, 18)
     link.unlink()
     link.symlink_to("19.jpg")  # relative link to a sibling poster
     _set_image(raw, 20, "images/../images/20.jpg")
-    report, out = _prepare(raw, tmp_path)
+    report, out = prepare_slice(raw, tmp_path)
     assert report["images_outside_dataset"] == 0 and report["items_with_problem"] == 0
-    assert _prepared_item(out, 18)["image"] == _image_path(raw, 19).read_bytes()
-    assert _prepared_item(out, 20)["image_status"] == IMAGE_OK
+    assert prepared_item(out, 18)["image"] == slice_image_path(raw, 19).read_bytes()
+    assert prepared_item(out, 20)["image_status"] == IMAGE_OK
 
 
 def test_an_image_file_over_the_byte_cap_is_refused_from_its_size(raw, tmp_path):
-    big = _image_path(raw, 21)
+    big = slice_image_path(raw, 21)
     with big.open("r+b") as handle:  # a real poster followed by 25 MB of holes: decoders stop at its end marker
         handle.truncate(25_000_000)
-    report, out = _prepare(raw, tmp_path)  # the default cap, data.max_image_bytes=20 MB
+    report, out = prepare_slice(raw, tmp_path)  # the default cap, data.max_image_bytes=20 MB
     assert report["images_too_large"] == 1 and report["examples"]["image_too_large"] == ["21"]
-    row = _prepared_item(out, 21)
+    row = prepared_item(out, 21)
     assert row["image"] is None and row["image_status"] == IMAGE_TOO_LARGE
-    assert _prepared_item(out, 22)["image_status"] == IMAGE_OK  # posters (~20 KB) are far below the cap
+    assert prepared_item(out, 22)["image_status"] == IMAGE_OK  # posters (~20 KB) are far below the cap
 
-    report, out = _prepare(raw, tmp_path / "tight", max_image_bytes=1_000, max_bad_fraction=1.0)  # below any poster
+    # below any poster
+    report, out = prepare_slice(raw, tmp_path / "tight", max_image_bytes=1_000, max_bad_fraction=1.0)
     assert report["images_too_large"] == NUM_ITEMS - report["items_without_image"]
 
 
@@ -191,7 +192,7 @@ def _iso(seconds: pd.Series) -> list[str]:
                                                    ("ms", "ms"), ("iso", "iso")])
 def test_timestamps_in_other_units_give_the_same_days_watermark_and_rows_as_seconds(
         raw, tmp_path, seconds_result, unit, configured):
-    interactions = _interactions(raw)
+    interactions = slice_interactions(raw)
     seconds = interactions.timestamp.astype(np.int64)
     multiplier = {"ms": 10**3, "us": 10**6, "ns": 10**9}
     interactions["timestamp"] = _iso(seconds) if unit == "iso" else (seconds * multiplier.get(unit, 1)).astype(str)
@@ -210,7 +211,7 @@ def test_timestamps_in_other_units_give_the_same_days_watermark_and_rows_as_seco
 
 
 def test_implausible_timestamps_are_dropped_counted_and_named_and_leave_the_watermark_alone(raw, tmp_path):
-    interactions = _interactions(raw)
+    interactions = slice_interactions(raw)
     seconds = interactions.timestamp.astype(np.int64)
     watermark = int(seconds.max())
     future = str(int(time.time()) + 30 * 86_400)
@@ -223,7 +224,7 @@ def test_implausible_timestamps_are_dropped_counted_and_named_and_leave_the_wate
     interactions.loc[144, "timestamp"] = "nan"  # unreadable, not implausible: counted apart
     interactions.to_csv(raw / "interactions.csv", index=False)
 
-    report, out = _prepare(raw, tmp_path)
+    report, out = prepare_slice(raw, tmp_path)
     assert report["interactions_implausible_timestamp"] == len(bad)
     assert report["interactions_bad_timestamp"] == 1
     assert report["interactions_kept"] == len(interactions) - len(bad) - 1
@@ -256,7 +257,7 @@ def test_implausibility_rule_on_plain_numbers():
 # --- defect 4: malformed rows, empty files, no traceback ------------------------------------------------------------
 
 def test_malformed_rows_are_skipped_and_counted_with_their_file_lines(raw, tmp_path):
-    before = _interactions(raw)
+    before = slice_interactions(raw)
     lines = (raw / "interactions.csv").read_text().splitlines(keepends=True)
     total_rows = len(lines) - 1
     lines[10] = lines[10].rstrip("\n") + ",extra\n"  # line 11: five fields
@@ -271,7 +272,7 @@ def test_malformed_rows_are_skipped_and_counted_with_their_file_lines(raw, tmp_p
     item_lines[bad_item_line] = item_lines[bad_item_line].rstrip("\n") + ",one too many\n"
     (raw / "items.csv").write_text("".join(item_lines))
 
-    report, out = _prepare(raw, tmp_path)
+    report, out = prepare_slice(raw, tmp_path)
     assert report["interactions_total"] == total_rows
     assert report["interactions_malformed_rows"] == 1 + 1 + 12
     assert report["examples"]["malformed_interaction_lines"] == [11, 21, len(lines) - 11]
@@ -303,7 +304,7 @@ def test_an_empty_file_ends_prepare_with_one_line(raw, tmp_path, table, content)
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "1e300", "-1e300", "99999999999999999999999", "1e19", "NaN"])
 def test_non_finite_and_huge_timestamps_end_with_no_traceback(raw, tmp_path, value):
-    interactions = _interactions(raw)
+    interactions = slice_interactions(raw)
     interactions.loc[:9, "timestamp"] = value
     interactions.to_csv(raw / "interactions.csv", index=False)
     code, stdout, stderr = run_prepare_cli(raw, tmp_path / "prepared")
