@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,21 @@ def real_slice(raw_data_dir, tmp_path_factory):
     def make(name: str, num_items: int, num_users: int = 0, root: Path | None = None) -> Path:
         return copy_real_slice(raw_data_dir, root or tmp_path_factory.mktemp(name), num_items, num_users)
     return make
+
+
+@pytest.fixture(scope="session")
+def pristine_slice(real_slice) -> Path:
+    """Items 1..200 with their images, and every interaction naming them (about 30k rows), copied once: the slice
+    of tests/unit/raw_slice.py that the bad-input and data-safety-read tests damage."""
+    from tests.unit.raw_slice import NUM_ITEMS
+
+    return real_slice("ml100k_slice", NUM_ITEMS)
+
+
+@pytest.fixture
+def raw(pristine_slice: Path, tmp_path: Path) -> Path:
+    """A private copy of `pristine_slice` that a test may damage (modules with a slice of their own override it)."""
+    return Path(shutil.copytree(pristine_slice, tmp_path / "raw"))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The 200-item slice of ml100k_mm that the bad-input and data-safety-read tests damage, and the helpers that
-prepare it and read it back (its fixtures, `pristine_slice` and `raw`, are in tests/unit/conftest.py)."""
+prepare it and read it back (its fixtures, `pristine_slice` and `raw`, are in tests/conftest.py)."""
 from __future__ import annotations
 
 import json
