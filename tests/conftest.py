@@ -18,21 +18,24 @@ def raw_data_dir() -> Path:
     return DATA_DIR
 
 
+def read_raw_csv(path: Path):
+    """A raw CSV as the pipeline reads it: every cell a string, empty cells empty (not NaN)."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
 def copy_real_slice(raw_data_dir: Path, root: Path, num_items: int, num_users: int = 0) -> Path:
     """A raw dataset in `root` made of ml100k_mm's items 1..num_items (rows and posters) and the interactions
     naming them (only the first `num_users` users' when > 0): real data, small enough for one fault each."""
-    import shutil
-
-    import pandas as pd
-
     (root / "images").mkdir(parents=True)
-    items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
+    items = read_raw_csv(raw_data_dir / "items.csv")
     items = items[items.item_id.astype(int) <= num_items]
     items.to_csv(root / "items.csv", index=False)
     for rel in items.image:
         if rel:
             shutil.copyfile(raw_data_dir / rel, root / rel)
-    interactions = pd.read_csv(raw_data_dir / "interactions.csv", dtype=str, keep_default_na=False)
+    interactions = read_raw_csv(raw_data_dir / "interactions.csv")
     interactions = interactions[interactions.item_id.astype(int) <= num_items]
     if num_users:
         users = sorted(interactions.user_id.astype(int).unique())[:num_users]

@@ -34,6 +34,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import read_raw_csv
+
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -151,8 +153,8 @@ def ray_head(tmp_path_factory):
 def _cut_raw_copy(raw_data_dir: Path, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A raw dataset dir without the days from HOLD_BACK_FROM on; -> (held-back rows, the full items table)."""
     out.mkdir(parents=True)
-    interactions = pd.read_csv(raw_data_dir / "interactions.csv", dtype=str, keep_default_na=False)
-    items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
+    interactions = read_raw_csv(raw_data_dir / "interactions.csv")
+    items = read_raw_csv(raw_data_dir / "items.csv")
     timestamp = interactions.timestamp.astype(np.int64)
     cut = int(pd.Timestamp(HOLD_BACK_FROM, tz="UTC").timestamp())
     first_rated = timestamp.groupby(interactions.item_id).min()

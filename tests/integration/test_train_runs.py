@@ -33,21 +33,9 @@ CATALOGUE = 600  # items 1..600 of ml100k_mm and the interactions naming them: a
 
 
 @pytest.fixture(scope="module")
-def workspace(raw_data_dir, tmp_path_factory) -> Path:
-    import shutil
-
-    import pandas as pd
-
+def workspace(real_slice, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fault")
-    raw = root / "raw"
-    (raw / "images").mkdir(parents=True)
-    items = pd.read_csv(raw_data_dir / "items.csv", dtype=str, keep_default_na=False)
-    items = items[items.item_id.astype(int) <= CATALOGUE]
-    items.to_csv(raw / "items.csv", index=False)
-    for rel in items.image[items.image != ""]:
-        shutil.copyfile(raw_data_dir / rel, raw / rel)
-    interactions = pd.read_csv(raw_data_dir / "interactions.csv", dtype=str, keep_default_na=False)
-    interactions[interactions.item_id.astype(int) <= CATALOGUE].to_csv(raw / "interactions.csv", index=False)
+    raw = real_slice("fault", CATALOGUE, root=root / "raw")
     prepare_dataset(build_config("tiny").data, raw, root / "prepared")
     return root
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import DataConfig
 from pipeline.sources import ITEMS_FILE, REPORT_FILE, prepare_dataset
+from tests.conftest import read_raw_csv
 
 NUM_ITEMS = 200
 
@@ -21,11 +22,11 @@ def prepare_slice(raw: Path, tmp_path: Path, **overrides) -> tuple[dict, Path]:
 
 
 def slice_items(raw: Path) -> pd.DataFrame:
-    return pd.read_csv(raw / "items.csv", dtype=str, keep_default_na=False)
+    return read_raw_csv(raw / "items.csv")
 
 
 def slice_interactions(raw: Path) -> pd.DataFrame:
-    return pd.read_csv(raw / "interactions.csv", dtype=str, keep_default_na=False)
+    return read_raw_csv(raw / "interactions.csv")
 
 
 def slice_image_path(raw: Path, item_id: int) -> Path:

@@ -16,6 +16,7 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.sources import ITEMS_FILE, MANIFEST_FILE, load_manifest, prepare_dataset, read_interactions
+from tests.conftest import read_raw_csv
 
 NUM_ITEMS = 60
 
@@ -33,10 +34,10 @@ def _fingerprint(directory: Path) -> dict[str, str]:
 
 def _grow_catalogue(raw: Path) -> None:
     """A newer raw dump: rows in reverse order plus one new item (index stability is what is at stake)."""
-    items = pd.read_csv(raw / "items.csv", dtype=str, keep_default_na=False)
+    items = read_raw_csv(raw / "items.csv")
     new_item = items.iloc[[0]].assign(item_id="5000", title="A New Film (1999)")
     pd.concat([items.iloc[::-1], new_item]).to_csv(raw / "items.csv", index=False)
-    interactions = pd.read_csv(raw / "interactions.csv", dtype=str, keep_default_na=False)
+    interactions = read_raw_csv(raw / "interactions.csv")
     extra = interactions.head(5).assign(item_id="5000", timestamp="893286638")
     pd.concat([interactions, extra]).to_csv(raw / "interactions.csv", index=False)
 

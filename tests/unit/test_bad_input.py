@@ -22,6 +22,7 @@ from PIL import Image
 from pipeline.config import DataConfig
 from pipeline.decode import IMAGE_CORRUPT, IMAGE_MISSING, IMAGE_OK, IMAGE_TOO_LARGE, check_image_bytes
 from pipeline.sources import MANIFEST_FILE, DataError, prepare_dataset, read_interactions, report_metrics
+from tests.conftest import read_raw_csv
 from tests.unit.raw_slice import (
     NUM_ITEMS, prepare_slice, prepared_item, slice_image_path, slice_interactions, slice_items,
 )
@@ -165,7 +166,7 @@ def test_missing_and_non_numeric_timestamps_are_dropped_and_counted(raw, tmp_pat
      ("items.csv", "image")],
 )
 def test_missing_required_column_fails_before_any_work_naming_it(raw, tmp_path, table, column):
-    frame = pd.read_csv(raw / table, dtype=str, keep_default_na=False)
+    frame = read_raw_csv(raw / table)
     frame.drop(columns=[column]).to_csv(raw / table, index=False)
     shutil.rmtree(raw / "images")  # proves no image was opened: the schema check comes first
     with pytest.raises(DataError, match=rf"missing required column\(s\) \['{column}'\]") as error:
