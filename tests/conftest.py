@@ -19,7 +19,8 @@ def raw_data_dir() -> Path:
 
 
 def read_raw_csv(path: Path):
-    """A raw CSV as the pipeline reads it: every cell a string, empty cells empty (not NaN)."""
+    """A raw CSV for a test to read or rewrite, cells as `pipeline.raw_input` reads them: every cell a string, an
+    empty cell the empty string (not NaN)."""
     import pandas as pd
 
     return pd.read_csv(path, dtype=str, keep_default_na=False)
